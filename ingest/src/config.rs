@@ -1,0 +1,327 @@
+//! The ingest's configuration: flags, `GAPLESS_*` environment, `--config` TOML file, defaults,
+//! validated into a [`Config`] with no leftover options.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use serde::Deserialize;
+
+/// Command-line flags and environment of `gapless-ingest`; the same names (snake_case) are
+/// the keys of the TOML file.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "gapless-ingest",
+    version,
+    about = "gapless HTTP ingest: producers append notifications here",
+    after_help = "Each setting is taken from, in order: its flag, its GAPLESS_* environment \
+                  variable, the --config TOML file (same names, snake_case), the default."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "GAPLESS_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8081].
+    #[arg(long, env = "GAPLESS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Redis URL, `redis://[user:password@]host:port[/db]`.
+    #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
+    #[serde(rename = "redis")]
+    pub redis_url: Option<String>,
+    /// Timeout of one Redis call, ms [default: 2000].
+    #[arg(long, env = "GAPLESS_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// API keys producers authenticate with (comma-separated). Required.
+    #[arg(long, env = "GAPLESS_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Option<Vec<Secret>>,
+    /// Largest body of a single append, bytes [default: 1 MiB].
+    #[arg(long, env = "GAPLESS_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest body of a batch append, bytes [default: 16 MiB].
+    #[arg(long, env = "GAPLESS_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
+    /// Most items in one batch [default: 10000].
+    #[arg(long, env = "GAPLESS_MAX_BATCH_ITEMS")]
+    pub max_batch_items: Option<usize>,
+    /// Largest payload of one notification (its JSON text), bytes [default: 64 KiB].
+    #[arg(long, env = "GAPLESS_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// Entries kept per user (approximate, `MAXLEN ~`) [default: 10000].
+    #[arg(long, env = "GAPLESS_RETENTION_MAX_LEN")]
+    pub retention_max_len: Option<u64>,
+    /// Inactivity expiry of a user's log, ms; expiry starts a new epoch [default: 7 days].
+    #[arg(long, env = "GAPLESS_RETENTION_TTL_MS")]
+    pub retention_ttl_ms: Option<u64>,
+    /// How long an idempotency key is remembered, ms [default: 24 h].
+    #[arg(long, env = "GAPLESS_IDEMPOTENCY_TTL_MS")]
+    pub idempotency_ttl_ms: Option<u64>,
+    /// Largest payload that rides along in a wakeup, bytes [default: 4096].
+    #[arg(long, env = "GAPLESS_WAKEUP_PAYLOAD_MAX_BYTES")]
+    pub wakeup_payload_max_bytes: Option<usize>,
+    /// How long in-flight requests may finish after a shutdown signal, ms [default: 10000].
+    #[arg(long, env = "GAPLESS_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+impl Args {
+    /// Fills what flags and environment left unset from the `--config` file, if any.
+    pub fn with_file(self) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file: Args = read_file(&path)?;
+        Ok(self.or(file))
+    }
+
+    /// Each setting from `self`, else from `other`.
+    fn or(self, other: Args) -> Args {
+        Args {
+            config: self.config,
+            listen: self.listen.or(other.listen),
+            redis_url: self.redis_url.or(other.redis_url),
+            redis_timeout_ms: self.redis_timeout_ms.or(other.redis_timeout_ms),
+            api_keys: self.api_keys.or(other.api_keys),
+            max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
+            max_batch_bytes: self.max_batch_bytes.or(other.max_batch_bytes),
+            max_batch_items: self.max_batch_items.or(other.max_batch_items),
+            max_payload_bytes: self.max_payload_bytes.or(other.max_payload_bytes),
+            retention_max_len: self.retention_max_len.or(other.retention_max_len),
+            retention_ttl_ms: self.retention_ttl_ms.or(other.retention_ttl_ms),
+            idempotency_ttl_ms: self.idempotency_ttl_ms.or(other.idempotency_ttl_ms),
+            wakeup_payload_max_bytes: self
+                .wakeup_payload_max_bytes
+                .or(other.wakeup_payload_max_bytes),
+            shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
+        }
+    }
+}
+
+/// Request size limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest single-append body.
+    pub body_bytes: usize,
+    /// Largest batch body.
+    pub batch_bytes: usize,
+    /// Most items per batch.
+    pub batch_items: usize,
+    /// Largest payload (JSON text) of one notification.
+    pub payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_bytes: 1 << 20,
+            batch_bytes: 16 << 20,
+            batch_items: 10_000,
+            payload_bytes: 64 << 10,
+        }
+    }
+}
+
+/// How long and how much of a user's log Redis keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Entries kept per user, approximately (`MAXLEN ~`).
+    pub max_len: u64,
+    /// Inactivity expiry of the user's keys.
+    pub ttl: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_len: 10_000,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The validated configuration of the ingest.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address (the binary binds it; [`crate::run`] takes the listener).
+    pub listen: SocketAddr,
+    /// Redis.
+    pub redis: RedisConfig,
+    /// Accepted API keys; never empty.
+    pub api_keys: Vec<Secret>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Retention of users' logs.
+    pub retention: Retention,
+    /// Largest payload carried inside a wakeup.
+    pub wakeup_payload_max: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but Redis and the keys.
+    pub fn new(redis: RedisConfig, api_keys: Vec<Secret>) -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8081).into(),
+            redis,
+            api_keys,
+            limits: Limits::default(),
+            retention: Retention::default(),
+            wakeup_payload_max: 4096,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Validates merged flags, environment and file.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let redis_url = args
+            .redis_url
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        let mut redis = RedisConfig::new(&redis_url)?;
+        if let Some(ms) = args.redis_timeout_ms {
+            redis.command_timeout = Duration::from_millis(positive("--redis-timeout-ms", ms)?);
+        }
+        let api_keys: Vec<Secret> = args
+            .api_keys
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| !k.expose().trim().is_empty())
+            .collect();
+        if api_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                setting: "--api-keys",
+                reason: "no API keys configured: set --api-keys or GAPLESS_API_KEYS \
+                         (`gapless dev` generates one for local use)"
+                    .into(),
+            });
+        }
+        let mut config = Config::new(redis, api_keys);
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        let l = &mut config.limits;
+        if let Some(n) = args.max_body_bytes {
+            l.body_bytes = positive_usize("--max-body-bytes", n)?;
+        }
+        if let Some(n) = args.max_batch_bytes {
+            l.batch_bytes = positive_usize("--max-batch-bytes", n)?;
+        }
+        if let Some(n) = args.max_batch_items {
+            l.batch_items = positive_usize("--max-batch-items", n)?;
+        }
+        if let Some(n) = args.max_payload_bytes {
+            l.payload_bytes = positive_usize("--max-payload-bytes", n)?;
+        }
+        let r = &mut config.retention;
+        if let Some(n) = args.retention_max_len {
+            r.max_len = positive("--retention-max-len", n)?;
+        }
+        if let Some(ms) = args.retention_ttl_ms {
+            r.ttl = Duration::from_millis(positive("--retention-ttl-ms", ms)?);
+        }
+        if let Some(ms) = args.idempotency_ttl_ms {
+            r.idempotency_ttl = Duration::from_millis(positive("--idempotency-ttl-ms", ms)?);
+        }
+        if let Some(n) = args.wakeup_payload_max_bytes {
+            config.wakeup_payload_max = n;
+        }
+        if let Some(ms) = args.shutdown_grace_ms {
+            config.shutdown_grace = Duration::from_millis(ms);
+        }
+        Ok(config)
+    }
+}
+
+fn positive(setting: &'static str, n: u64) -> Result<u64, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            setting,
+            reason: "must be greater than 0".into(),
+        });
+    }
+    Ok(n)
+}
+
+fn positive_usize(setting: &'static str, n: usize) -> Result<usize, ConfigError> {
+    positive(setting, n as u64).map(|_| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("gapless-ingest").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("gapless-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("ingest.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\napi_keys = [\"from-file\"]\nmax_batch_items = 5\n",
+        )
+        .expect("write");
+        let args = parse(&[
+            "--config",
+            file.to_str().expect("utf-8 path"),
+            "--api-keys",
+            "a,b",
+        ])
+        .with_file()
+        .expect("file parses");
+        let config = Config::from_args(args).expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(
+            config
+                .api_keys
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(config.limits.batch_items, 5);
+        assert_eq!(config.limits.batch_bytes, 16 << 20);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn unknown_file_settings_are_refused() {
+        let dir = std::env::temp_dir().join(format!("gapless-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("ingest.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:9000\"\n").expect("write");
+        let err = parse(&["--config", file.to_str().expect("utf-8 path")])
+            .with_file()
+            .expect_err("typo refused");
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn refuses_to_start_without_api_keys() {
+        let err = Config::from_args(parse(&[])).expect_err("no keys");
+        assert!(err.to_string().contains("GAPLESS_API_KEYS"), "{err}");
+        assert!(Config::from_args(parse(&["--api-keys", " , "])).is_err());
+    }
+
+    #[test]
+    fn api_keys_are_masked_in_debug() {
+        let config = Config::from_args(parse(&["--api-keys", "s3cret"])).expect("valid");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert!(Config::from_args(parse(&["--api-keys", "k", "--max-batch-items", "0"])).is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! Reading a user's retained notifications (`GET /v1/users/{user}/notifications`), for
+//! producers and support tooling.
+
+use std::time::Duration;
+
+use gapless_shared::ids::UserId;
+use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::store::{StoreError, with_timeout};
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Entries answered when the request names no limit.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Most entries one request may ask for.
+pub const MAX_LIMIT: usize = 1000;
+
+/// One retained notification.
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    /// Sequence number.
+    pub seq: u64,
+    /// Ingest time, ms.
+    pub ts: u64,
+    /// The producer's JSON.
+    pub payload: Box<RawValue>,
+}
+
+/// A page of a user's log.
+#[derive(Debug, Serialize)]
+pub struct History {
+    /// The user.
+    pub user: String,
+    /// Epoch of the log; `null` when the user has no log.
+    pub epoch: Option<String>,
+    /// Last assigned seq (0 when the user has no log).
+    pub last_seq: u64,
+    /// Retained entries after the requested seq, oldest first.
+    pub notifications: Vec<Entry>,
+}
+
+/// Reads up to `limit` entries after `after`.
+pub async fn read(
+    conn: &mut ConnectionManager,
+    timeout: Duration,
+    user: &UserId,
+    after: u64,
+    limit: usize,
+) -> Result<History, StoreError> {
+    let keys = UserKeys::new(user);
+    let start = keys::entry_id(after.saturating_add(1));
+    let mut pipe = redis::pipe();
+    pipe.cmd("HMGET")
+        .arg(&keys.meta)
+        .arg("epoch")
+        .arg("seq")
+        .cmd("XRANGE")
+        .arg(&keys.stream)
+        .arg(start)
+        .arg("+")
+        .arg("COUNT")
+        .arg(limit);
+    let ((epoch, last_seq), range): ((Option<String>, Option<u64>), StreamRangeReply) =
+        with_timeout(timeout, pipe.query_async(conn)).await?;
+    let mut notifications = Vec::with_capacity(range.ids.len());
+    for entry in range.ids {
+        let corrupt = |what: &str| StoreError::Redis(format!("stream entry {}: {what}", entry.id));
+        let seq = keys::parse_entry_id(&entry.id).ok_or_else(|| corrupt("id is not <seq>-0"))?;
+        let ts: u64 = entry
+            .get(keys::FIELD_TS)
+            .ok_or_else(|| corrupt("no ingest time"))?;
+        let payload: String = entry
+            .get(keys::FIELD_PAYLOAD)
+            .ok_or_else(|| corrupt("no payload"))?;
+        let payload = RawValue::from_string(payload).map_err(|_| corrupt("payload is not JSON"))?;
+        notifications.push(Entry { seq, ts, payload });
+    }
+    Ok(History {
+        user: user.as_str().to_owned(),
+        epoch,
+        last_seq: last_seq.unwrap_or(0),
+        notifications,
+    })
+}

@@ -1,0 +1,89 @@
+//! gapless-ingest: the producer-facing HTTP API (DESIGN.md §4).
+//!
+//! A notification enters at [`api`] (auth, parsing, limits), is appended by [`append`]
+//! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
+//! be read back through [`history`]. [`config`] holds the settings and [`error`] the JSON
+//! error answers. [`run`] serves it all until the shutdown token fires.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod append;
+pub mod config;
+pub mod error;
+pub mod history;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gapless_shared::schema::{self, SchemaError};
+use gapless_shared::store::{self, StoreError};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Why the ingest could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Redis could not be reached at start-up.
+    #[error("cannot connect to Redis: {0}")]
+    Store(#[from] StoreError),
+    /// Redis holds no schema or an older one.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the ingest API on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish for at most the configured grace period.
+///
+/// Refuses to start when Redis is unreachable or holds an older schema.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut conn = store::connect(&config.redis).await?;
+    let version = schema::check(&mut conn).await?;
+    let appender = append::Appender::new(
+        conn,
+        config.redis.command_timeout,
+        config.retention,
+        config.wakeup_payload_max,
+    );
+    let state = Arc::new(api::AppState {
+        appender,
+        limits: config.limits,
+        api_keys: config.api_keys.clone(),
+        redis_timeout: config.redis.command_timeout,
+    });
+    let router = api::router(state, &config);
+    let upkeep = tokio::spawn(metrics_upkeep(shutdown.clone()));
+    tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
+
+    let graceful = shutdown.clone();
+    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        graceful.cancelled().await;
+    });
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        result = serve.into_future() => result.map_err(RunError::Io),
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still running after the grace period; stopping");
+            Ok(())
+        }
+    };
+    upkeep.abort();
+    result
+}
+
+/// Keeps the Prometheus histograms from growing without bound.
+async fn metrics_upkeep(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    while !shutdown.is_cancelled() {
+        tick.tick().await;
+        gapless_shared::telemetry::prometheus().run_upkeep();
+    }
+}

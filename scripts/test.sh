@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: installs redis-server when missing (tests start their own
+# redis-server processes on free ports), then format check, clippy and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "redis-server is missing: installing it with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
+    # The tests start their own servers; the packaged service is not needed.
+    $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+  else
+    echo "redis-server is not installed and apt-get is not available: install Redis 7 (redis-server, redis-cli, redis-benchmark) and re-run" >&2
+    exit 1
+  fi
+fi
+redis-server --version
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked

@@ -1,0 +1,184 @@
+//! Configuration pieces every gapless binary shares: masked secrets, the Redis settings and
+//! the TOML file layer.
+//!
+//! Each binary layers its settings as: command-line flag, then `GAPLESS_*` environment
+//! variable (both read by clap in the binary), then the `--config` TOML file, then the
+//! default. Libraries receive the validated result and never read the environment.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A value that must not show up in logs: its `Debug` prints `"***"`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML for this binary.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A setting has a value that cannot work.
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        /// The setting, as spelled on the command line.
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads a TOML configuration file into `T` (which should deny unknown fields).
+pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://` URL of the node (may hold a password, hence the masked `Debug`).
+    pub url: String,
+    /// Timeout of one command or pipeline; past it the operation fails as unavailable.
+    pub command_timeout: Duration,
+    /// Timeout of establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Default command timeout.
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Default connect timeout.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// A configuration for `url` with default timeouts, after checking the URL.
+    pub fn new(url: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "--redis",
+            reason,
+        };
+        if url.contains(',') {
+            return Err(invalid(
+                "several nodes need Redis Cluster mode, which this build does not support yet"
+                    .into(),
+            ));
+        }
+        redis::Client::open(url).map_err(|e| invalid(format!("{e}")))?;
+        Ok(Self {
+            url: url.to_owned(),
+            command_timeout: Self::DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+        })
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &mask_url_password(&self.url))
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// `redis://user:pass@host` -> `redis://user:***@host`, for logs and messages.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((auth, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+    format!("{scheme}://{user}:***@{host}")
+}
+
+/// Splits a comma-separated list, dropping blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_in_debug() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "\"***\"");
+        assert_eq!(s.expose(), "hunter2");
+        let r = RedisConfig::new("redis://app:hunter2@localhost:6379/0").expect("valid");
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://app:***@localhost:6379/0"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_redis_urls_are_refused() {
+        assert!(RedisConfig::new("http://x").is_err());
+        assert!(RedisConfig::new("redis://a:1,redis://b:2").is_err());
+    }
+
+    #[test]
+    fn lists_split_on_commas() {
+        assert_eq!(split_list(" a, b,,c "), vec!["a", "b", "c"]);
+        assert!(split_list("").is_empty());
+    }
+}

@@ -1,0 +1,106 @@
+//! Redis key and channel names (DESIGN.md §3), in one place.
+//!
+//! Every per-user key carries the hash tag `{user}`, so all of a user's keys live in one
+//! Redis Cluster slot and the append Function can touch them atomically. Edge channels carry
+//! the tag `{edge id}` so a sharded publish goes to one shard.
+
+use crate::ids::UserId;
+
+/// Key holding the applied migration version.
+pub const SCHEMA: &str = "gl:schema";
+
+/// Stream entry field holding the notification payload (JSON text).
+pub const FIELD_PAYLOAD: &str = "p";
+/// Stream entry field holding the ingest time, milliseconds since the Unix epoch.
+pub const FIELD_TS: &str = "t";
+/// Stream entry field holding the idempotency key, when the producer gave one.
+pub const FIELD_IDEMPOTENCY_KEY: &str = "k";
+
+/// The keys of one user, built once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserKeys {
+    /// `gl:{user}:m`: hash with `epoch` and `seq` (last assigned).
+    pub meta: String,
+    /// `gl:{user}:s`: the user's stream, entry ids `<seq>-0`.
+    pub stream: String,
+    /// `gl:{user}:r`: sorted set of edge ids holding a connection, score = lease expiry (ms).
+    pub registry: String,
+    /// `gl:{user}:a`: hash of device id -> `<epoch>:<last acked seq>`.
+    pub acks: String,
+}
+
+impl UserKeys {
+    /// The keys of `user`.
+    pub fn new(user: &UserId) -> Self {
+        let u = user.as_str();
+        Self {
+            meta: format!("gl:{{{u}}}:m"),
+            stream: format!("gl:{{{u}}}:s"),
+            registry: format!("gl:{{{u}}}:r"),
+            acks: format!("gl:{{{u}}}:a"),
+        }
+    }
+
+    /// `gl:{user}:i:<key>`: idempotency key -> `<epoch>:<seq>`, with expiry.
+    pub fn idempotency(user: &UserId, key: &str) -> String {
+        format!("gl:{{{}}}:i:{key}", user.as_str())
+    }
+}
+
+/// `gl:edge:<edge id>`: the edge's liveness lease.
+pub fn edge_lease(edge: &str) -> String {
+    format!("gl:edge:{edge}")
+}
+
+/// `gl:wake:{<edge id>}`: the channel on which the ingest wakes an edge.
+pub fn wake_channel(edge: &str) -> String {
+    format!("gl:wake:{{{edge}}}")
+}
+
+/// Stream entry id of a sequence number.
+pub fn entry_id(seq: u64) -> String {
+    format!("{seq}-0")
+}
+
+/// Sequence number of a stream entry id (`<seq>-0`), or `None` if the id is not one of ours.
+pub fn parse_entry_id(id: &str) -> Option<u64> {
+    let (seq, rest) = id.split_once('-')?;
+    if rest != "0" {
+        return None;
+    }
+    seq.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_keys_share_one_hash_tag() {
+        let user = UserId::parse("alice@example.com").expect("valid id");
+        let keys = UserKeys::new(&user);
+        assert_eq!(keys.meta, "gl:{alice@example.com}:m");
+        assert_eq!(keys.stream, "gl:{alice@example.com}:s");
+        assert_eq!(keys.registry, "gl:{alice@example.com}:r");
+        assert_eq!(keys.acks, "gl:{alice@example.com}:a");
+        assert_eq!(
+            UserKeys::idempotency(&user, "order-7"),
+            "gl:{alice@example.com}:i:order-7"
+        );
+    }
+
+    #[test]
+    fn edge_names() {
+        assert_eq!(edge_lease("e1"), "gl:edge:e1");
+        assert_eq!(wake_channel("e1"), "gl:wake:{e1}");
+    }
+
+    #[test]
+    fn entry_ids_round_trip() {
+        assert_eq!(entry_id(17), "17-0");
+        assert_eq!(parse_entry_id("17-0"), Some(17));
+        assert_eq!(parse_entry_id("17-1"), None);
+        assert_eq!(parse_entry_id("x-0"), None);
+        assert_eq!(parse_entry_id("17"), None);
+    }
+}

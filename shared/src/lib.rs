@@ -1,0 +1,35 @@
+//! gapless-shared: what every gapless service agrees on.
+//!
+//! In the order a notification flows (DESIGN.md §1):
+//! - [`ids`]: validated user ids and idempotency keys, checked before Redis sees them;
+//! - [`batch`]: the postcard batch body producers may send to the ingest;
+//! - [`keys`]: every Redis key and channel name;
+//! - [`schema`]: the Redis Function library of `migrations/` and its version;
+//! - [`store`]: the Redis connection and the timeout around every call;
+//! - [`wakeup`]: the ingest -> edge wakeup message;
+//! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
+//! - [`config`]: masked secrets, Redis settings, the TOML file layer;
+//! - [`telemetry`]: the process's Prometheus recorder;
+//! - [`process`]: a local `redis-server` (for `gapless dev` and tests);
+//! - `testing` (feature `testing`): the Redis test harness.
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod config;
+pub mod ids;
+pub mod keys;
+pub mod process;
+pub mod protocol;
+pub mod schema;
+pub mod store;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod wakeup;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

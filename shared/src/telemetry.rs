@@ -1,0 +1,65 @@
+//! The process-wide Prometheus recorder that `/metrics` endpoints render.
+//!
+//! The `metrics` facade has one global recorder per process; `gapless dev` runs the ingest
+//! and an edge in one process, and tests run several servers, so the recorder is installed
+//! once here and shared.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Histogram buckets for durations, in seconds: 50 µs .. 10 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// Histogram buckets for counts (batch sizes and the like).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
+/// The installed recorder's handle, installing it on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_items".into()), COUNT_BUCKETS))
+            .expect("bucket lists are non-empty")
+            .install_recorder()
+            .expect("gapless installs the only metrics recorder of the process")
+    })
+}
+
+/// Logs to stderr, filtered by `GAPLESS_LOG` (`RUST_LOG` syntax; default `info`). For binaries.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GAPLESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM: the one place signals are handled.
+pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+    token.cancel();
+}
