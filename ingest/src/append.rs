@@ -308,7 +308,7 @@ mod tests {
     fn calls_group_per_user_in_order_and_split_large_groups() {
         let user = |s: &str| UserId::parse(s).expect("valid");
         let mut items = Vec::new();
-        for i in 0..(MAX_ITEMS_PER_CALL + 3) {
+        for i in 0..(2 * MAX_ITEMS_PER_CALL + 3) {
             items.push(NewNotification {
                 user: user(if i % 2 == 0 { "a" } else { "b" }),
                 payload: "1",
@@ -330,6 +330,6 @@ mod tests {
             assert!(call.windows(2).all(|w| w[0] < w[1]), "order kept in a call");
             assert!(call.iter().all(|&i| items[i].user == items[call[0]].user));
         }
-        assert_eq!(calls.len(), 3);
+        assert_eq!(calls.len(), 4, "1003 items of a and 1001 of b");
     }
 }
