@@ -3,63 +3,46 @@
 --
 -- Each numbered file in migrations/ holds the whole library at that version; `gapless
 -- migrate` loads the newest with FUNCTION LOAD REPLACE and records its number at gl:schema.
+--
+-- Costs were measured with callgrind on redis-server (instructions per appended entry, AOF
+-- on): every redis.call and every argument counts, so the layout below keeps both few.
 
--- gapless_append: append one or more notifications of ONE user, atomically.
---
--- KEYS[1] gl:{u}:m  hash: epoch, seq (last assigned)
--- KEYS[2] gl:{u}:s  stream, entry ids <seq>-0, fields p (payload), t (ingest ms), k (idem key)
--- KEYS[3] gl:{u}:r  sorted set: edge id -> lease expiry (ms)
--- KEYS[4] gl:{u}:a  hash: device -> ack position (expiry refreshed with the log)
--- KEYS[5..] gl:{u}:i:<key>, one per item that has an idempotency key, in item order
---
--- ARGV[1] epoch to use if the log is created by this call
--- ARGV[2] retention: MAXLEN ~ of the stream
--- ARGV[3] inactivity expiry of the user's keys, ms
--- ARGV[4] expiry of idempotency keys, ms
--- ARGV[5..] per item, two values: idempotency key ('' for none), payload
---
--- Returns { epoch, now_ms, { seq_1, dup_1, seq_2, dup_2, ... }, { live edge ids } }
--- where dup_i is 1 when item i repeated an idempotency key (seq_i is then the original seq).
-local function append(keys, args)
-  local meta, stream, registry, acks = keys[1], keys[2], keys[3], keys[4]
-  local maxlen = tonumber(args[2])
-  local ttl = tonumber(args[3])
-  local idem_ttl = tonumber(args[4])
-  if not maxlen or maxlen < 1 or not ttl or ttl < 1 or not idem_ttl or idem_ttl < 1
-      or args[1] == nil or args[1] == '' or (#args - 4) % 2 ~= 0 then
-    return redis.error_reply('ERR gapless_append: bad arguments')
+-- Appends one user's items. `k` is the index of the user's first key in `keys`, `a` of the
+-- user's header in `args`. Returns the user's reply and the next `k` and `a`.
+local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
+  local now_s = string.format('%d', now)
+  local meta, stream, registry, acks = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
+  local epoch_candidate, n, m = args[a], tonumber(args[a + 1]), tonumber(args[a + 2])
+  local idem_keys = k + 4 -- keys[idem_keys + j - 1] is the name of idempotency key j
+  local idem_args = a + 3 -- args[idem_args + 2(j-1)] = item index, next = the key itself
+  local payloads = idem_args + 2 * m
+
+  -- item index -> j, for the items that carry an idempotency key
+  local idem_of = {}
+  for j = 1, m do
+    idem_of[tonumber(args[idem_args + 2 * (j - 1)])] = j
   end
 
-  local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  local now_s = string.format('%d', now)
-
-  local epoch = redis.call('HGET', meta, 'epoch')
-  local seq
+  local state = redis.call('HMGET', meta, 'epoch', 'seq', 'x')
+  local epoch, seq, refreshed = state[1], tonumber(state[2]) or 0, tonumber(state[3]) or 0
   if not epoch then
     -- A new log: the first append, or the old log expired or was lost. A fresh epoch tells
     -- resuming clients that their positions no longer apply; nothing of an old stream may
     -- survive under it.
-    epoch = args[1]
+    epoch = epoch_candidate
     seq = 0
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
-  else
-    seq = tonumber(redis.call('HGET', meta, 'seq')) or 0
+    redis.call('HSET', meta, 'epoch', epoch)
   end
 
-  local results = {}
-  local next_key = 5
-  for i = 5, #args, 2 do
-    local idem, payload = args[i], args[i + 1]
+  local duplicates = {}
+  for i = 1, n do
+    local payload = args[payloads + i - 1]
+    local j = idem_of[i]
     local duplicate_of = nil
-    local ikey = nil
-    if idem ~= '' then
-      ikey = keys[next_key]
-      next_key = next_key + 1
-      if not ikey then
-        return redis.error_reply('ERR gapless_append: missing idempotency key name')
-      end
+    if j then
+      local ikey = keys[idem_keys + j - 1]
+      local idem = args[idem_args + 2 * (j - 1) + 1]
       -- Stored as <epoch>:<seq>; a key from an earlier epoch names an entry that is gone.
       local prior = redis.call('GET', ikey)
       if prior then
@@ -68,34 +51,115 @@ local function append(keys, args)
           duplicate_of = tonumber(string.sub(prior, sep + 1))
         end
       end
-    end
-    if duplicate_of then
-      results[#results + 1] = duplicate_of
-      results[#results + 1] = 1
+      if duplicate_of then
+        duplicates[#duplicates + 1] = i
+        duplicates[#duplicates + 1] = duplicate_of
+      else
+        seq = seq + 1
+        redis.call('XADD', stream, seq .. '-0', 'p', payload, 't', now_s, 'k', idem)
+        redis.call('SET', ikey, epoch .. ':' .. seq, 'PX', idem_ttl)
+      end
     else
       seq = seq + 1
-      local id = string.format('%d-0', seq)
-      if ikey then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, id, 'p', payload, 't', now_s, 'k', idem)
-        redis.call('SET', ikey, epoch .. ':' .. string.format('%d', seq), 'PX', idem_ttl)
-      else
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, id, 'p', payload, 't', now_s)
-      end
-      results[#results + 1] = seq
-      results[#results + 1] = 0
+      -- Lua prints integers below 1e14 exactly (%.14g); concatenation is measurably
+      -- cheaper than string.format here.
+      redis.call('XADD', stream, seq .. '-0', 'p', payload, 't', now_s)
     end
   end
 
-  redis.call('HSET', meta, 'seq', string.format('%d', seq))
-  redis.call('PEXPIRE', meta, ttl)
-  redis.call('PEXPIRE', stream, ttl)
-  redis.call('PEXPIRE', acks, ttl)
+  -- One trim per user and call, not one per XADD: trimming arguments on every XADD cost
+  -- more than the append itself (4.9 µs against 2.8 µs per entry with AOF on). A log that
+  -- never held more than maxlen entries has nothing to trim.
+  if seq > maxlen then
+    redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen)
+  end
 
-  -- Live edges only: a lease past its expiry belongs to an edge that stopped refreshing.
-  redis.call('ZREMRANGEBYSCORE', registry, '-inf', now_s)
-  local edges = redis.call('ZRANGE', registry, '(' .. now_s, '+inf', 'BYSCORE')
+  -- Refresh the inactivity expiry only when 1% of it has passed since the last refresh
+  -- (field x of the meta hash): every refresh is three writes that go to the AOF and
+  -- replicas, which a busy user would otherwise pay on every call. An idle log therefore
+  -- expires between 99% and 100% of the configured time after its last append.
+  if now - refreshed >= math.floor(ttl / 100) then
+    redis.call('HSET', meta, 'seq', string.format('%d', seq), 'x', now_s)
+    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', stream, ttl)
+    redis.call('PEXPIRE', acks, ttl)
+  else
+    redis.call('HSET', meta, 'seq', string.format('%d', seq))
+  end
 
-  return { epoch, now, results, edges }
+  -- Live edges only: a lease past its expiry belongs to an edge that stopped refreshing and
+  -- is removed. The set is small (the edges holding this user), so one read serves both.
+  local edges = {}
+  local leases = redis.call('ZRANGE', registry, 0, -1, 'WITHSCORES')
+  for i = 1, #leases, 2 do
+    if tonumber(leases[i + 1]) > now then
+      edges[#edges + 1] = leases[i]
+    else
+      redis.call('ZREM', registry, leases[i])
+    end
+  end
+
+  return { epoch, seq, duplicates, edges }, idem_keys + m, payloads + n
+end
+
+-- gapless_append: append notifications of one or more users; each user's part is atomic
+-- (the whole call is), and a call only names keys of one Cluster slot.
+--
+-- KEYS, per user in call order:
+--   gl:{u}:m  hash: epoch, seq (last assigned), x (when the expiry was last refreshed, ms)
+--   gl:{u}:s  stream, entry ids <seq>-0, fields p (payload), t (ingest ms), k (idem key)
+--   gl:{u}:r  sorted set: edge id -> lease expiry (ms)
+--   gl:{u}:a  hash: device -> ack position (expiry refreshed with the log)
+--   gl:{u}:i:<key> for each of the user's m idempotency keys, in the order of ARGV
+-- ARGV:
+--   [1] retention: XTRIM MAXLEN ~ of each stream, applied once per user and call
+--   [2] inactivity expiry of a user's keys, ms
+--   [3] expiry of idempotency keys, ms
+--   then per user: epoch to use if this call creates the log, item count n, count m of
+--   items with an idempotency key, m pairs (item index 1..n, idempotency key), n payloads
+--
+-- Returns { now_ms, { epoch, last_seq, duplicates, live edge ids }, ... }, one entry per
+-- user. Items that were appended got consecutive seqs ending at last_seq, in item order;
+-- `duplicates` lists (item index, original seq) of items whose idempotency key was seen.
+local function append(keys, args)
+  local maxlen = tonumber(args[1])
+  local ttl = tonumber(args[2])
+  local idem_ttl = tonumber(args[3])
+  if not maxlen or maxlen < 1 or not ttl or ttl < 1 or not idem_ttl or idem_ttl < 1 then
+    return redis.error_reply('ERR gapless_append: bad arguments')
+  end
+  -- Check the whole layout before the first write: a Function is not rolled back, so an
+  -- error half-way would leave entries appended past the recorded seq.
+  local k, a = 1, 4
+  while a <= #args do
+    local n, m = tonumber(args[a + 1]), tonumber(args[a + 2])
+    if args[a] == '' or not n or not m or n < 0 or m < 0 or m > n
+        or a + 2 + 2 * m + n > #args then
+      return redis.error_reply('ERR gapless_append: bad user header at argument ' .. a)
+    end
+    for j = 1, m do
+      local i = tonumber(args[a + 3 + 2 * (j - 1)])
+      if not i or i < 1 or i > n then
+        return redis.error_reply('ERR gapless_append: bad item index at argument ' .. a)
+      end
+    end
+    k = k + 4 + m
+    a = a + 3 + 2 * m + n
+  end
+  if k ~= #keys + 1 or a ~= #args + 1 then
+    return redis.error_reply('ERR gapless_append: keys and items do not match')
+  end
+
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local reply = { now }
+  k, a = 1, 4
+  while a <= #args do
+    local user_reply
+    user_reply, k, a = append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
+    reply[#reply + 1] = user_reply
+  end
+  return reply
 end
 
 redis.register_function('gapless_append', append)

@@ -60,15 +60,6 @@ pub struct Appender {
     wakeup_payload_max: usize,
 }
 
-/// What the Function answers for one call.
-struct CallReply {
-    epoch: String,
-    ts: u64,
-    /// seq_1, dup_1, seq_2, dup_2, …
-    seqs: Vec<u64>,
-    edges: Vec<String>,
-}
-
 impl Appender {
     /// An appender over `conn`.
     pub fn new(
@@ -94,7 +85,7 @@ impl Appender {
     ///
     /// `Err` means Redis could not be used at all: nothing is reported as written (some
     /// items may have been, which an idempotency key makes safe to retry). A per-item `Err`
-    /// is a Function call that Redis refused; its neighbours are unaffected.
+    /// is a Function call that Redis refused; items of other calls are unaffected.
     pub async fn append(
         &self,
         items: &[NewNotification<'_>],
@@ -129,39 +120,33 @@ impl Appender {
             (0..items.len()).map(|_| None).collect();
         let mut wakeups = Wakeups::new(self.wakeup_payload_max);
         for (call, reply) in calls.iter().zip(replies) {
-            match reply.and_then(parse_reply) {
-                Ok(reply) if reply.seqs.len() == 2 * call.len() => {
-                    for (k, &i) in call.iter().enumerate() {
-                        let (seq, duplicate) = (reply.seqs[2 * k], reply.seqs[2 * k + 1] == 1);
-                        let item = &items[i];
-                        if !duplicate {
-                            wakeups.add(&reply, item, seq);
-                        }
-                        results[i] = Some(Ok(Appended {
-                            user: item.user.as_str().to_owned(),
-                            epoch: reply.epoch.clone(),
-                            seq,
-                            duplicate,
-                        }));
-                    }
-                }
-                Ok(reply) => {
-                    let e = StoreError::Redis(format!(
-                        "{FN_APPEND} answered {} values for {} items",
-                        reply.seqs.len(),
-                        call.len()
-                    ));
-                    for &i in call {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                }
+            let reply = reply
+                .and_then(|v| Ok(redis::from_redis_value::<CallReply>(v)?))
+                .map_err(StoreError::from_redis)
+                .and_then(|r| r.check(call));
+            let reply = match reply {
+                Ok(reply) => reply,
                 Err(e) => {
                     metrics::counter!("gapless_redis_errors_total", "op" => "append_call")
                         .increment(1);
-                    let e = StoreError::from_redis(e);
-                    for &i in call {
+                    for &i in call.iter().flatten() {
                         results[i] = Some(Err(e.clone()));
                     }
+                    continue;
+                }
+            };
+            for (segment, user) in call.iter().zip(&reply.users) {
+                for (&i, (seq, duplicate)) in segment.iter().zip(user.seqs(segment.len())) {
+                    let item = &items[i];
+                    if !duplicate {
+                        wakeups.add(&user.edges, &user.epoch, reply.ts, item, seq);
+                    }
+                    results[i] = Some(Ok(Appended {
+                        user: item.user.as_str().to_owned(),
+                        epoch: user.epoch.clone(),
+                        seq,
+                        duplicate,
+                    }));
                 }
             }
         }
@@ -172,31 +157,43 @@ impl Appender {
             .collect())
     }
 
-    /// The Function call for the items `call` (all of one user).
-    fn fcall(&self, items: &[NewNotification<'_>], call: &[usize]) -> redis::Cmd {
-        let user = &items[call[0]].user;
-        let keys = UserKeys::new(user);
-        let idempotent: Vec<&str> = call
-            .iter()
-            .filter_map(|&i| items[i].idempotency_key)
-            .collect();
+    /// The Function call for one planned call: segments of items, each of one user. The
+    /// argument layout is documented in `migrations/`.
+    fn fcall(&self, items: &[NewNotification<'_>], call: &Call) -> redis::Cmd {
+        let mut keys: Vec<String> = Vec::new();
+        for segment in call {
+            let user = &items[segment[0]].user;
+            let k = UserKeys::new(user);
+            keys.extend([k.meta, k.stream, k.registry, k.acks]);
+            keys.extend(
+                segment
+                    .iter()
+                    .filter_map(|&i| items[i].idempotency_key)
+                    .map(|key| UserKeys::idempotency(user, key)),
+            );
+        }
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(FN_APPEND)
-            .arg(4 + idempotent.len())
-            .arg(&keys.meta)
-            .arg(&keys.stream)
-            .arg(&keys.registry)
-            .arg(&keys.acks);
-        for key in &idempotent {
-            cmd.arg(UserKeys::idempotency(user, key));
-        }
-        cmd.arg(new_epoch())
+            .arg(keys.len())
+            .arg(keys)
             .arg(self.retention.max_len)
             .arg(self.retention.ttl.as_millis() as u64)
             .arg(self.retention.idempotency_ttl.as_millis() as u64);
-        for &i in call {
-            cmd.arg(items[i].idempotency_key.unwrap_or(""))
-                .arg(items[i].payload);
+        for segment in call {
+            let idempotent: Vec<(usize, &str)> = segment
+                .iter()
+                .enumerate()
+                .filter_map(|(pos, &i)| items[i].idempotency_key.map(|key| (pos + 1, key)))
+                .collect();
+            cmd.arg(new_epoch())
+                .arg(segment.len())
+                .arg(idempotent.len());
+            for (pos, key) in idempotent {
+                cmd.arg(pos).arg(key);
+            }
+            for &i in segment {
+                cmd.arg(items[i].payload);
+            }
         }
         cmd
     }
@@ -225,9 +222,17 @@ impl Appender {
     }
 }
 
-/// Groups item indexes per user, keeping request order within a user, and splits large
-/// groups into calls of at most [`MAX_ITEMS_PER_CALL`].
-fn plan_calls(items: &[NewNotification<'_>]) -> Vec<Vec<usize>> {
+/// One Function call: segments of item indexes, each segment all of one user, in request
+/// order within the user.
+type Call = Vec<Vec<usize>>;
+
+/// Groups item indexes per user (request order kept within a user) and packs the groups
+/// into calls of about [`MAX_ITEMS_PER_CALL`] items; a larger group is split over
+/// consecutive calls, which the pipeline runs in order.
+///
+/// Several users share a call because a call's fixed cost dominates when each user has few
+/// items. On a single Redis any keys may share a call; a Cluster will pack per slot.
+fn plan_calls(items: &[NewNotification<'_>]) -> Vec<Call> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut by_user: HashMap<&str, usize> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
@@ -237,24 +242,110 @@ fn plan_calls(items: &[NewNotification<'_>]) -> Vec<Vec<usize>> {
         });
         groups[g].push(i);
     }
-    groups
-        .into_iter()
-        .flat_map(|g| {
-            g.chunks(MAX_ITEMS_PER_CALL)
-                .map(<[usize]>::to_vec)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut calls: Vec<Call> = Vec::new();
+    let mut current: Call = Vec::new();
+    let mut current_items = 0;
+    for group in groups {
+        for segment in group.chunks(MAX_ITEMS_PER_CALL) {
+            if current_items > 0 && current_items + segment.len() > MAX_ITEMS_PER_CALL {
+                calls.push(std::mem::take(&mut current));
+                current_items = 0;
+            }
+            current_items += segment.len();
+            current.push(segment.to_vec());
+        }
+    }
+    if !current.is_empty() {
+        calls.push(current);
+    }
+    calls
 }
 
-fn parse_reply(value: Value) -> RedisResult<CallReply> {
-    let (epoch, ts, seqs, edges) = redis::from_redis_value(value)?;
-    Ok(CallReply {
-        epoch,
-        ts,
-        seqs,
-        edges,
-    })
+/// What the Function answers for one call.
+struct CallReply {
+    /// Ingest time of every entry of the call, ms.
+    ts: u64,
+    /// One reply per segment, in call order.
+    users: Vec<UserReply>,
+}
+
+/// The Function's answer for one segment.
+struct UserReply {
+    epoch: String,
+    /// Seq of the segment's last appended item (the log's last seq).
+    last_seq: u64,
+    /// (item index from 1, original seq) of each recognised duplicate, in item order.
+    duplicates: Vec<u64>,
+    edges: Vec<String>,
+}
+
+impl UserReply {
+    /// (seq, duplicate) of each of the segment's `n` items: appended items got consecutive
+    /// seqs ending at `last_seq`, in item order.
+    fn seqs(&self, n: usize) -> impl Iterator<Item = (u64, bool)> + '_ {
+        let appended = (n - self.duplicates.len() / 2) as u64;
+        let mut next = self.last_seq + 1 - appended;
+        let mut duplicates = self.duplicates.chunks_exact(2).peekable();
+        (1..=n as u64).map(move |pos| match duplicates.next_if(|d| d[0] == pos) {
+            Some(d) => (d[1], true),
+            None => {
+                next += 1;
+                (next - 1, false)
+            }
+        })
+    }
+}
+
+impl redis::FromRedisValue for CallReply {
+    fn from_redis_value(v: Value) -> Result<Self, redis::ParsingError> {
+        let mut parts: Vec<Value> = redis::from_redis_value(v)?;
+        if parts.is_empty() {
+            return Err("empty gapless_append reply".into());
+        }
+        let users = parts.split_off(1);
+        let ts = redis::from_redis_value(parts.remove(0))?;
+        let users = users
+            .into_iter()
+            .map(|u| {
+                let (epoch, last_seq, duplicates, edges) = redis::from_redis_value(u)?;
+                Ok(UserReply {
+                    epoch,
+                    last_seq,
+                    duplicates,
+                    edges,
+                })
+            })
+            .collect::<Result<_, redis::ParsingError>>()?;
+        Ok(CallReply { ts, users })
+    }
+}
+
+impl CallReply {
+    /// Checks that the reply accounts for every item of `call`.
+    fn check(self, call: &Call) -> Result<Self, StoreError> {
+        let fits = self.users.len() == call.len()
+            && self.users.iter().zip(call).all(|(u, segment)| {
+                let duplicates = u.duplicates.len() / 2;
+                let appended = (segment.len() - duplicates.min(segment.len())) as u64;
+                u.duplicates.len() % 2 == 0
+                    && duplicates <= segment.len()
+                    && u.last_seq >= appended
+                    && u.duplicates
+                        .chunks_exact(2)
+                        .all(|d| d[0] >= 1 && d[0] <= segment.len() as u64)
+                    && u.duplicates
+                        .chunks_exact(2)
+                        .map(|d| d[0])
+                        .is_sorted_by(|a, b| a < b)
+            });
+        if fits {
+            Ok(self)
+        } else {
+            Err(StoreError::Redis(format!(
+                "{FN_APPEND} answered a reply that does not match its items"
+            )))
+        }
+    }
 }
 
 /// A fresh random epoch, used only if this call creates the user's log.
@@ -278,8 +369,15 @@ impl Wakeups {
         }
     }
 
-    fn add(&mut self, reply: &CallReply, item: &NewNotification<'_>, seq: u64) {
-        for edge in &reply.edges {
+    fn add(
+        &mut self,
+        edges: &[String],
+        epoch: &str,
+        ts: u64,
+        item: &NewNotification<'_>,
+        seq: u64,
+    ) {
+        for edge in edges {
             let used = self.budget_used.entry(edge.clone()).or_default();
             let rides = item.payload.len() <= self.payload_max
                 && *used + item.payload.len() <= WAKEUP_PAYLOAD_BUDGET;
@@ -291,9 +389,9 @@ impl Wakeups {
                 .or_default()
                 .push(WakeItem {
                     user: item.user.as_str().to_owned(),
-                    epoch: reply.epoch.clone(),
+                    epoch: epoch.to_owned(),
                     seq,
-                    ts: reply.ts,
+                    ts,
                     payload: rides.then(|| item.payload.to_owned()),
                 });
         }
@@ -315,21 +413,70 @@ mod tests {
                 idempotency_key: None,
             });
         }
-        items.push(NewNotification {
-            user: user("a"),
-            payload: "1",
-            idempotency_key: None,
-        });
+        for name in ["a", "c", "d"] {
+            items.push(NewNotification {
+                user: user(name),
+                payload: "1",
+                idempotency_key: None,
+            });
+        }
         let calls = plan_calls(&items);
-        let flat: Vec<usize> = calls.iter().flatten().copied().collect();
+        let flat: Vec<usize> = calls.iter().flatten().flatten().copied().collect();
         let mut sorted = flat.clone();
         sorted.sort_unstable();
-        assert_eq!(sorted, (0..items.len()).collect::<Vec<_>>());
+        assert_eq!(
+            sorted,
+            (0..items.len()).collect::<Vec<_>>(),
+            "each item once"
+        );
         for call in &calls {
-            assert!(call.len() <= MAX_ITEMS_PER_CALL);
-            assert!(call.windows(2).all(|w| w[0] < w[1]), "order kept in a call");
-            assert!(call.iter().all(|&i| items[i].user == items[call[0]].user));
+            assert!(call.iter().map(Vec::len).sum::<usize>() <= MAX_ITEMS_PER_CALL);
+            for segment in call {
+                assert!(
+                    segment
+                        .iter()
+                        .all(|&i| items[i].user == items[segment[0]].user)
+                );
+            }
         }
-        assert_eq!(calls.len(), 4, "1003 items of a and 1001 of b");
+        for name in ["a", "b"] {
+            let order: Vec<usize> = flat
+                .iter()
+                .copied()
+                .filter(|&i| items[i].user.as_str() == name)
+                .collect();
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "{name} keeps request order"
+            );
+        }
+        // a: 1003 items, b: 1001, c and d one each. Segments a1000 | a3 | b1000 | b1 c1 d1:
+        // a segment that would overflow the current call starts the next one.
+        assert_eq!(calls.len(), 4);
+    }
+
+    #[test]
+    fn seqs_are_rebuilt_from_last_seq_and_duplicates() {
+        let reply = UserReply {
+            epoch: "e".into(),
+            last_seq: 12,
+            duplicates: vec![2, 4, 5, 7],
+            edges: Vec::new(),
+        };
+        let seqs: Vec<(u64, bool)> = reply.seqs(5).collect();
+        assert_eq!(
+            seqs,
+            [(10, false), (4, true), (11, false), (12, false), (7, true)]
+        );
+        let none = UserReply {
+            epoch: "e".into(),
+            last_seq: 3,
+            duplicates: Vec::new(),
+            edges: Vec::new(),
+        };
+        assert_eq!(
+            none.seqs(3).collect::<Vec<_>>(),
+            [(1, false), (2, false), (3, false)]
+        );
     }
 }

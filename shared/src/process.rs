@@ -79,6 +79,11 @@ impl RedisProcess {
         self.options.port
     }
 
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The working directory.
     pub fn dir(&self) -> &Path {
         &self.options.dir

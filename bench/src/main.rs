@@ -1,0 +1,37 @@
+//! `gapless-bench`: measures a real gapless system started as separate processes.
+//!
+//! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD).
+//! Modules: [`fleet`] starts and stops the processes, [`stats`] summarises samples.
+#![forbid(unsafe_code)]
+
+mod fleet;
+mod ingest;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+/// gapless benchmarks.
+#[derive(Parser)]
+#[command(
+    name = "gapless-bench",
+    version,
+    about = "gapless benchmarks and drills"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Batch ingest throughput, with redis-benchmark's pipelined XADD on the same Redis in the
+    /// same run as the denominator.
+    Ingest(ingest::IngestArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Scenario::Ingest(args) => ingest::run(args).await,
+    }
+}
