@@ -9,6 +9,11 @@
 
 -- Appends one user's items. `k` is the index of the user's first key in `keys`, `a` of the
 -- user's header in `args`. Returns the user's reply and the next `k` and `a`.
+--
+-- A user's failure (a key of the wrong type, written by someone else) must not touch the
+-- other users of the call, and must not leave the log inconsistent: everything that can fail
+-- is read before the first write, writes go through pcall, and the recorded seq always
+-- matches the stream's last entry. The reply says from which item on the user failed.
 local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   local now_s = string.format('%d', now)
   local meta, stream, registry, acks = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
@@ -16,14 +21,29 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   local idem_keys = k + 4 -- keys[idem_keys + j - 1] is the name of idempotency key j
   local idem_args = a + 3 -- args[idem_args + 2(j-1)] = item index, next = the key itself
   local payloads = idem_args + 2 * m
-
-  -- item index -> j, for the items that carry an idempotency key
-  local idem_of = {}
-  for j = 1, m do
-    idem_of[tonumber(args[idem_args + 2 * (j - 1)])] = j
+  local next_k, next_a = idem_keys + m, payloads + n
+  local function failed(err)
+    return { '', 0, {}, {}, 1, err }, next_k, next_a
   end
 
-  local state = redis.call('HMGET', meta, 'epoch', 'seq', 'x')
+  -- Reads first. Idempotency keys: item index -> j, and key name -> stored value.
+  local state = redis.pcall('HMGET', meta, 'epoch', 'seq', 'x')
+  if state.err then
+    return failed(state.err)
+  end
+  local idem_of, stored = {}, {}
+  for j = 1, m do
+    idem_of[tonumber(args[idem_args + 2 * (j - 1)])] = j
+    local ikey = keys[idem_keys + j - 1]
+    if stored[ikey] == nil then
+      local prior = redis.pcall('GET', ikey)
+      if type(prior) == 'table' and prior.err then
+        return failed(prior.err)
+      end
+      stored[ikey] = prior
+    end
+  end
+
   local epoch, seq, refreshed = state[1], tonumber(state[2]) or 0, tonumber(state[3]) or 0
   if not epoch then
     -- A new log: the first append, or the old log expired or was lost. A fresh epoch tells
@@ -36,15 +56,16 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   end
 
   local duplicates = {}
+  local failed_at, failure = 0, ''
   for i = 1, n do
     local payload = args[payloads + i - 1]
     local j = idem_of[i]
-    local duplicate_of = nil
+    local added
     if j then
       local ikey = keys[idem_keys + j - 1]
       local idem = args[idem_args + 2 * (j - 1) + 1]
       -- Stored as <epoch>:<seq>; a key from an earlier epoch names an entry that is gone.
-      local prior = redis.call('GET', ikey)
+      local prior, duplicate_of = stored[ikey], nil
       if prior then
         local sep = string.find(prior, ':', 1, true)
         if sep and string.sub(prior, 1, sep - 1) == epoch then
@@ -55,15 +76,24 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
         duplicates[#duplicates + 1] = i
         duplicates[#duplicates + 1] = duplicate_of
       else
-        seq = seq + 1
-        redis.call('XADD', stream, seq .. '-0', 'p', payload, 't', now_s, 'k', idem)
-        redis.call('SET', ikey, epoch .. ':' .. seq, 'PX', idem_ttl)
+        added = redis.pcall('XADD', stream, (seq + 1) .. '-0', 'p', payload, 't', now_s, 'k', idem)
+        if not added.err then
+          seq = seq + 1
+          stored[ikey] = epoch .. ':' .. seq
+          redis.pcall('SET', ikey, stored[ikey], 'PX', idem_ttl)
+        end
       end
     else
-      seq = seq + 1
       -- Lua prints integers below 1e14 exactly (%.14g); concatenation is measurably
       -- cheaper than string.format here.
-      redis.call('XADD', stream, seq .. '-0', 'p', payload, 't', now_s)
+      added = redis.pcall('XADD', stream, (seq + 1) .. '-0', 'p', payload, 't', now_s)
+      if not added.err then
+        seq = seq + 1
+      end
+    end
+    if added and added.err then
+      failed_at, failure = i, added.err
+      break
     end
   end
 
@@ -71,7 +101,7 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   -- more than the append itself (4.9 µs against 2.8 µs per entry with AOF on). A log that
   -- never held more than maxlen entries has nothing to trim.
   if seq > maxlen then
-    redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen)
+    redis.pcall('XTRIM', stream, 'MAXLEN', '~', maxlen)
   end
 
   -- Refresh the inactivity expiry only when 1% of it has passed since the last refresh
@@ -90,16 +120,18 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   -- Live edges only: a lease past its expiry belongs to an edge that stopped refreshing and
   -- is removed. The set is small (the edges holding this user), so one read serves both.
   local edges = {}
-  local leases = redis.call('ZRANGE', registry, 0, -1, 'WITHSCORES')
-  for i = 1, #leases, 2 do
-    if tonumber(leases[i + 1]) > now then
-      edges[#edges + 1] = leases[i]
-    else
-      redis.call('ZREM', registry, leases[i])
+  local leases = redis.pcall('ZRANGE', registry, 0, -1, 'WITHSCORES')
+  if not leases.err then
+    for i = 1, #leases, 2 do
+      if tonumber(leases[i + 1]) > now then
+        edges[#edges + 1] = leases[i]
+      else
+        redis.call('ZREM', registry, leases[i])
+      end
     end
   end
 
-  return { epoch, seq, duplicates, edges }, idem_keys + m, payloads + n
+  return { epoch, seq, duplicates, edges, failed_at, failure }, next_k, next_a
 end
 
 -- gapless_append: append notifications of one or more users; each user's part is atomic
@@ -118,9 +150,11 @@ end
 --   then per user: epoch to use if this call creates the log, item count n, count m of
 --   items with an idempotency key, m pairs (item index 1..n, idempotency key), n payloads
 --
--- Returns { now_ms, { epoch, last_seq, duplicates, live edge ids }, ... }, one entry per
--- user. Items that were appended got consecutive seqs ending at last_seq, in item order;
--- `duplicates` lists (item index, original seq) of items whose idempotency key was seen.
+-- Returns { now_ms, { epoch, last_seq, duplicates, live edge ids, failed_at, error }, ... },
+-- one entry per user. Items that were appended got consecutive seqs ending at last_seq, in
+-- item order; `duplicates` lists (item index, original seq) of items whose idempotency key
+-- was seen. failed_at is 0, or the index of the first item that was not appended because
+-- Redis refused it (with the error); that item and the user's later ones were not written.
 local function append(keys, args)
   local maxlen = tonumber(args[1])
   local ttl = tonumber(args[2])
@@ -163,3 +197,43 @@ local function append(keys, args)
 end
 
 redis.register_function('gapless_append', append)
+
+-- gapless_ack: record the ack positions of devices of one user, never moving one back.
+--
+-- KEYS[1] gl:{u}:m (for the current epoch), KEYS[2] gl:{u}:a (device -> <epoch>:<seq>)
+-- ARGV: triples of device, epoch, seq
+--
+-- A position is written only if its epoch is the log's current epoch and it is ahead of
+-- what is stored for the device: an edge flushing late (the device has moved on to another
+-- edge since) cannot rewind it. Returns the number of positions written.
+local function ack(keys, args)
+  local meta, acks = keys[1], keys[2]
+  if not meta or not acks or #args % 3 ~= 0 then
+    return redis.error_reply('ERR gapless_ack: bad arguments')
+  end
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    return 0
+  end
+  local written = 0
+  for i = 1, #args, 3 do
+    local device, ack_epoch, seq = args[i], args[i + 1], tonumber(args[i + 2])
+    if ack_epoch == epoch and seq then
+      local stored = redis.call('HGET', acks, device)
+      local stored_seq = -1
+      if stored then
+        local sep = string.find(stored, ':', 1, true)
+        if sep and string.sub(stored, 1, sep - 1) == epoch then
+          stored_seq = tonumber(string.sub(stored, sep + 1)) or -1
+        end
+      end
+      if seq > stored_seq then
+        redis.call('HSET', acks, device, epoch .. ':' .. string.format('%d', seq))
+        written = written + 1
+      end
+    end
+  end
+  return written
+end
+
+redis.register_function('gapless_ack', ack)

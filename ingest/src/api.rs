@@ -3,10 +3,11 @@
 //! Every error is a status with the JSON body of [`ApiError`]; axum's own plain-text
 //! rejections are mapped before they reach a client.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -102,11 +103,13 @@ async fn authenticate(
         )
         .into_response();
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let key = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     let Some(key) = key else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -155,18 +158,20 @@ fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<By
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ItemIn<'a> {
-    user: &'a str,
+    /// Borrowed unless the JSON string holds escapes.
+    #[serde(borrow)]
+    user: Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
     #[serde(default, borrow)]
-    idempotency_key: Option<&'a str>,
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Checks the parts of one item; the error carries the status a single append answers.
 fn validate<'a>(
     user: &str,
     payload: &'a str,
-    idempotency_key: Option<&'a str>,
+    idempotency_key: Option<Cow<'a, str>>,
     limits: &Limits,
 ) -> Result<NewNotification<'a>, ApiError> {
     let user =
@@ -181,7 +186,7 @@ fn validate<'a>(
             ),
         ));
     }
-    if let Some(key) = idempotency_key {
+    if let Some(key) = &idempotency_key {
         validate_idempotency_key(key)
             .map_err(|e| ApiError::bad_request("invalid_idempotency_key", e.to_string()))?;
     }
@@ -204,7 +209,7 @@ fn parse_json_item<'a>(text: &'a str, limits: &Limits) -> Result<NewNotification
             )
         }
     })?;
-    validate(item.user, item.payload.get(), item.idempotency_key, limits)
+    validate(&item.user, item.payload.get(), item.idempotency_key, limits)
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -307,7 +312,7 @@ async fn append_batch(
                             validate(
                                 &item.user,
                                 &item.payload,
-                                item.idempotency_key.as_deref(),
+                                item.idempotency_key.as_deref().map(Cow::Borrowed),
                                 &limits,
                             )
                         }),
@@ -399,9 +404,10 @@ struct HistoryQuery {
 /// `GET /v1/users/{user}/notifications?after=&limit=`.
 async fn read_history(
     State(state): State<Arc<AppState>>,
-    Path(user): Path<String>,
+    user: Result<Path<String>, PathRejection>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<history::History>, ApiError> {
+    let Path(user) = user.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
     let user =
         UserId::parse(&user).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;

@@ -2,6 +2,7 @@
 //! (large groups split into chunks), every call of a request in one pipeline, then one wakeup
 //! per live edge, also pipelined. No network round trip per item.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,7 @@ pub struct NewNotification<'a> {
     /// The payload's JSON text, already validated.
     pub payload: &'a str,
     /// Idempotency key, already validated.
-    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// The answer for one appended (or recognised duplicate) notification.
@@ -136,8 +137,14 @@ impl Appender {
                 }
             };
             for (segment, user) in call.iter().zip(&reply.users) {
-                for (&i, (seq, duplicate)) in segment.iter().zip(user.seqs(segment.len())) {
+                for (&i, result) in segment.iter().zip(user.seqs(segment.len())) {
                     let item = &items[i];
+                    let Some((seq, duplicate)) = result else {
+                        metrics::counter!("gapless_redis_errors_total", "op" => "append_user")
+                            .increment(1);
+                        results[i] = Some(Err(StoreError::Redis(user.failure.clone())));
+                        continue;
+                    };
                     if !duplicate {
                         wakeups.add(&user.edges, &user.epoch, reply.ts, item, seq);
                     }
@@ -168,7 +175,7 @@ impl Appender {
             keys.extend(
                 segment
                     .iter()
-                    .filter_map(|&i| items[i].idempotency_key)
+                    .filter_map(|&i| items[i].idempotency_key.as_deref())
                     .map(|key| UserKeys::idempotency(user, key)),
             );
         }
@@ -183,7 +190,12 @@ impl Appender {
             let idempotent: Vec<(usize, &str)> = segment
                 .iter()
                 .enumerate()
-                .filter_map(|(pos, &i)| items[i].idempotency_key.map(|key| (pos + 1, key)))
+                .filter_map(|(pos, &i)| {
+                    items[i]
+                        .idempotency_key
+                        .as_deref()
+                        .map(|key| (pos + 1, key))
+                })
                 .collect();
             cmd.arg(new_epoch())
                 .arg(segment.len())
@@ -277,21 +289,40 @@ struct UserReply {
     /// (item index from 1, original seq) of each recognised duplicate, in item order.
     duplicates: Vec<u64>,
     edges: Vec<String>,
+    /// 0, or the index (from 1) of the first item Redis refused; it and the later items of
+    /// the segment were not written.
+    failed_at: u64,
+    /// Redis's error for `failed_at`.
+    failure: String,
 }
 
 impl UserReply {
-    /// (seq, duplicate) of each of the segment's `n` items: appended items got consecutive
-    /// seqs ending at `last_seq`, in item order.
-    fn seqs(&self, n: usize) -> impl Iterator<Item = (u64, bool)> + '_ {
-        let appended = (n - self.duplicates.len() / 2) as u64;
+    /// Items of an `n`-item segment that were handled (appended or recognised).
+    fn handled(&self, n: usize) -> usize {
+        match self.failed_at {
+            0 => n,
+            f => (f as usize - 1).min(n),
+        }
+    }
+
+    /// For each of the segment's `n` items: `Some((seq, duplicate))`, or `None` for an item
+    /// Redis refused. Appended items got consecutive seqs ending at `last_seq`, in order.
+    fn seqs(&self, n: usize) -> impl Iterator<Item = Option<(u64, bool)>> + '_ {
+        let handled = self.handled(n);
+        let appended = (handled - self.duplicates.len() / 2) as u64;
         let mut next = self.last_seq + 1 - appended;
         let mut duplicates = self.duplicates.chunks_exact(2).peekable();
-        (1..=n as u64).map(move |pos| match duplicates.next_if(|d| d[0] == pos) {
-            Some(d) => (d[1], true),
-            None => {
-                next += 1;
-                (next - 1, false)
+        (1..=n as u64).map(move |pos| {
+            if pos as usize > handled {
+                return None;
             }
+            Some(match duplicates.next_if(|d| d[0] == pos) {
+                Some(d) => (d[1], true),
+                None => {
+                    next += 1;
+                    (next - 1, false)
+                }
+            })
         })
     }
 }
@@ -307,12 +338,15 @@ impl redis::FromRedisValue for CallReply {
         let users = users
             .into_iter()
             .map(|u| {
-                let (epoch, last_seq, duplicates, edges) = redis::from_redis_value(u)?;
+                let (epoch, last_seq, duplicates, edges, failed_at, failure) =
+                    redis::from_redis_value(u)?;
                 Ok(UserReply {
                     epoch,
                     last_seq,
                     duplicates,
                     edges,
+                    failed_at,
+                    failure,
                 })
             })
             .collect::<Result<_, redis::ParsingError>>()?;
@@ -325,14 +359,14 @@ impl CallReply {
     fn check(self, call: &Call) -> Result<Self, StoreError> {
         let fits = self.users.len() == call.len()
             && self.users.iter().zip(call).all(|(u, segment)| {
+                let handled = u.handled(segment.len());
                 let duplicates = u.duplicates.len() / 2;
-                let appended = (segment.len() - duplicates.min(segment.len())) as u64;
                 u.duplicates.len() % 2 == 0
-                    && duplicates <= segment.len()
-                    && u.last_seq >= appended
+                    && duplicates <= handled
+                    && u.last_seq >= (handled - duplicates) as u64
                     && u.duplicates
                         .chunks_exact(2)
-                        .all(|d| d[0] >= 1 && d[0] <= segment.len() as u64)
+                        .all(|d| d[0] >= 1 && d[0] <= handled as u64)
                     && u.duplicates
                         .chunks_exact(2)
                         .map(|d| d[0])
@@ -457,26 +491,25 @@ mod tests {
 
     #[test]
     fn seqs_are_rebuilt_from_last_seq_and_duplicates() {
-        let reply = UserReply {
+        let reply = |last_seq, duplicates: Vec<u64>, failed_at| UserReply {
             epoch: "e".into(),
-            last_seq: 12,
-            duplicates: vec![2, 4, 5, 7],
+            last_seq,
+            duplicates,
             edges: Vec::new(),
+            failed_at,
+            failure: String::new(),
         };
-        let seqs: Vec<(u64, bool)> = reply.seqs(5).collect();
+        let seqs: Vec<_> = reply(12, vec![2, 4, 5, 7], 0).seqs(5).collect();
+        let expect = [(10, false), (4, true), (11, false), (12, false), (7, true)];
+        assert_eq!(seqs, expect.map(Some));
         assert_eq!(
-            seqs,
-            [(10, false), (4, true), (11, false), (12, false), (7, true)]
+            reply(3, vec![], 0).seqs(3).collect::<Vec<_>>(),
+            [Some((1, false)), Some((2, false)), Some((3, false))]
         );
-        let none = UserReply {
-            epoch: "e".into(),
-            last_seq: 3,
-            duplicates: Vec::new(),
-            edges: Vec::new(),
-        };
+        // Items 3.. were refused: 1 and 2 were appended as 6 and 7.
         assert_eq!(
-            none.seqs(3).collect::<Vec<_>>(),
-            [(1, false), (2, false), (3, false)]
+            reply(7, vec![], 3).seqs(4).collect::<Vec<_>>(),
+            [Some((6, false)), Some((7, false)), None, None]
         );
     }
 }

@@ -59,6 +59,8 @@ pub async fn run(
         api_keys: config.api_keys.clone(),
         redis_timeout: config.redis.command_timeout,
     });
+    // Install the recorder before the first request, so none goes uncounted.
+    gapless_shared::telemetry::prometheus();
     let router = api::router(state, &config);
     let upkeep = tokio::spawn(metrics_upkeep(shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");

@@ -17,6 +17,8 @@ pub const VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// Name of the append function (DESIGN.md §1.1).
 pub const FN_APPEND: &str = "gapless_append";
+/// Name of the function recording device ack positions (DESIGN.md §1.4).
+pub const FN_ACK: &str = "gapless_ack";
 
 /// Why the schema is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,7 @@ mod tests {
             assert_eq!(*version as usize, i + 1);
             assert!(source.starts_with("#!lua name=gapless\n"));
             assert!(source.contains(FN_APPEND));
+            assert!(source.contains(FN_ACK));
         }
     }
 }

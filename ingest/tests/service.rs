@@ -1,0 +1,360 @@
+//! The ingest as a service (DESIGN.md §4, §2 "No loss"): history reads, health, readiness and
+//! metrics, refusing an unmigrated Redis, and surviving a Redis crash without losing a write
+//! it acknowledged.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{TestIngest, error_code, eventually};
+use gapless_shared::config::{RedisConfig, Secret};
+use gapless_shared::testing::TestRedis;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+/// The history answer, with payloads kept as the exact JSON text.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct History {
+    user: String,
+    epoch: Option<String>,
+    last_seq: u64,
+    notifications: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryEntry {
+    seq: u64,
+    ts: u64,
+    payload: Box<RawValue>,
+}
+
+async fn history(ingest: &TestIngest, user: &str, query: &str) -> History {
+    let response = ingest
+        .http
+        .get(ingest.url(&format!("/v1/users/{user}/notifications{query}")))
+        .bearer_auth(common::API_KEY)
+        .send()
+        .await
+        .expect("the ingest answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body arrives");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("history shape ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_returns_retained_entries_after_a_seq() {
+    let ingest = TestIngest::start().await;
+    let user = "historian";
+    let payloads = [
+        r#"{"title": "héllo",  "n": [1, 2.50, null]}"#,
+        r#""plain""#,
+        "42",
+        r#"{"nested":{"deep":[{"x":true}]}}"#,
+        "[ ]",
+    ];
+    let started = gapless_shared::now_ms();
+    let mut epoch = String::new();
+    for (i, payload) in payloads.iter().enumerate() {
+        let body = format!(r#"{{"user":"{user}","payload":{payload}}}"#);
+        let (status, answer) = common::json_of(
+            ingest
+                .post("/v1/notifications", "application/json", body)
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["seq"], i as u64 + 1);
+        epoch = answer["epoch"].as_str().expect("epoch").to_owned();
+    }
+
+    let all = history(&ingest, user, "").await;
+    assert_eq!(all.user, user);
+    assert_eq!(all.epoch.as_deref(), Some(epoch.as_str()));
+    assert_eq!(all.last_seq, 5);
+    assert_eq!(
+        all.notifications
+            .iter()
+            .map(|e| (e.seq, e.payload.get()))
+            .collect::<Vec<_>>(),
+        payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64 + 1, *p))
+            .collect::<Vec<_>>(),
+        "payloads come back byte for byte"
+    );
+    let now = gapless_shared::now_ms();
+    for entry in &all.notifications {
+        assert!(
+            (started.saturating_sub(1_000)..=now + 1_000).contains(&entry.ts),
+            "ingest time {} is not around now",
+            entry.ts
+        );
+    }
+
+    let page = history(&ingest, user, "?after=2&limit=2").await;
+    assert_eq!(
+        page.notifications.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert_eq!(page.last_seq, 5);
+    assert_eq!(page.epoch.as_deref(), Some(epoch.as_str()));
+    let tail = history(&ingest, user, "?after=4").await;
+    assert_eq!(
+        tail.notifications.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [5]
+    );
+    let past_end = history(&ingest, user, "?after=5&limit=10").await;
+    assert!(past_end.notifications.is_empty());
+    assert_eq!(past_end.last_seq, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_of_an_unknown_user_is_empty_with_no_epoch() {
+    let ingest = TestIngest::start().await;
+    let answer = history(&ingest, "stranger", "?after=3").await;
+    assert_eq!(answer.user, "stranger");
+    assert_eq!(answer.epoch, None);
+    assert_eq!(answer.last_seq, 0);
+    assert!(answer.notifications.is_empty());
+    let (_, body) = ingest.get_json("/v1/users/stranger/notifications").await;
+    assert_eq!(body["epoch"], serde_json::Value::Null, "{body}");
+    assert_eq!(body["notifications"], json!([]), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer() {
+    let ingest = TestIngest::start().await;
+    let get = |path: &str| ingest.http.get(ingest.url(path)).send();
+
+    let healthz = get("/healthz").await.expect("healthz answers");
+    assert_eq!(healthz.status(), StatusCode::OK);
+    let readyz = get("/readyz").await.expect("readyz answers");
+    assert_eq!(readyz.status(), StatusCode::OK);
+
+    ingest.append("metered", json!({ "m": 1 })).await;
+    let (status, _) = ingest
+        .post_json(
+            "/v1/notifications/batch",
+            &json!([{ "user": "metered", "payload": 2 }, { "user": "a b", "payload": 3 }]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = ingest.get_json("/v1/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "not_found");
+
+    let metrics = get("/metrics").await.expect("metrics answer");
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.expect("metrics body");
+    for needle in [
+        "gapless_ingest_requests_total",
+        r#"route="/v1/notifications""#,
+        r#"route="/v1/notifications/batch""#,
+        "gapless_ingest_items_total",
+        r#"result="appended""#,
+        r#"result="rejected""#,
+    ] {
+        assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_when_redis_is_down() {
+    let mut ingest = TestIngest::start_with(&[], |c| {
+        c.redis.command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    ingest.redis.kill();
+    let response = ingest
+        .http
+        .get(ingest.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz answers");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        response
+            .headers()
+            .contains_key(reqwest::header::RETRY_AFTER)
+    );
+    let (_, body) = common::json_of(response).await;
+    assert_eq!(error_code(&body), "unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_refuses_to_start_without_current_schema() {
+    let redis = TestRedis::start();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let config = gapless_ingest::Config::new(
+        RedisConfig::new(&redis.url()).expect("harness URL is valid"),
+        vec![Secret::new(common::API_KEY)],
+    );
+    let result = tokio::time::timeout(
+        common::DEADLINE,
+        gapless_ingest::run(listener, config, CancellationToken::new()),
+    )
+    .await
+    .expect("run returns promptly");
+    let err = result.expect_err("no schema, no service");
+    assert!(err.to_string().contains("gapless migrate"), "{err}");
+
+    // An older schema is refused the same way.
+    let mut conn = common::connect(&redis).await;
+    let _: () = redis::cmd("SET")
+        .arg(gapless_shared::keys::SCHEMA)
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .expect("SET works");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let config = gapless_ingest::Config::new(
+        RedisConfig::new(&redis.url()).expect("harness URL is valid"),
+        vec![Secret::new(common::API_KEY)],
+    );
+    let err = gapless_ingest::run(listener, config, CancellationToken::new())
+        .await
+        .expect_err("old schema, no service");
+    assert!(err.to_string().contains("gapless migrate"), "{err}");
+}
+
+/// What the producer of the crash drill saw.
+#[derive(Default)]
+struct ProducerLog {
+    /// (idempotency key, seq, epoch) of every append answered 200.
+    acknowledged: Vec<(String, u64, String)>,
+    /// 503 answers, each checked for `Retry-After` and the `unavailable` code.
+    unavailable: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_gives_503_and_loses_no_acknowledged_write() {
+    let mut ingest = TestIngest::start_with(&[], |c| {
+        c.redis.command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let user = "crash-drill";
+    let url = ingest.url("/v1/notifications");
+    let http = ingest.http.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+
+    // A producer that retries each notification under its idempotency key until answered 200.
+    let producer = tokio::spawn({
+        let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+        async move {
+            let mut log = ProducerLog::default();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("drill-{n}");
+                let body = json!({ "user": user, "payload": { "n": n }, "idempotency_key": key });
+                let response = http
+                    .post(&url)
+                    .bearer_auth(common::API_KEY)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .expect("the ingest itself stays up");
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .cloned();
+                let (_, answer) = common::json_of(response).await;
+                match status {
+                    StatusCode::OK => {
+                        let seq = answer["seq"].as_u64().expect("seq");
+                        let epoch = answer["epoch"].as_str().expect("epoch").to_owned();
+                        log.acknowledged.push((key, seq, epoch));
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        assert!(retry_after.is_some(), "503 without Retry-After: {answer}");
+                        assert_eq!(error_code(&answer), "unavailable", "{answer}");
+                        log.unavailable += 1;
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        // A producer backs off before retrying the same key.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected answer {other}: {answer}"),
+                }
+            }
+            log
+        }
+    });
+
+    eventually("the producer gets going", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) >= 50 }
+    })
+    .await;
+    ingest.redis.kill();
+    eventually("appends are refused with 503", || {
+        let refused = refused.clone();
+        async move { refused.load(Ordering::Relaxed) >= 3 }
+    })
+    .await;
+    // Restarting blocks this thread until Redis answers PING again (it polls, no guessing).
+    tokio::task::block_in_place(|| ingest.redis.restart()).expect("Redis restarts from its AOF");
+    let at_restart = acked.load(Ordering::Relaxed);
+    eventually("the same ingest recovers by itself", || {
+        let acked = acked.clone();
+        async move { acked.load(Ordering::Relaxed) >= at_restart + 50 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let log = producer.await.expect("the producer does not panic");
+    assert!(log.unavailable >= 3);
+
+    let stored = ingest.stored(user).await;
+    let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+    let last = seqs.last().copied().expect("the stream survived the crash");
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "seqs in the stream are contiguous from 1"
+    );
+    let epochs: std::collections::BTreeSet<&str> = log
+        .acknowledged
+        .iter()
+        .map(|(_, _, e)| e.as_str())
+        .collect();
+    assert_eq!(epochs.len(), 1, "the log kept its epoch: {epochs:?}");
+    for (key, seq, _) in &log.acknowledged {
+        let entry = stored
+            .get(*seq as usize - 1)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} ({key}) was lost"));
+        assert_eq!(
+            entry.idempotency_key.as_deref(),
+            Some(key.as_str()),
+            "seq {seq} holds the notification it was acknowledged for"
+        );
+    }
+    assert!(
+        log.acknowledged.windows(2).all(|w| w[0].1 < w[1].1),
+        "every notification got its own, increasing seq"
+    );
+    let keys: std::collections::BTreeSet<_> = stored
+        .iter()
+        .map(|e| e.idempotency_key.as_deref())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        stored.len(),
+        "no retried notification was stored twice"
+    );
+}
