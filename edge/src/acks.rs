@@ -1,0 +1,167 @@
+//! Ack positions (DESIGN.md §1.4): sessions record each device's cumulative ack here; one task
+//! writes them to `gl:{user}:a` in pipelined batches every flush interval, at once when a
+//! device disconnects, and a last time at shutdown. The write goes through the `gapless_ack`
+//! Function, which never moves a position back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gapless_shared::ids::UserId;
+use gapless_shared::keys::UserKeys;
+use gapless_shared::schema::FN_ACK;
+use gapless_shared::store::with_timeout;
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Users per pipeline.
+const CHUNK: usize = 1000;
+
+/// Positions waiting to be written: (user, device) -> (epoch, seq).
+type Pending = HashMap<(UserId, String), (String, u64)>;
+
+/// The shared ack book. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct AckBook {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: Mutex<Pending>,
+    /// Wakes the flusher before its interval (a device disconnected).
+    flush_now: Notify,
+}
+
+impl AckBook {
+    /// Records a device's cumulative ack.
+    pub fn record(&self, user: &UserId, device: &str, epoch: &str, seq: u64) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .expect("ack lock is never poisoned");
+        let slot = pending
+            .entry((user.clone(), device.to_owned()))
+            .or_insert_with(|| (epoch.to_owned(), 0));
+        if slot.0 != epoch || slot.1 < seq {
+            *slot = (epoch.to_owned(), seq);
+        }
+    }
+
+    /// Asks for a write now (a device disconnected).
+    pub fn flush_soon(&self) {
+        self.inner.flush_now.notify_one();
+    }
+
+    fn take(&self) -> Pending {
+        std::mem::take(
+            &mut *self
+                .inner
+                .pending
+                .lock()
+                .expect("ack lock is never poisoned"),
+        )
+    }
+
+    /// Puts back positions a failed write did not store, unless newer ones arrived since.
+    fn restore(&self, failed: Pending) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .expect("ack lock is never poisoned");
+        for (key, value) in failed {
+            pending.entry(key).or_insert(value);
+        }
+    }
+
+    /// Writes everything pending; returns false if Redis failed (the positions stay pending).
+    pub async fn flush(&self, conn: &ConnectionManager, timeout: Duration) -> bool {
+        let pending = self.take();
+        if pending.is_empty() {
+            return true;
+        }
+        let mut by_user: HashMap<&UserId, Vec<(&str, &str, u64)>> = HashMap::new();
+        for ((user, device), (epoch, seq)) in &pending {
+            by_user
+                .entry(user)
+                .or_default()
+                .push((device.as_str(), epoch.as_str(), *seq));
+        }
+        let users: Vec<_> = by_user.into_iter().collect();
+        let mut ok = true;
+        for chunk in users.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            for (user, positions) in chunk {
+                let k = UserKeys::new(user);
+                let cmd = pipe
+                    .cmd("FCALL")
+                    .arg(FN_ACK)
+                    .arg(2)
+                    .arg(&k.meta)
+                    .arg(&k.acks);
+                for (device, epoch, seq) in positions {
+                    cmd.arg(*device).arg(*epoch).arg(*seq);
+                }
+                cmd.ignore();
+            }
+            let started = std::time::Instant::now();
+            let result = with_timeout(timeout, pipe.query_async::<()>(&mut conn.clone())).await;
+            metrics::histogram!("gapless_redis_duration_seconds", "op" => "ack")
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = result {
+                metrics::counter!("gapless_redis_errors_total", "op" => "ack").increment(1);
+                tracing::warn!(error = %e, "ack positions not written; retrying");
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            self.restore(pending);
+        }
+        ok
+    }
+
+    /// Flushes every `interval` and on [`flush_soon`](Self::flush_soon) until `shutdown`.
+    pub async fn run(
+        self,
+        conn: ConnectionManager,
+        interval: Duration,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.flush_now.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            self.flush(&conn, timeout).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_book_keeps_the_highest_ack_per_device_and_epoch() {
+        let book = AckBook::default();
+        let user = UserId::parse("u").expect("valid");
+        book.record(&user, "d", "e1", 5);
+        book.record(&user, "d", "e1", 3);
+        book.record(&user, "d2", "e1", 1);
+        let pending = book.take();
+        assert_eq!(pending[&(user.clone(), "d".into())], ("e1".into(), 5));
+        book.record(&user, "d", "e2", 1);
+        assert_eq!(book.take()[&(user.clone(), "d".into())], ("e2".into(), 1));
+        book.restore(pending);
+        book.record(&user, "d", "e1", 9);
+        assert_eq!(book.take()[&(user, "d".into())], ("e1".into(), 9));
+    }
+}

@@ -1,0 +1,181 @@
+//! Device authentication (DESIGN.md §5): a JWT whose `sub` is the user, checked with a pinned
+//! algorithm and a required `exp`. The device comes from the `device` claim or the query.
+
+use std::fmt;
+
+use gapless_shared::config::Secret;
+use gapless_shared::ids::UserId;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// The key tokens are checked with.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// Shared HS256 secret.
+    Hs256(Secret),
+    /// PEM of an RSA (RS256) or EC P-256 (ES256) public key.
+    PublicPem(Vec<u8>),
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JwtKey::Hs256(_) => f.write_str("Hs256(\"***\")"),
+            JwtKey::PublicPem(_) => f.write_str("PublicPem(..)"),
+        }
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token in the header or the query.
+    #[error("no token: send `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
+    Missing,
+    /// The token is malformed, forged, expired or signed with another algorithm.
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    /// `sub` is not a valid user id.
+    #[error("invalid token: `sub` is not a valid user id: {0}")]
+    BadSubject(gapless_shared::ids::IdError),
+    /// The device id is not valid.
+    #[error("invalid device id: {0}")]
+    BadDevice(gapless_shared::ids::IdError),
+    /// The configured public key is not an RSA or EC PEM.
+    #[error("the public key is neither an RSA nor an EC PEM key")]
+    BadKey,
+}
+
+/// The claims gapless reads.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// The device, optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// Checks tokens with one pinned algorithm.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    /// A verifier for `key`; the algorithm follows from the key type and nothing else.
+    pub fn new(key: &JwtKey) -> Result<Self, AuthError> {
+        let (key, algorithm) = match key {
+            JwtKey::Hs256(secret) => (
+                DecodingKey::from_secret(secret.expose().as_bytes()),
+                Algorithm::HS256,
+            ),
+            JwtKey::PublicPem(pem) => {
+                if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+                    (k, Algorithm::RS256)
+                } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+                    (k, Algorithm::ES256)
+                } else {
+                    return Err(AuthError::BadKey);
+                }
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = true;
+        validation.leeway = 0;
+        Ok(Self { key, validation })
+    }
+
+    /// The user and the device claim of a valid token.
+    pub fn verify(&self, token: &str) -> Result<(UserId, Option<String>), AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        let user = UserId::parse(&data.claims.sub).map_err(AuthError::BadSubject)?;
+        Ok((user, data.claims.device))
+    }
+}
+
+/// Mints an HS256 token, for `gapless token`, `gapless dev` and tests.
+pub fn mint_hs256(
+    secret: &str,
+    user: &str,
+    device: Option<&str>,
+    ttl: std::time::Duration,
+) -> String {
+    let claims = Claims {
+        sub: user.to_owned(),
+        exp: (gapless_shared::now_ms() / 1000) + ttl.as_secs(),
+        device: device.map(str::to_owned),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing of plain claims cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn verifier() -> Verifier {
+        Verifier::new(&JwtKey::Hs256(Secret::new("k"))).expect("valid key")
+    }
+
+    #[test]
+    fn accepts_a_valid_token() {
+        let t = mint_hs256("k", "alice", Some("phone"), Duration::from_secs(60));
+        let (user, device) = verifier().verify(&t).expect("valid");
+        assert_eq!(user.as_str(), "alice");
+        assert_eq!(device.as_deref(), Some("phone"));
+    }
+
+    #[test]
+    fn refuses_forged_expired_and_unsigned_tokens() {
+        let v = verifier();
+        let forged = mint_hs256("other", "alice", None, Duration::from_secs(60));
+        assert!(v.verify(&forged).is_err());
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: gapless_shared::now_ms() / 1000 - 10,
+            device: None,
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .expect("sign");
+        assert!(v.verify(&expired).is_err());
+        // alg: none, hand-made: header {"alg":"none","typ":"JWT"}.
+        let none = format!(
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+            base64url(br#"{"sub":"alice","exp":99999999999}"#)
+        );
+        assert!(v.verify(&none).is_err());
+        assert!(v.verify("not a token").is_err());
+        let bad_sub = mint_hs256("k", "a b", None, Duration::from_secs(60));
+        assert!(matches!(v.verify(&bad_sub), Err(AuthError::BadSubject(_))));
+    }
+
+    fn base64url(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

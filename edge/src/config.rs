@@ -1,0 +1,312 @@
+//! The edge's configuration: flags, `GAPLESS_*` environment, `--config` TOML file, defaults,
+//! validated into a [`Config`] with no leftover options.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use serde::Deserialize;
+
+use crate::auth::{JwtKey, Verifier};
+
+/// Command-line flags and environment of `gapless-edge`; the same names (snake_case) are
+/// the keys of the TOML file.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "gapless-edge",
+    version,
+    about = "gapless WebSocket edge: devices connect here",
+    after_help = "Each setting is taken from, in order: its flag, its GAPLESS_* environment \
+                  variable, the --config TOML file (same names, snake_case), the default."
+)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "GAPLESS_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8080].
+    #[arg(long, env = "GAPLESS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Redis URL, `redis://[user:password@]host:port[/db]`.
+    #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
+    #[serde(rename = "redis")]
+    pub redis_url: Option<String>,
+    /// Timeout of one Redis call, ms [default: 2000].
+    #[arg(long, env = "GAPLESS_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// This edge's id in the registry [default: host name + random suffix].
+    #[arg(long, env = "GAPLESS_EDGE_ID")]
+    pub edge_id: Option<String>,
+    /// HS256 secret that device tokens are signed with.
+    #[arg(long, env = "GAPLESS_JWT_SECRET")]
+    pub jwt_secret: Option<Secret>,
+    /// PEM file of the RS256 or ES256 public key that device tokens are signed with.
+    #[arg(long, env = "GAPLESS_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Interval of server pings, ms; a client silent for two intervals is dropped
+    /// [default: 30000].
+    #[arg(long, env = "GAPLESS_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Interval of the sweep that finds entries whose wakeup was lost, ms
+    /// [default: half the heartbeat].
+    #[arg(long, env = "GAPLESS_SWEEP_MS")]
+    pub sweep_ms: Option<u64>,
+    /// Lease of this edge's registry entries, ms; refreshed every third of it [default: 90000].
+    #[arg(long, env = "GAPLESS_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// How often ack positions are written to Redis, ms [default: 1000].
+    #[arg(long, env = "GAPLESS_ACK_FLUSH_MS")]
+    pub ack_flush_ms: Option<u64>,
+    /// Frames queued per connection before the connection waits for its socket [default: 64].
+    #[arg(long, env = "GAPLESS_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+    /// A connection whose socket accepts nothing for this long is closed with 1013, ms
+    /// [default: 10000].
+    #[arg(long, env = "GAPLESS_SLOW_CONSUMER_MS")]
+    pub slow_consumer_ms: Option<u64>,
+    /// Entries read from the stream per page of a replay [default: 200].
+    #[arg(long, env = "GAPLESS_REPLAY_PAGE")]
+    pub replay_page: Option<usize>,
+    /// Window over which a draining edge spreads the closing of its clients, ms [default: 5000].
+    #[arg(long, env = "GAPLESS_DRAIN_WINDOW_MS")]
+    pub drain_window_ms: Option<u64>,
+    /// Longest a shutdown may take in all, ms [default: 15000].
+    #[arg(long, env = "GAPLESS_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+impl Args {
+    /// Fills what flags and environment left unset from the `--config` file, if any.
+    pub fn with_file(self) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file: Args = read_file(&path)?;
+        Ok(Args {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            redis_url: self.redis_url.or(file.redis_url),
+            redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
+            edge_id: self.edge_id.or(file.edge_id),
+            jwt_secret: self.jwt_secret.or(file.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
+            sweep_ms: self.sweep_ms.or(file.sweep_ms),
+            lease_ms: self.lease_ms.or(file.lease_ms),
+            ack_flush_ms: self.ack_flush_ms.or(file.ack_flush_ms),
+            outbound_queue: self.outbound_queue.or(file.outbound_queue),
+            slow_consumer_ms: self.slow_consumer_ms.or(file.slow_consumer_ms),
+            replay_page: self.replay_page.or(file.replay_page),
+            drain_window_ms: self.drain_window_ms.or(file.drain_window_ms),
+            shutdown_grace_ms: self.shutdown_grace_ms.or(file.shutdown_grace_ms),
+        })
+    }
+}
+
+/// The validated configuration of an edge.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address (the binary binds it; [`crate::run`] takes the listener).
+    pub listen: SocketAddr,
+    /// Redis.
+    pub redis: RedisConfig,
+    /// This edge's id.
+    pub edge_id: String,
+    /// How device tokens are checked.
+    pub jwt: JwtKey,
+    /// Server ping interval; silence for twice this drops a client.
+    pub heartbeat: Duration,
+    /// Interval of the lost-wakeup sweep.
+    pub sweep: Duration,
+    /// Registry lease; refreshed every third.
+    pub lease: Duration,
+    /// Interval of ack position writes.
+    pub ack_flush: Duration,
+    /// Frames queued per connection.
+    pub outbound_queue: usize,
+    /// How long a socket may accept nothing before the client is closed with 1013.
+    pub slow_consumer: Duration,
+    /// Entries per replay page.
+    pub replay_page: usize,
+    /// Time a client has to send `resume` after `welcome`.
+    pub resume_timeout: Duration,
+    /// Window over which draining closes clients.
+    pub drain_window: Duration,
+    /// Bound of the whole shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults for everything but Redis, the edge id and the key.
+    pub fn new(redis: RedisConfig, edge_id: String, jwt: JwtKey) -> Self {
+        let heartbeat = Duration::from_secs(30);
+        Self {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            redis,
+            edge_id,
+            jwt,
+            heartbeat,
+            sweep: heartbeat / 2,
+            lease: Duration::from_secs(90),
+            ack_flush: Duration::from_secs(1),
+            outbound_queue: 64,
+            slow_consumer: Duration::from_secs(10),
+            replay_page: 200,
+            resume_timeout: Duration::from_secs(10),
+            drain_window: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(15),
+        }
+    }
+
+    /// Sets the heartbeat, and the sweep to half of it.
+    pub fn with_heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self.sweep = heartbeat / 2;
+        self
+    }
+
+    /// Validates merged flags, environment and file.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let invalid = |setting: &'static str, reason: &str| ConfigError::Invalid {
+            setting,
+            reason: reason.to_owned(),
+        };
+        let redis_url = args
+            .redis_url
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        let mut redis = RedisConfig::new(&redis_url)?;
+        if let Some(ms) = args.redis_timeout_ms.filter(|ms| *ms > 0) {
+            redis.command_timeout = Duration::from_millis(ms);
+        }
+        let jwt = match (args.jwt_secret, args.jwt_public_key) {
+            (Some(secret), None) => JwtKey::Hs256(secret),
+            (None, Some(path)) => {
+                let pem = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                JwtKey::PublicPem(pem)
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "--jwt-secret",
+                    "give either --jwt-secret or --jwt-public-key, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "--jwt-secret",
+                    "no token key configured: set --jwt-secret / GAPLESS_JWT_SECRET (HS256) or \
+                     --jwt-public-key / GAPLESS_JWT_PUBLIC_KEY (RS256/ES256); `gapless dev` \
+                     generates one for local use",
+                ));
+            }
+        };
+        Verifier::new(&jwt).map_err(|e| invalid("--jwt-public-key", &e.to_string()))?;
+        let edge_id = match args.edge_id {
+            Some(id) => id,
+            None => default_edge_id(),
+        };
+        if gapless_shared::ids::UserId::parse(&edge_id).is_err() {
+            return Err(invalid(
+                "--edge-id",
+                "an edge id is 1..=128 characters of A-Z a-z 0-9 . _ : @ -",
+            ));
+        }
+        let mut config = Config::new(redis, edge_id, jwt);
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        let ms = |v: Option<u64>, setting: &'static str| -> Result<Option<Duration>, ConfigError> {
+            match v {
+                Some(0) => Err(invalid(setting, "must be greater than 0")),
+                Some(n) => Ok(Some(Duration::from_millis(n))),
+                None => Ok(None),
+            }
+        };
+        if let Some(d) = ms(args.heartbeat_ms, "--heartbeat-ms")? {
+            config = config.with_heartbeat(d);
+        }
+        if let Some(d) = ms(args.sweep_ms, "--sweep-ms")? {
+            config.sweep = d;
+        }
+        if let Some(d) = ms(args.lease_ms, "--lease-ms")? {
+            config.lease = d;
+        }
+        if let Some(d) = ms(args.ack_flush_ms, "--ack-flush-ms")? {
+            config.ack_flush = d;
+        }
+        if let Some(d) = ms(args.slow_consumer_ms, "--slow-consumer-ms")? {
+            config.slow_consumer = d;
+        }
+        if let Some(d) = ms(args.drain_window_ms, "--drain-window-ms")? {
+            config.drain_window = d;
+        }
+        if let Some(d) = ms(args.shutdown_grace_ms, "--shutdown-grace-ms")? {
+            config.shutdown_grace = d;
+        }
+        match args.outbound_queue {
+            Some(0) => return Err(invalid("--outbound-queue", "must be greater than 0")),
+            Some(n) => config.outbound_queue = n,
+            None => {}
+        }
+        match args.replay_page {
+            Some(0) => return Err(invalid("--replay-page", "must be greater than 0")),
+            Some(n) => config.replay_page = n,
+            None => {}
+        }
+        Ok(config)
+    }
+}
+
+/// Host name plus a random suffix, so two edges on one host never share an id.
+fn default_edge_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "edge".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("gapless-edge").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_token_key() {
+        let err = Config::from_args(parse(&[])).expect_err("no key");
+        assert!(err.to_string().contains("GAPLESS_JWT_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_secret_masking() {
+        let config =
+            Config::from_args(parse(&["--jwt-secret", "s3cret", "--heartbeat-ms", "1000"]))
+                .expect("valid");
+        assert_eq!(config.heartbeat, Duration::from_secs(1));
+        assert_eq!(config.sweep, Duration::from_millis(500));
+        assert!(!config.edge_id.is_empty());
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::from_args(parse(&["--jwt-secret", "s", "--heartbeat-ms", "0"])).is_err());
+        assert!(Config::from_args(parse(&["--jwt-secret", "s", "--edge-id", "a b"])).is_err());
+    }
+}

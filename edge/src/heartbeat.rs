@@ -1,0 +1,110 @@
+//! Heartbeats (DESIGN.md §5): one task for all connections pings each every interval and drops
+//! those silent for two intervals. No timer per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gapless_shared::protocol::ServerMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{CloseReason, Hub};
+
+/// What to do with a connection last heard from at `last_seen_ms`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Beat {
+    /// Send a ping.
+    Ping,
+    /// Silent for two intervals: drop it.
+    Drop,
+}
+
+/// The decision for one connection at `now_ms`.
+pub fn beat(now_ms: u64, last_seen_ms: u64, interval: Duration) -> Beat {
+    if now_ms.saturating_sub(last_seen_ms) >= 2 * interval.as_millis() as u64 {
+        Beat::Drop
+    } else {
+        Beat::Ping
+    }
+}
+
+/// Pings and checks every connection each `interval` until `shutdown`.
+pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = crate::hub::monotonic_ms();
+        let conns = hub.conns();
+        metrics::gauge!("gapless_edge_connections").set(conns.len() as f64);
+        for conn in conns {
+            let last_seen = conn.last_seen.load(std::sync::atomic::Ordering::Relaxed);
+            match beat(now, last_seen, interval) {
+                Beat::Drop => conn.request_close(CloseReason::HeartbeatTimeout),
+                // A full queue means frames are already flowing to the client; skip the ping.
+                Beat::Ping => {
+                    let _ = conn
+                        .outbound
+                        .try_send(conn.codec.encode(&ServerMessage::Ping));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Codec;
+    use crate::hub::Conn;
+    use gapless_shared::ids::UserId;
+
+    #[test]
+    fn silence_of_two_intervals_drops() {
+        let interval = Duration::from_secs(30);
+        assert_eq!(beat(1_000, 1_000, interval), Beat::Ping);
+        assert_eq!(beat(60_999, 1_000, interval), Beat::Ping);
+        assert_eq!(beat(61_000, 1_000, interval), Beat::Drop);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_silent_for_two_intervals_is_dropped_and_a_talking_one_is_pinged() {
+        let interval = Duration::from_secs(30);
+        let hub = Arc::new(Hub::new());
+        let conn = |name: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let user = UserId::parse(name).expect("valid");
+            (
+                Arc::new(Conn::new(hub.next_id(), user, "d".into(), Codec::Json, tx)),
+                rx,
+            )
+        };
+        let (silent, _silent_rx) = conn("silent");
+        let (talking, mut talking_rx) = conn("talking");
+        hub.add(silent.clone());
+        hub.add(talking.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(hub.clone(), interval, shutdown.clone()));
+
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(13)).await;
+            talking.touch();
+        }
+        // 65 s of virtual time: the silent client passed two intervals, the other did not.
+        assert_eq!(
+            silent.close_requested(),
+            Some(CloseReason::HeartbeatTimeout)
+        );
+        assert_eq!(talking.close_requested(), None);
+        let mut pings = 0;
+        while let Ok(msg) = talking_rx.try_recv() {
+            assert_eq!(msg, Codec::Json.encode(&ServerMessage::Ping));
+            pings += 1;
+        }
+        assert_eq!(pings, 2, "one ping per interval");
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,297 @@
+//! The edge's table of local connections, by user: who is connected here, and the per-connection
+//! state other tasks touch (wakeup hints, heartbeat, close requests).
+//!
+//! Sharded by user so the wakeup dispatcher, the sweep and connecting clients rarely meet on
+//! one lock; every critical section is a map lookup or a vector push.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Message;
+use gapless_shared::ids::UserId;
+use gapless_shared::wakeup::WakeItem;
+use tokio::sync::{Notify, mpsc};
+
+use crate::frame::Codec;
+
+/// Hints one connection keeps before it stops keeping them and reads the stream instead.
+const MAX_HINTS: usize = 64;
+
+/// Why the edge closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Nothing heard from the client for two heartbeat intervals.
+    HeartbeatTimeout,
+    /// The socket accepted nothing for the slow-consumer timeout.
+    SlowConsumer,
+    /// The edge is draining; reconnect after the given delay (ms).
+    Draining(u64),
+    /// Writing to the socket failed.
+    WriteFailed,
+}
+
+impl CloseReason {
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Draining(_) => "draining",
+            CloseReason::WriteFailed => "write_failed",
+        }
+    }
+}
+
+/// Wakeup hints waiting for a session.
+#[derive(Debug, Default)]
+pub struct Hints {
+    /// Hints in arrival order.
+    pub items: VecDeque<WakeItem>,
+    /// Hints were dropped (the queue was full): the session must read the stream.
+    pub overflowed: bool,
+}
+
+/// State of one connection shared between its session and the edge's other tasks.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique within the process.
+    pub id: u64,
+    /// The authenticated user.
+    pub user: UserId,
+    /// The device.
+    pub device: String,
+    /// The connection's codec, for frames others enqueue (pings, closes).
+    pub codec: Codec,
+    /// Last time a frame arrived from the client, on the [`monotonic_ms`] clock.
+    pub last_seen: AtomicU64,
+    /// Frames to the connection's writer task. The session holds the other clones; the
+    /// writer holds the receiver and ends when every sender is gone or a write fails.
+    pub outbound: mpsc::Sender<Message>,
+    /// Wakeup hints; bounded by [`MAX_HINTS`].
+    hints: Mutex<Hints>,
+    /// Wakes the session: new hints or a close request.
+    pub wake: Notify,
+    /// A close requested by another task (heartbeat, drain, writer).
+    close: Mutex<Option<CloseReason>>,
+    /// The session's delivery position (epoch, last seq handed to the writer), mirrored for
+    /// the sweep.
+    position: Mutex<(Option<String>, u64)>,
+}
+
+impl Conn {
+    /// A connection's shared state.
+    pub fn new(
+        id: u64,
+        user: UserId,
+        device: String,
+        codec: Codec,
+        outbound: mpsc::Sender<Message>,
+    ) -> Self {
+        Self {
+            id,
+            user,
+            device,
+            codec,
+            last_seen: AtomicU64::new(monotonic_ms()),
+            outbound,
+            hints: Mutex::new(Hints::default()),
+            wake: Notify::new(),
+            close: Mutex::new(None),
+            position: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Mirrors the session's position for the sweep.
+    pub fn set_position(&self, epoch: Option<&str>, seq: u64) {
+        let mut position = self
+            .position
+            .lock()
+            .expect("position lock is never poisoned");
+        if position.0.as_deref() != epoch {
+            position.0 = epoch.map(str::to_owned);
+        }
+        position.1 = seq;
+    }
+
+    /// True when the log at (`epoch`, `seq`) holds something this connection was not sent.
+    pub fn is_behind(&self, epoch: &str, seq: u64) -> bool {
+        let position = self
+            .position
+            .lock()
+            .expect("position lock is never poisoned");
+        position.0.as_deref() != Some(epoch) || position.1 < seq
+    }
+
+    /// Queues a hint for the session; past [`MAX_HINTS`] the queue is dropped and the session
+    /// reads the stream instead, so memory stays bounded whatever the wakeup rate.
+    pub fn hint(&self, item: WakeItem) {
+        {
+            let mut hints = self.hints.lock().expect("hint lock is never poisoned");
+            if hints.items.len() >= MAX_HINTS {
+                hints.items.clear();
+                hints.overflowed = true;
+                metrics::counter!("gapless_edge_hint_overflows_total").increment(1);
+            } else if !hints.overflowed {
+                hints.items.push_back(item);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Takes the queued hints.
+    pub fn take_hints(&self) -> Hints {
+        std::mem::take(&mut *self.hints.lock().expect("hint lock is never poisoned"))
+    }
+
+    /// Asks the session to close; the first reason wins.
+    pub fn request_close(&self, reason: CloseReason) {
+        let mut close = self.close.lock().expect("close lock is never poisoned");
+        if close.is_none() {
+            *close = Some(reason);
+        }
+        drop(close);
+        self.wake.notify_one();
+    }
+
+    /// The requested close, if any.
+    pub fn close_requested(&self) -> Option<CloseReason> {
+        *self.close.lock().expect("close lock is never poisoned")
+    }
+
+    /// Records that the client was heard from.
+    pub fn touch(&self) {
+        self.last_seen.store(monotonic_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds on tokio's monotonic clock since the process first asked: immune to wall
+/// clock jumps, and virtual under paused time in tests.
+pub fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+type Shard = Mutex<HashMap<UserId, Vec<Arc<Conn>>>>;
+
+/// Local connections by user.
+pub struct Hub {
+    shards: Vec<Shard>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    const SHARDS: usize = 64;
+
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn shard(&self, user: &UserId) -> &Shard {
+        &self.shards[(self.hasher.hash_one(user) as usize) % Self::SHARDS]
+    }
+
+    /// Adds a connection; true when it is the user's first here.
+    pub fn add(&self, conn: Arc<Conn>) -> bool {
+        let mut shard = self
+            .shard(&conn.user)
+            .lock()
+            .expect("hub lock is never poisoned");
+        let conns = shard.entry(conn.user.clone()).or_default();
+        conns.push(conn);
+        conns.len() == 1
+    }
+
+    /// Removes a connection; true when it was the user's last here.
+    pub fn remove(&self, conn: &Conn) -> bool {
+        let mut shard = self
+            .shard(&conn.user)
+            .lock()
+            .expect("hub lock is never poisoned");
+        let Some(conns) = shard.get_mut(&conn.user) else {
+            return false;
+        };
+        conns.retain(|c| c.id != conn.id);
+        if conns.is_empty() {
+            shard.remove(&conn.user);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The user's local connections.
+    pub fn conns_of(&self, user: &UserId) -> Vec<Arc<Conn>> {
+        self.shard(user)
+            .lock()
+            .expect("hub lock is never poisoned")
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Users with at least one local connection.
+    pub fn users(&self) -> Vec<UserId> {
+        let mut users = Vec::new();
+        for shard in &self.shards {
+            users.extend(
+                shard
+                    .lock()
+                    .expect("hub lock is never poisoned")
+                    .keys()
+                    .cloned(),
+            );
+        }
+        users
+    }
+
+    /// Every local connection.
+    pub fn conns(&self) -> Vec<Arc<Conn>> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            for conns in shard.lock().expect("hub lock is never poisoned").values() {
+                all.extend(conns.iter().cloned());
+            }
+        }
+        all
+    }
+
+    /// Number of local connections.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .expect("hub lock is never poisoned")
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// True when nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,365 @@
+//! gapless-edge: holds client WebSockets and delivers each user's stream to its devices
+//! (DESIGN.md §1.3–1.5, §5).
+//!
+//! In the order a notification flows: [`wakeup`] receives the ingest's wakeups (and sweeps
+//! for lost ones) and hints the [`hub`]'s connections; each [`session`] turns hints into
+//! frames, reading gaps through the coalescing [`reader`]; [`frame`] encodes them per
+//! subprotocol; [`acks`] persists what devices acknowledged. Around them: [`auth`] checks
+//! tokens at the upgrade, [`registry`] keeps this edge's leases in Redis, [`heartbeat`] pings
+//! and drops silent clients, and [`run`] serves, then drains on shutdown. [`config`] holds
+//! the settings.
+#![forbid(unsafe_code)]
+
+pub mod acks;
+pub mod auth;
+pub mod config;
+pub mod frame;
+pub mod heartbeat;
+pub mod hub;
+pub mod reader;
+pub mod registry;
+pub mod session;
+pub mod wakeup;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use gapless_shared::ids::UserId;
+use gapless_shared::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD};
+use gapless_shared::schema::{self, SchemaError};
+use gapless_shared::store::{self, StoreError};
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::acks::AckBook;
+use crate::auth::Verifier;
+use crate::frame::Codec;
+use crate::hub::{CloseReason, Hub};
+use crate::reader::Reader;
+use crate::registry::{Registry, RegistryTask};
+
+/// Largest frame a client may send: clients send acks, pongs and one resume.
+const MAX_CLIENT_FRAME: usize = 4 << 10;
+/// Read buffer of a connection, allocated up front: small, since client frames are.
+const READ_BUFFER: usize = 4 << 10;
+/// Bytes a connection's WebSocket layer may hold unsent before writes wait.
+const MAX_WRITE_BUFFER: usize = 256 << 10;
+
+/// Everything the edge's tasks share.
+pub struct EdgeState {
+    /// Settings.
+    pub config: Config,
+    /// Local connections.
+    pub hub: Arc<Hub>,
+    /// Coalescing stream reader.
+    pub reader: Reader,
+    /// Registry leases.
+    pub registry: Registry,
+    /// Ack positions.
+    pub acks: AckBook,
+    /// Token checks.
+    verifier: Verifier,
+    /// Set when draining: new connections are refused.
+    draining: AtomicBool,
+    /// Shared Redis connection (readiness, drain).
+    conn: ConnectionManager,
+}
+
+/// Why the edge could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Redis could not be reached at start-up.
+    #[error("cannot connect to Redis: {0}")]
+    Store(#[from] StoreError),
+    /// Redis holds no schema or an older one.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The token key is unusable.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Bad Redis URL.
+    #[error("invalid Redis URL: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Serves WebSockets on `listener` until `shutdown` is cancelled, then drains: stops
+/// accepting, closes clients with 1012 spread over the drain window, flushes ack positions,
+/// leaves the registry; all within the shutdown grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut conn = store::connect(&config.redis).await?;
+    schema::check(&mut conn).await?;
+    let verifier = Verifier::new(&config.jwt)?;
+    let pubsub_client = redis::Client::open(config.redis.url.as_str())?;
+
+    // Background tasks stop on `tasks`, which is cancelled after the drain, not before.
+    let tasks = CancellationToken::new();
+    let hub = Arc::new(Hub::new());
+    let reader = Reader::spawn(conn.clone(), config.redis.command_timeout, tasks.clone());
+    let registry = Registry::spawn(
+        RegistryTask {
+            conn: conn.clone(),
+            edge_id: config.edge_id.clone(),
+            lease: config.lease,
+            timeout: config.redis.command_timeout,
+            hub: hub.clone(),
+        },
+        tasks.clone(),
+    );
+    let acks = AckBook::default();
+    tokio::spawn(acks.clone().run(
+        conn.clone(),
+        config.ack_flush,
+        config.redis.command_timeout,
+        tasks.clone(),
+    ));
+    let sweep_now = Arc::new(Notify::new());
+    tokio::spawn(wakeup::subscribe(
+        pubsub_client,
+        config.edge_id.clone(),
+        hub.clone(),
+        sweep_now.clone(),
+        tasks.clone(),
+    ));
+    tokio::spawn(wakeup::sweep_loop(
+        conn.clone(),
+        hub.clone(),
+        config.sweep,
+        config.redis.command_timeout,
+        sweep_now,
+        tasks.clone(),
+    ));
+    tokio::spawn(heartbeat::run(hub.clone(), config.heartbeat, tasks.clone()));
+    tokio::spawn(metrics_upkeep(tasks.clone()));
+
+    let state = Arc::new(EdgeState {
+        config: config.clone(),
+        hub: hub.clone(),
+        reader,
+        registry,
+        acks: acks.clone(),
+        verifier,
+        draining: AtomicBool::new(false),
+        conn: conn.clone(),
+    });
+    // Install the recorder before the first connection, so none goes uncounted.
+    gapless_shared::telemetry::prometheus();
+    let sessions = TaskTracker::new();
+    let router = Router::new()
+        .route("/v1/ws", get(upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .with_state((state.clone(), sessions.clone()));
+    tracing::info!(addr = %listener.local_addr()?, edge = %config.edge_id, "edge listening");
+
+    let stop_accepting = shutdown.clone();
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
+        .await;
+    state.draining.store(true, Ordering::SeqCst);
+    let drained = tokio::time::timeout(config.shutdown_grace, drain(&state, &sessions)).await;
+    if drained.is_err() {
+        tracing::warn!("drain did not finish within the grace period");
+    }
+    tasks.cancel();
+    served?;
+    Ok(())
+}
+
+/// Closes every client with 1012 spread over the drain window, waits for the sessions,
+/// writes the last ack positions and leaves the registry.
+async fn drain(state: &Arc<EdgeState>, sessions: &TaskTracker) {
+    let config = &state.config;
+    let conns = state.hub.conns();
+    let users = state.hub.users();
+    tracing::info!(connections = conns.len(), "draining");
+    let window = config.drain_window.as_millis() as u64;
+    let n = conns.len().max(1) as u64;
+    for (i, conn) in conns.iter().enumerate() {
+        let at = window * i as u64 / n;
+        let hint = window.saturating_sub(at)
+            + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=window / 4 + 1);
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at)).await;
+            conn.request_close(CloseReason::Draining(hint));
+        });
+    }
+    sessions.close();
+    let grace_left = config
+        .shutdown_grace
+        .saturating_sub(config.drain_window)
+        .max(Duration::from_millis(500));
+    let _ = tokio::time::timeout(config.drain_window + grace_left / 2, sessions.wait()).await;
+    state
+        .acks
+        .flush(&state.conn, config.redis.command_timeout)
+        .await;
+    registry::leave(
+        &state.conn,
+        &config.edge_id,
+        config.redis.command_timeout,
+        &users,
+    )
+    .await;
+    tracing::info!("drained");
+}
+
+type AppState = (Arc<EdgeState>, TaskTracker);
+
+/// Query of the upgrade request.
+#[derive(Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// `GET /v1/ws`: authenticates, then upgrades. Nothing of any stream is sent to a client
+/// that is not authenticated.
+async fn upgrade(
+    State((state, sessions)): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this edge is draining; connect to another",
+        );
+    }
+    let Ok(Query(query)) = query else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "malformed query string",
+        );
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_owned())
+        .or(query.token);
+    let Some(token) = token else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            &auth::AuthError::Missing.to_string(),
+        );
+    };
+    let (user, claimed_device) = match state.verifier.verify(&token) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::counter!("gapless_edge_auth_failures_total").increment(1);
+            return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
+    };
+    // The token's device claim wins over the query: a device bound into a token cannot be
+    // swapped by whoever holds the URL.
+    let device = match claimed_device.or(query.device) {
+        Some(d) => match UserId::parse(&d) {
+            Ok(_) => d,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_device",
+                    &auth::AuthError::BadDevice(e).to_string(),
+                );
+            }
+        },
+        None => format!("d-{:016x}", rand::random::<u64>()),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return refuse(
+                rejection.status(),
+                "not_a_websocket_upgrade",
+                &rejection.body_text(),
+            );
+        }
+    };
+    let ws = ws
+        .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD])
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME);
+    let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
+    ws.on_upgrade(move |socket| {
+        sessions.track_future(session::run(state, socket, user, device, codec))
+    })
+}
+
+/// `GET /readyz`: Redis answers with the current schema, and the edge is not draining.
+async fn ready(State((state, _)): State<AppState>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this edge is draining",
+        );
+    }
+    let mut conn = state.conn.clone();
+    match tokio::time::timeout(state.config.redis.command_timeout, schema::check(&mut conn)).await {
+        Ok(Ok(_)) => "ready\n".into_response(),
+        Ok(Err(e)) => refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e.to_string()),
+        Err(_) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "Redis did not answer in time",
+        ),
+    }
+}
+
+/// `GET /metrics`.
+async fn render_metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gapless_shared::telemetry::prometheus().render(),
+    )
+}
+
+/// Keeps the Prometheus histograms from growing without bound.
+async fn metrics_upkeep(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => gapless_shared::telemetry::prometheus().run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! `gapless-edge`: parses configuration, binds, serves until SIGINT or SIGTERM, then drains.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::Parser;
+use gapless_edge::config::{Args, Config};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    gapless_shared::telemetry::init_tracing();
+    let config = Config::from_args(Args::parse().with_file()?)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(gapless_shared::telemetry::cancel_on_signal(
+        shutdown.clone(),
+    ));
+    gapless_edge::run(listener, config, shutdown).await?;
+    Ok(())
+}

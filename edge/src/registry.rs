@@ -1,0 +1,182 @@
+//! The edge's entries in the Redis registry (DESIGN.md §3): `gl:{user}:r` holds this edge's id
+//! with a lease while a device of the user is connected here, and `gl:edge:<id>` says the edge
+//! is alive. Leases are refreshed in pipelined batches by one task, not per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gapless_shared::ids::UserId;
+use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::store::with_timeout;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+
+/// Users per pipeline of a refresh.
+const REFRESH_CHUNK: usize = 1000;
+
+enum Op {
+    /// Register the user; answer when written (or failed).
+    Add(UserId, oneshot::Sender<()>),
+    /// Unregister the user.
+    Remove(UserId),
+}
+
+/// Handle to the registry task. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    /// Operations, applied in order. Unbounded: at most one add and one remove per
+    /// connection lifetime are ever queued.
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+/// What the registry task needs.
+pub struct RegistryTask {
+    /// Shared Redis connection.
+    pub conn: ConnectionManager,
+    /// This edge.
+    pub edge_id: String,
+    /// Lease length.
+    pub lease: Duration,
+    /// Bound of a Redis call.
+    pub timeout: Duration,
+    /// Local connections, for refreshes.
+    pub hub: Arc<Hub>,
+}
+
+impl Registry {
+    /// Starts the task; it ends when `shutdown` is cancelled.
+    pub fn spawn(task: RegistryTask, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(task, rx, shutdown));
+        Self { tx }
+    }
+
+    /// Registers the user here; returns once Redis has it (or the write failed: the next
+    /// refresh retries, and the sweep covers the gap).
+    pub async fn add(&self, user: UserId) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Op::Add(user, done)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Unregisters the user here (its last local connection closed).
+    pub fn remove(&self, user: UserId) {
+        let _ = self.tx.send(Op::Remove(user));
+    }
+}
+
+async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: CancellationToken) {
+    let mut refresh = tokio::time::interval(task.lease / 3);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            op = rx.recv() => {
+                let Some(op) = op else { return };
+                let mut ops = vec![op];
+                while let Ok(op) = rx.try_recv() {
+                    ops.push(op);
+                }
+                apply(&task, ops).await;
+            }
+            _ = refresh.tick() => refresh_all(&task).await,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn lease_until(lease: Duration) -> u64 {
+    gapless_shared::now_ms() + lease.as_millis() as u64
+}
+
+fn add_cmds(pipe: &mut redis::Pipeline, task: &RegistryTask, user: &UserId, until: u64) {
+    let k = UserKeys::new(user);
+    pipe.cmd("ZADD")
+        .arg(&k.registry)
+        .arg(until)
+        .arg(&task.edge_id)
+        .ignore();
+    // The set outlives no lease by much: a crashed edge's entries vanish with it.
+    pipe.cmd("PEXPIRE")
+        .arg(&k.registry)
+        .arg(2 * task.lease.as_millis() as u64)
+        .ignore();
+}
+
+async fn apply(task: &RegistryTask, ops: Vec<Op>) {
+    let until = lease_until(task.lease);
+    let mut pipe = redis::pipe();
+    let mut waiting = Vec::new();
+    for op in ops {
+        match op {
+            Op::Add(user, done) => {
+                add_cmds(&mut pipe, task, &user, until);
+                waiting.push(done);
+            }
+            Op::Remove(user) => {
+                pipe.cmd("ZREM")
+                    .arg(UserKeys::new(&user).registry)
+                    .arg(&task.edge_id)
+                    .ignore();
+            }
+        }
+    }
+    let result = with_timeout(task.timeout, pipe.query_async::<()>(&mut task.conn.clone())).await;
+    if let Err(e) = result {
+        metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
+        tracing::warn!(error = %e, "registry update failed; the next refresh retries");
+    }
+    for done in waiting {
+        let _ = done.send(());
+    }
+}
+
+async fn refresh_all(task: &RegistryTask) {
+    let until = lease_until(task.lease);
+    let mut conn = task.conn.clone();
+    let users = task.hub.users();
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(keys::edge_lease(&task.edge_id))
+        .arg(gapless_shared::now_ms())
+        .arg("PX")
+        .arg(task.lease.as_millis() as u64)
+        .ignore();
+    for chunk in users.chunks(REFRESH_CHUNK) {
+        for user in chunk {
+            add_cmds(&mut pipe, task, user, until);
+        }
+        if let Err(e) = with_timeout(task.timeout, pipe.query_async::<()>(&mut conn)).await {
+            metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
+            tracing::warn!(error = %e, "registry refresh failed; retrying next period");
+            return;
+        }
+        pipe = redis::pipe();
+    }
+    if !pipe.is_empty() {
+        let _ = with_timeout(task.timeout, pipe.query_async::<()>(&mut conn)).await;
+    }
+}
+
+/// Removes every entry of this edge (at the end of a drain).
+pub async fn leave(conn: &ConnectionManager, edge_id: &str, timeout: Duration, users: &[UserId]) {
+    let mut conn = conn.clone();
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL").arg(keys::edge_lease(edge_id)).ignore();
+    for chunk in users.chunks(REFRESH_CHUNK) {
+        for user in chunk {
+            pipe.cmd("ZREM")
+                .arg(UserKeys::new(user).registry)
+                .arg(edge_id)
+                .ignore();
+        }
+        let _ = with_timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
+        pipe = redis::pipe();
+    }
+    if !pipe.is_empty() {
+        let _ = with_timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
+    }
+}

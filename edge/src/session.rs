@@ -1,0 +1,552 @@
+//! One client connection (DESIGN.md §1.3–1.5, §5): welcome, resume, then replay and live
+//! delivery in seq order, acks, and the close.
+//!
+//! Delivery is driven by one number, `sent` (the last seq handed to the writer, within
+//! `epoch`), and the stream is the truth. Wakeup hints only say the log moved: a hint whose
+//! payload is exactly the next seq is sent as is, anything else makes the session read the
+//! stream from `sent + 1`. So the seam between replay and live delivery cannot gap, repeat or
+//! reorder: both paths extend the same `sent`.
+//!
+//! Each connection runs two tasks: this session (reads client frames, decides what to send)
+//! and a writer that owns the socket's sink behind a bounded queue. The queue is the flow
+//! control of a replay; a socket that accepts nothing for the slow-consumer timeout closes
+//! the connection with 1013, and its notifications wait in the stream for its resume.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use gapless_shared::ids::UserId;
+use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage};
+use gapless_shared::store::StoreError;
+use gapless_shared::wakeup::WakeItem;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::EdgeState;
+use crate::frame::{self, Codec, Violation};
+use crate::hub::{CloseReason, Conn};
+use crate::reader::{Page, ReadOp};
+
+/// How a session ended, for logs and metrics.
+#[derive(Debug)]
+enum End {
+    /// The client closed or the socket ended.
+    ClientGone,
+    /// The client broke the protocol.
+    Violation(Violation),
+    /// The edge closed it.
+    Closed(CloseReason),
+    /// The writer is gone (socket failed).
+    WriterGone,
+}
+
+impl End {
+    fn label(&self) -> &'static str {
+        match self {
+            End::ClientGone => "client_closed",
+            End::Violation(_) => "protocol_violation",
+            End::Closed(reason) => reason.label(),
+            End::WriterGone => "write_failed",
+        }
+    }
+}
+
+/// Where delivery stands, and what is queued to go out.
+struct Delivery {
+    /// Epoch `sent` belongs to; `None` while the client has no position and no log exists.
+    epoch: Option<String>,
+    /// Last seq handed to the writer.
+    sent: u64,
+    /// Highest cumulative ack.
+    acked: u64,
+    /// Highest seq known to exist in `epoch` (from hints and reads).
+    target: u64,
+    /// The stream must be read from the next seq (hint gap, overflow, unknown epoch…).
+    must_read: bool,
+    /// A reset to announce before the next notification.
+    pending_reset: Option<ResetReason>,
+    /// After a reset, acks of the old numbering may still be in flight: tolerate, once.
+    tolerate_stale_ack: bool,
+    /// Messages ready for the writer, in order.
+    queue: VecDeque<ServerMessage>,
+    /// Still replaying what the client missed (for metrics).
+    replaying: bool,
+    /// Earliest time of the next read after a Redis failure.
+    retry_at: Option<Instant>,
+}
+
+impl Delivery {
+    /// Seq of the last notification queued or sent.
+    fn last_queued(&self) -> u64 {
+        self.queue
+            .iter()
+            .rev()
+            .find_map(|m| match m {
+                ServerMessage::Notification(n) => Some(n.seq),
+                _ => None,
+            })
+            .unwrap_or(self.sent)
+    }
+
+    /// Applies wakeup hints. `reading` says a stream read is in flight, whose result may
+    /// already hold what a hint carries: then hints only move the target.
+    fn apply_hints(&mut self, items: VecDeque<WakeItem>, overflowed: bool, reading: bool) {
+        if overflowed {
+            self.must_read = true;
+        }
+        for item in items {
+            if self.epoch.as_deref() != Some(item.epoch.as_str()) {
+                let fresh = self.epoch.is_none() && self.sent == 0 && self.queue.is_empty();
+                if fresh && !reading && !self.must_read {
+                    // A client without a position, connected before the log existed: the new
+                    // log is simply where it starts.
+                    self.epoch = Some(item.epoch.clone());
+                } else {
+                    self.must_read = true;
+                    continue;
+                }
+            }
+            self.target = self.target.max(item.seq);
+            let next = self.last_queued() + 1;
+            match item.payload {
+                Some(payload) if item.seq == next && !reading && !self.must_read => {
+                    match RawValue::from_string(payload) {
+                        Ok(payload) => {
+                            self.queue
+                                .push_back(ServerMessage::Notification(Notification {
+                                    seq: item.seq,
+                                    epoch: item.epoch,
+                                    ts: item.ts,
+                                    payload,
+                                }))
+                        }
+                        Err(_) => self.must_read = true,
+                    }
+                }
+                _ if item.seq >= next => self.must_read = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies a page read from `sent + 1`.
+    fn apply_page(&mut self, page: Page, page_size: usize) {
+        let Some(current) = page.epoch else {
+            // No log (never created, or gone): nothing to send until one appears, which a
+            // hint or the sweep will announce.
+            self.must_read = false;
+            return;
+        };
+        if self.epoch.as_deref() != Some(current.as_str()) {
+            if self.epoch.is_some() {
+                self.pending_reset = Some(ResetReason::EpochChanged);
+            }
+            self.epoch = Some(current);
+            self.sent = 0;
+            self.target = page.last_seq;
+            self.must_read = true;
+            return;
+        }
+        if page.last_seq < self.sent {
+            // The client is ahead of the log (a position from a log that lost its tail): its
+            // numbering no longer holds, start it over.
+            self.pending_reset = Some(ResetReason::EpochChanged);
+            self.sent = 0;
+            self.target = page.last_seq;
+            self.must_read = true;
+            return;
+        }
+        self.target = self.target.max(page.last_seq);
+        let full = page.entries.len() >= page_size;
+        match page.entries.first() {
+            Some(first) if first.seq > self.sent + 1 => {
+                self.pending_reset.get_or_insert(ResetReason::GapTrimmed);
+                self.sent = first.seq - 1;
+            }
+            None if page.last_seq > self.sent => {
+                // Everything after `sent` is gone from the stream.
+                self.pending_reset.get_or_insert(ResetReason::GapTrimmed);
+                self.sent = page.last_seq;
+            }
+            _ => {}
+        }
+        let epoch = self.epoch.clone().unwrap_or_default();
+        if let Some(reason) = self.pending_reset.take() {
+            self.queue.push_back(ServerMessage::Reset {
+                epoch: epoch.clone(),
+                first_seq: self.sent + 1,
+                reason,
+            });
+        }
+        let mut last = self.sent;
+        for entry in page.entries {
+            if entry.seq != last + 1 {
+                // A hole inside the stream cannot come from the append; stop here and read
+                // again from the last contiguous seq.
+                break;
+            }
+            last = entry.seq;
+            self.queue
+                .push_back(ServerMessage::Notification(Notification {
+                    seq: entry.seq,
+                    epoch: epoch.clone(),
+                    ts: entry.ts,
+                    payload: entry.payload,
+                }));
+        }
+        self.must_read = full || last < self.target;
+        if !self.must_read {
+            self.replaying = false;
+        }
+    }
+}
+
+/// Runs one upgraded connection to its end.
+pub async fn run(
+    state: Arc<EdgeState>,
+    socket: WebSocket,
+    user: UserId,
+    device: String,
+    codec: Codec,
+) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(state.config.outbound_queue);
+    let conn = Arc::new(Conn::new(
+        state.hub.next_id(),
+        user.clone(),
+        device.clone(),
+        codec,
+        tx.clone(),
+    ));
+    metrics::counter!("gapless_edge_connects_total").increment(1);
+    tokio::spawn(write_loop(
+        sink,
+        rx,
+        conn.clone(),
+        state.config.slow_consumer,
+    ));
+
+    let end = session(&state, &conn, &mut stream, &tx).await;
+    let close = match &end {
+        End::Violation(v) => Some(frame::close(v.code, &v.reason)),
+        End::Closed(CloseReason::Draining(ms)) => Some(frame::close(
+            frame::CLOSE_RESTART,
+            &format!("edge draining; reconnect in {ms} ms"),
+        )),
+        End::Closed(CloseReason::HeartbeatTimeout) => Some(frame::close(
+            frame::CLOSE_POLICY,
+            "no frame from the client for two heartbeat intervals",
+        )),
+        End::Closed(CloseReason::SlowConsumer) => Some(frame::close(
+            frame::CLOSE_TRY_AGAIN,
+            "slow consumer: the socket accepted nothing in time; resume later",
+        )),
+        End::Closed(CloseReason::WriteFailed) | End::WriterGone | End::ClientGone => None,
+    };
+    if let Some(close) = close {
+        // Best effort: the writer may be stuck on a socket that reads nothing.
+        let _ = tokio::time::timeout(Duration::from_millis(200), tx.send(close)).await;
+    }
+    match &end {
+        End::ClientGone => tracing::debug!(user = %user, device, "client disconnected"),
+        other => tracing::debug!(user = %user, device, end = ?other, "connection closed"),
+    }
+    metrics::counter!("gapless_edge_disconnects_total", "reason" => end.label()).increment(1);
+    if state.hub.remove(&conn) {
+        state.registry.remove(user);
+    }
+    state.acks.flush_soon();
+}
+
+/// The session proper; returns why it ended.
+async fn session(
+    state: &EdgeState,
+    conn: &Arc<Conn>,
+    stream: &mut SplitStream<WebSocket>,
+    tx: &mpsc::Sender<Message>,
+) -> End {
+    let config = &state.config;
+    let welcome = ServerMessage::Welcome {
+        user: conn.user.as_str().to_owned(),
+        device: conn.device.clone(),
+        edge: config.edge_id.clone(),
+        heartbeat_ms: config.heartbeat.as_millis() as u64,
+    };
+    if tx.send(conn.codec.encode(&welcome)).await.is_err() {
+        return End::WriterGone;
+    }
+
+    // Nothing is delivered before the client says where it stands.
+    let resume = match tokio::time::timeout(config.resume_timeout, next_message(conn, stream)).await
+    {
+        Err(_) => {
+            return End::Violation(Violation::new(
+                frame::CLOSE_POLICY,
+                "no resume within the resume timeout",
+            ));
+        }
+        Ok(Err(end)) => return end,
+        Ok(Ok(ClientMessage::Resume { epoch, after })) => (epoch, after),
+        Ok(Ok(_)) => {
+            return End::Violation(Violation::new(
+                frame::CLOSE_POLICY,
+                "the first message must be resume",
+            ));
+        }
+    };
+
+    // Register before reading the log: an append after the registration wakes us, one before
+    // it is in the read.
+    if state.hub.add(conn.clone()) {
+        state.registry.add(conn.user.clone()).await;
+    }
+
+    let mut d = Delivery {
+        epoch: None,
+        sent: 0,
+        acked: 0,
+        target: 0,
+        must_read: false,
+        pending_reset: None,
+        tolerate_stale_ack: false,
+        queue: VecDeque::new(),
+        replaying: true,
+        retry_at: None,
+    };
+    let position = match read_position(state, conn).await {
+        Ok(p) => p,
+        Err(end) => return end,
+    };
+    let (client_epoch, client_after) = resume;
+    let start = match (client_epoch, client_after) {
+        (Some(epoch), after) => Some((epoch, after.unwrap_or(0))),
+        (None, Some(after)) => position.epoch.clone().map(|e| (e, after)),
+        (None, None) => position.ack.clone(),
+    };
+    match start {
+        Some((epoch, after)) => {
+            d.epoch = Some(epoch);
+            d.sent = after;
+            d.acked = after;
+            d.target = after;
+            d.must_read = true;
+        }
+        None => {
+            // A new device starts at the live end.
+            d.epoch = position.epoch.clone();
+            d.sent = position.last_seq;
+            d.acked = position.last_seq;
+            d.target = position.last_seq;
+            d.replaying = false;
+        }
+    }
+    conn.set_position(d.epoch.as_deref(), d.sent);
+    // Hints that arrived while the position was read.
+    let hints = conn.take_hints();
+    d.apply_hints(hints.items, hints.overflowed, false);
+
+    let mut reading: Option<oneshot::Receiver<Result<Page, StoreError>>> = None;
+    loop {
+        if let Some(reason) = conn.close_requested() {
+            return End::Closed(reason);
+        }
+        let retry_wait = d.retry_at.filter(|t| *t > Instant::now());
+        if d.must_read && d.queue.is_empty() && reading.is_none() && retry_wait.is_none() {
+            reading = Some(state.reader.request(ReadOp::Range {
+                user: conn.user.clone(),
+                from: d.sent + 1,
+                count: config.replay_page,
+            }));
+        }
+        tokio::select! {
+            biased;
+            () = conn.wake.notified() => {
+                let hints = conn.take_hints();
+                d.apply_hints(hints.items, hints.overflowed, reading.is_some());
+            }
+            frame = stream.next() => {
+                let Some(Ok(msg)) = frame else { return End::ClientGone };
+                conn.touch();
+                match conn.codec.decode(&msg) {
+                    Ok(None) => {}
+                    Ok(Some(ClientMessage::Pong)) => {}
+                    Ok(Some(ClientMessage::Ack { seq })) => {
+                        if let Err(v) = ack(state, conn, &mut d, seq) {
+                            return End::Violation(v);
+                        }
+                    }
+                    Ok(Some(ClientMessage::Resume { .. })) => {
+                        return End::Violation(Violation::new(
+                            frame::CLOSE_POLICY,
+                            "resume may be sent once, right after welcome",
+                        ));
+                    }
+                    Err(v) => return End::Violation(v),
+                }
+            }
+            page = async { reading.as_mut().expect("guarded by is_some").await }, if reading.is_some() => {
+                reading = None;
+                match page {
+                    Ok(Ok(page)) => {
+                        d.retry_at = None;
+                        d.apply_page(page, config.replay_page);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "stream read failed; retrying");
+                        d.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                    }
+                    Err(_) => d.retry_at = Some(Instant::now() + Duration::from_millis(250)),
+                }
+            }
+            permit = tx.reserve(), if !d.queue.is_empty() => {
+                let Ok(permit) = permit else { return End::WriterGone };
+                let msg = d.queue.pop_front().expect("guarded by !is_empty");
+                match &msg {
+                    ServerMessage::Notification(n) => {
+                        d.sent = n.seq;
+                        let path = if d.replaying { "replay" } else { "live" };
+                        metrics::counter!("gapless_edge_delivered_total", "path" => path).increment(1);
+                        let latency = gapless_shared::now_ms().saturating_sub(n.ts);
+                        metrics::histogram!("gapless_edge_delivery_latency_seconds")
+                            .record(latency as f64 / 1000.0);
+                    }
+                    ServerMessage::Reset { first_seq, reason, .. } => {
+                        // Nothing before first_seq can be acked in the numbering that follows.
+                        d.sent = first_seq - 1;
+                        d.acked = d.sent;
+                        d.tolerate_stale_ack = true;
+                        let label = match reason {
+                            ResetReason::GapTrimmed => "gap_trimmed",
+                            ResetReason::EpochChanged => "epoch_changed",
+                        };
+                        metrics::counter!("gapless_edge_resets_total", "reason" => label).increment(1);
+                    }
+                    _ => {}
+                }
+                permit.send(conn.codec.encode(&msg));
+                conn.set_position(d.epoch.as_deref(), d.sent);
+            }
+            () = async { tokio::time::sleep_until(retry_wait.expect("guarded by is_some")).await }, if retry_wait.is_some() => {}
+        }
+    }
+}
+
+/// Reads the log's state and the device's stored ack, retrying while Redis is unavailable
+/// (the client waits, connected; a close request ends the wait).
+async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End> {
+    loop {
+        let rx = state.reader.request(ReadOp::Position {
+            user: conn.user.clone(),
+            device: conn.device.clone(),
+        });
+        tokio::select! {
+            r = rx => match r {
+                Ok(Ok(page)) => return Ok(page),
+                Ok(Err(e)) => tracing::debug!(error = %e, "position read failed; retrying"),
+                Err(_) => {}
+            },
+            () = conn.wake.notified() => {
+                if let Some(reason) = conn.close_requested() {
+                    return Err(End::Closed(reason));
+                }
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(reason) = conn.close_requested() {
+            return Err(End::Closed(reason));
+        }
+    }
+}
+
+/// Applies a cumulative ack.
+fn ack(state: &EdgeState, conn: &Conn, d: &mut Delivery, seq: u64) -> Result<(), Violation> {
+    if seq > d.sent {
+        if d.tolerate_stale_ack {
+            d.tolerate_stale_ack = false;
+            return Ok(());
+        }
+        return Err(Violation::new(
+            frame::CLOSE_POLICY,
+            format!("ack {seq} is beyond the last seq sent ({})", d.sent),
+        ));
+    }
+    d.tolerate_stale_ack = false;
+    metrics::counter!("gapless_edge_acks_total").increment(1);
+    if seq > d.acked {
+        d.acked = seq;
+        if let Some(epoch) = &d.epoch {
+            state.acks.record(&conn.user, &conn.device, epoch, seq);
+        }
+    }
+    Ok(())
+}
+
+/// The next protocol message from the client, skipping control frames.
+async fn next_message(
+    conn: &Conn,
+    stream: &mut SplitStream<WebSocket>,
+) -> Result<ClientMessage, End> {
+    loop {
+        let Some(Ok(msg)) = stream.next().await else {
+            return Err(End::ClientGone);
+        };
+        conn.touch();
+        match conn.codec.decode(&msg) {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) if matches!(msg, Message::Close(_)) => return Err(End::ClientGone),
+            Ok(None) => {}
+            Err(v) => return Err(End::Violation(v)),
+        }
+    }
+}
+
+/// Owns the socket's sink: writes queued frames, batching what is queued into one flush.
+/// Every write must make progress within `slow`; a socket that accepts nothing for that long
+/// belongs to a client that does not read, and the connection is closed (1013).
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    conn: Arc<Conn>,
+    slow: Duration,
+) {
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            let closing = matches!(msg, Message::Close(_));
+            match tokio::time::timeout(slow, sink.feed(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    conn.request_close(CloseReason::WriteFailed);
+                    break 'outer;
+                }
+                Err(_) => {
+                    conn.request_close(CloseReason::SlowConsumer);
+                    break 'outer;
+                }
+            }
+            if closing {
+                let _ = tokio::time::timeout(slow, sink.flush()).await;
+                break 'outer;
+            }
+            next = rx.try_recv().ok();
+        }
+        match tokio::time::timeout(slow, sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                conn.request_close(CloseReason::WriteFailed);
+                break;
+            }
+            Err(_) => {
+                conn.request_close(CloseReason::SlowConsumer);
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(100), sink.close()).await;
+}

@@ -1,0 +1,149 @@
+//! Wakeups in (DESIGN.md §1.2–1.3): the edge subscribes to its own channel, turns each wakeup
+//! into hints for the sessions of the named users, and sweeps for entries whose wakeup was
+//! lost: right after every (re)subscription and every sweep interval.
+//!
+//! Wakeups are hints; the sweep is what makes a lost one harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gapless_shared::ids::UserId;
+use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::store::with_timeout;
+use gapless_shared::wakeup::{WakeItem, Wakeup};
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+
+/// Users per sweep pipeline.
+const SWEEP_CHUNK: usize = 500;
+
+/// Delivers one wakeup message's items to the local sessions as hints.
+pub fn dispatch(hub: &Hub, bytes: &[u8]) {
+    let wakeup = match Wakeup::decode(bytes) {
+        Ok(w) => w,
+        Err(e) => {
+            metrics::counter!("gapless_edge_wakeups_total", "result" => "undecodable").increment(1);
+            tracing::warn!(error = %e, "undecodable wakeup ignored; the sweep covers it");
+            return;
+        }
+    };
+    metrics::counter!("gapless_edge_wakeups_total", "result" => "ok").increment(1);
+    for item in wakeup.items() {
+        let Ok(user) = UserId::parse(&item.user) else {
+            continue;
+        };
+        for conn in hub.conns_of(&user) {
+            conn.hint(item.clone());
+        }
+    }
+}
+
+/// Subscribes to this edge's wakeup channel and dispatches, resubscribing after any loss of
+/// the subscription; every (re)subscription triggers a sweep.
+pub async fn subscribe(
+    client: redis::Client,
+    edge_id: String,
+    hub: Arc<Hub>,
+    sweep_now: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let channel = keys::wake_channel(&edge_id);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                Ok(()) => {
+                    tracing::info!(%channel, "subscribed to wakeups");
+                    metrics::counter!("gapless_edge_subscriptions_total").increment(1);
+                    backoff = Duration::from_millis(50);
+                    // Anything appended while we were not subscribed was never announced.
+                    sweep_now.notify_one();
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            msg = messages.next() => match msg {
+                                Some(msg) => dispatch(&hub, msg.get_payload_bytes()),
+                                None => break,
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                    tracing::warn!(%channel, "wakeup subscription lost; resubscribing");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wakeups"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot open the wakeup connection"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Sweeps every `interval` and whenever `sweep_now` is notified, until `shutdown`.
+pub async fn sweep_loop(
+    conn: ConnectionManager,
+    hub: Arc<Hub>,
+    interval: Duration,
+    timeout: Duration,
+    sweep_now: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = sweep_now.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+        sweep(&conn, &hub, timeout).await;
+    }
+}
+
+/// Reads the epoch and last seq of every local user's log and hints each session that is
+/// behind it. One `HMGET` per user, pipelined.
+pub async fn sweep(conn: &ConnectionManager, hub: &Hub, timeout: Duration) {
+    let users = hub.users();
+    for chunk in users.chunks(SWEEP_CHUNK) {
+        let mut pipe = redis::pipe();
+        for user in chunk {
+            pipe.cmd("HMGET")
+                .arg(UserKeys::new(user).meta)
+                .arg("epoch")
+                .arg("seq");
+        }
+        let states: Vec<(Option<String>, Option<u64>)> =
+            match with_timeout(timeout, pipe.query_async(&mut conn.clone())).await {
+                Ok(s) => s,
+                Err(e) => {
+                    metrics::counter!("gapless_redis_errors_total", "op" => "sweep").increment(1);
+                    tracing::warn!(error = %e, "sweep failed; retrying next period");
+                    return;
+                }
+            };
+        for (user, (epoch, seq)) in chunk.iter().zip(states) {
+            let (Some(epoch), Some(seq)) = (epoch, seq) else {
+                continue;
+            };
+            for conn in hub.conns_of(user) {
+                if conn.is_behind(&epoch, seq) {
+                    metrics::counter!("gapless_edge_sweep_catches_total").increment(1);
+                    conn.hint(WakeItem {
+                        user: user.as_str().to_owned(),
+                        epoch: epoch.clone(),
+                        seq,
+                        ts: 0,
+                        payload: None,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Test harness for the edge: a real Redis, the ingest and edges on 127.0.0.1:0, and a
+//! tokio-tungstenite client speaking the protocol.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gapless_edge::auth::{JwtKey, mint_hs256};
+use gapless_shared::config::{RedisConfig, Secret};
+use gapless_shared::protocol::{self, ClientMessage, Notification, ServerMessage};
+use gapless_shared::testing::TestRedis;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret";
+pub const API_KEY: &str = "test-key";
+
+/// A whole system: Redis, one ingest, edges added on demand.
+pub struct System {
+    pub redis: TestRedis,
+    pub ingest_url: String,
+    ingest_stop: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+impl System {
+    pub async fn start() -> Self {
+        let redis = TestRedis::start();
+        let mut conn = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection");
+        gapless_shared::schema::migrate(&mut conn)
+            .await
+            .expect("migrate");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = gapless_ingest::Config::new(
+            RedisConfig::new(&redis.url()).expect("url"),
+            vec![Secret::new(API_KEY)],
+        );
+        let ingest_stop = CancellationToken::new();
+        tokio::spawn(gapless_ingest::run(listener, config, ingest_stop.clone()));
+        let system = Self {
+            redis,
+            ingest_url: format!("http://{addr}"),
+            ingest_stop,
+            http: reqwest::Client::new(),
+        };
+        system
+            .wait_http(&format!("{}/readyz", system.ingest_url))
+            .await;
+        system
+    }
+
+    /// An edge config for this system.
+    pub fn edge_config(&self, edge_id: &str) -> gapless_edge::Config {
+        let mut config = gapless_edge::Config::new(
+            RedisConfig::new(&self.redis.url()).expect("url"),
+            edge_id.to_owned(),
+            JwtKey::Hs256(Secret::new(SECRET)),
+        );
+        config.redis.command_timeout = Duration::from_millis(1000);
+        config
+    }
+
+    /// Starts an in-process edge.
+    pub async fn edge(&self, config: gapless_edge::Config) -> Edge {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(gapless_edge::run(listener, config, stop.clone()));
+        let edge = Edge { addr, stop, task };
+        self.wait_http(&format!("http://{addr}/readyz")).await;
+        edge
+    }
+
+    pub async fn wait_http(&self, url: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.http.get(url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{url} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Appends one notification; returns its seq.
+    pub async fn send(&self, user: &str, payload: serde_json::Value) -> (String, u64) {
+        let r: serde_json::Value = self
+            .http
+            .post(format!("{}/v1/notifications", self.ingest_url))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({"user": user, "payload": payload}))
+            .send()
+            .await
+            .expect("ingest answers")
+            .error_for_status()
+            .expect("200")
+            .json()
+            .await
+            .expect("json");
+        (
+            r["epoch"].as_str().expect("epoch").to_owned(),
+            r["seq"].as_u64().expect("seq"),
+        )
+    }
+
+    /// Appends `n` notifications in one batch; returns the last seq.
+    pub async fn send_batch(&self, user: &str, n: usize) -> u64 {
+        let items: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"user": user, "payload": {"i": i}}))
+            .collect();
+        let r: serde_json::Value = self
+            .http
+            .post(format!("{}/v1/notifications/batch", self.ingest_url))
+            .bearer_auth(API_KEY)
+            .json(&items)
+            .send()
+            .await
+            .expect("ingest answers")
+            .error_for_status()
+            .expect("200")
+            .json()
+            .await
+            .expect("json");
+        let results = r["results"].as_array().expect("results");
+        results
+            .last()
+            .and_then(|x| x["seq"].as_u64())
+            .expect("a seq")
+    }
+
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        self.redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.ingest_stop.cancel();
+    }
+}
+
+/// An in-process edge.
+pub struct Edge {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<(), gapless_edge::RunError>>,
+}
+
+impl Edge {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// Stops the edge abruptly: every socket dropped, nothing flushed or unregistered.
+    pub fn crash(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn token(user: &str, device: Option<&str>) -> String {
+    mint_hs256(SECRET, user, device, Duration::from_secs(3600))
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A test client.
+pub struct Client {
+    pub ws: Ws,
+    pub welcome: ServerMessage,
+    pub postcard: bool,
+}
+
+impl Client {
+    /// Connects with a token in the header and sends `resume`.
+    pub async fn connect(
+        url: &str,
+        user: &str,
+        device: &str,
+        resume: (Option<&str>, Option<u64>),
+    ) -> Self {
+        let mut c = Self::open(url, &token(user, Some(device)), false)
+            .await
+            .expect("connects");
+        c.send(&ClientMessage::Resume {
+            epoch: resume.0.map(str::to_owned),
+            after: resume.1,
+        })
+        .await;
+        c
+    }
+
+    /// Opens a connection and reads `welcome`; the upgrade's HTTP status on refusal.
+    pub async fn open(url: &str, token: &str, postcard: bool) -> Result<Self, u16> {
+        let mut request = url.into_client_request().expect("valid url");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        if postcard {
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                protocol::SUBPROTOCOL_POSTCARD.parse().expect("header"),
+            );
+        }
+        let (ws, _) = match tokio_tungstenite::connect_async(request).await {
+            Ok(x) => x,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => return Err(r.status().as_u16()),
+            Err(e) => panic!("connect failed: {e}"),
+        };
+        let mut c = Self {
+            ws,
+            welcome: ServerMessage::Ping,
+            postcard,
+        };
+        c.welcome = c.next().await.expect("welcome");
+        assert!(
+            matches!(c.welcome, ServerMessage::Welcome { .. }),
+            "{:?}",
+            c.welcome
+        );
+        Ok(c)
+    }
+
+    pub async fn send(&mut self, msg: &ClientMessage) {
+        let frame = if self.postcard {
+            Message::Binary(msg.to_postcard().into())
+        } else {
+            Message::Text(protocol::to_json(msg).into())
+        };
+        self.ws.send(frame).await.expect("send");
+    }
+
+    pub async fn ack(&mut self, seq: u64) {
+        self.send(&ClientMessage::Ack { seq }).await;
+    }
+
+    /// The next protocol message, skipping pings (answered); `None` when the connection
+    /// closed; panics after 10 s of silence.
+    pub async fn next(&mut self) -> Option<ServerMessage> {
+        self.next_within(Duration::from_secs(10))
+            .await
+            .expect("a message within 10 s")
+    }
+
+    /// Like [`next`], but `Err(())` on timeout.
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Option<ServerMessage>, ()> {
+        loop {
+            let frame = tokio::time::timeout(wait, self.ws.next())
+                .await
+                .map_err(|_| ())?;
+            let msg = match frame {
+                None | Some(Err(_)) => return Ok(None),
+                Some(Ok(Message::Text(t))) => {
+                    protocol::from_json::<ServerMessage>(t.as_str()).expect("server JSON")
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    ServerMessage::from_postcard(&b).expect("server postcard")
+                }
+                Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(_)) => continue,
+            };
+            if msg == ServerMessage::Ping {
+                self.send(&ClientMessage::Pong).await;
+                continue;
+            }
+            return Ok(Some(msg));
+        }
+    }
+
+    /// The next notification (panics on anything else).
+    pub async fn notification(&mut self) -> Notification {
+        match self.next().await {
+            Some(ServerMessage::Notification(n)) => n,
+            other => panic!("expected a notification, got {other:?}"),
+        }
+    }
+
+    /// Reads `n` notifications, acking each, and returns their seqs.
+    pub async fn take(&mut self, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let note = self.notification().await;
+            seqs.push(note.seq);
+            self.ack(note.seq).await;
+        }
+        seqs
+    }
+
+    /// Asserts nothing arrives for `wait`.
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        if let Ok(msg) = self.next_within(wait).await {
+            panic!("expected silence, got {msg:?}");
+        }
+    }
+
+    /// Waits for the close frame; returns its code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(20), self.ws.next())
+                .await
+                .expect("closed within 20 s");
+            match frame {
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => {
+                    return Some(code.into());
+                }
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
