@@ -1,5 +1,5 @@
 //! `gapless`: the operator tool. `migrate` applies the Redis Function library of
-//! `migrations/`; `dev` runs the whole system on this machine.
+//! `migrations/`; `dev` runs the whole system on this machine; `token` mints a dev JWT.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use gapless_edge::auth::{JwtKey, mint_hs256};
 use gapless_shared::config::{RedisConfig, Secret, mask_url_password as mask};
 use gapless_shared::process::{RedisOptions, RedisProcess};
 use gapless_shared::{schema, store};
@@ -38,8 +39,24 @@ enum Command {
         )]
         redis: String,
     },
+    /// Mint an HS256 device token (for development and tests).
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        user: String,
+        /// The device claim.
+        #[arg(long)]
+        device: Option<String>,
+        /// Validity, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+        /// The edge's HS256 secret.
+        #[arg(long, env = "GAPLESS_JWT_SECRET")]
+        jwt_secret: String,
+    },
     /// Run the whole system locally: Redis (AOF under --dir, unless --redis is given),
-    /// migrations and the ingest; prints the URLs and a generated API key.
+    /// migrations, the ingest and one edge; prints the URLs, a generated API key, a demo
+    /// token and snippets to try it.
     Dev {
         /// Use this Redis instead of starting one.
         #[arg(long, env = "GAPLESS_REDIS_URL")]
@@ -53,9 +70,15 @@ enum Command {
         /// Address of the ingest API.
         #[arg(long, default_value = "127.0.0.1:8081")]
         ingest_listen: SocketAddr,
+        /// Address of the edge's WebSocket API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        edge_listen: SocketAddr,
         /// API key to accept (default: a fresh random one, printed).
         #[arg(long, env = "GAPLESS_API_KEYS")]
         api_key: Option<String>,
+        /// HS256 secret of device tokens (default: a fresh random one).
+        #[arg(long, env = "GAPLESS_JWT_SECRET")]
+        jwt_secret: Option<String>,
     },
 }
 
@@ -71,13 +94,37 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Token {
+            user,
+            device,
+            ttl_secs,
+            jwt_secret,
+        } => {
+            gapless_shared::ids::UserId::parse(&user)?;
+            let ttl = std::time::Duration::from_secs(ttl_secs);
+            println!("{}", mint_hs256(&jwt_secret, &user, device.as_deref(), ttl));
+            Ok(())
+        }
         Command::Dev {
             redis,
             redis_port,
             dir,
             ingest_listen,
+            edge_listen,
             api_key,
-        } => dev(redis, redis_port, dir, ingest_listen, api_key).await,
+            jwt_secret,
+        } => {
+            let dev = Dev {
+                redis,
+                redis_port,
+                dir,
+                ingest_listen,
+                edge_listen,
+                api_key,
+                jwt_secret,
+            };
+            dev.run().await
+        }
     }
 }
 
@@ -89,74 +136,134 @@ async fn migrate(url: &str) -> anyhow::Result<u32> {
     Ok(schema::migrate(&mut conn).await?)
 }
 
-async fn dev(
+/// Settings of `gapless dev`.
+struct Dev {
     redis: Option<String>,
     redis_port: u16,
     dir: PathBuf,
     ingest_listen: SocketAddr,
+    edge_listen: SocketAddr,
     api_key: Option<String>,
-) -> anyhow::Result<()> {
-    let mut local = None;
-    let redis_url = match redis {
-        Some(url) => url,
-        None => {
-            let dir = std::path::absolute(dir.join("redis"))?;
-            let process = RedisProcess::start(RedisOptions {
-                port: redis_port,
-                dir: dir.clone(),
-                appendfsync: "everysec".into(),
-                extra: Vec::new(),
-            })
-            .with_context(|| format!("cannot start redis-server on port {redis_port}"))?;
-            println!("redis:   {} (AOF in {})", process.url(), dir.display());
-            let url = process.url();
-            local = Some(process);
-            url
+    jwt_secret: Option<String>,
+}
+
+impl Dev {
+    async fn run(self) -> anyhow::Result<()> {
+        let mut local = None;
+        let redis_url = match self.redis {
+            Some(url) => url,
+            None => {
+                let dir = std::path::absolute(self.dir.join("redis"))?;
+                let process = RedisProcess::start(RedisOptions {
+                    port: self.redis_port,
+                    dir: dir.clone(),
+                    appendfsync: "everysec".into(),
+                    extra: Vec::new(),
+                })
+                .with_context(|| {
+                    format!("cannot start redis-server on port {}", self.redis_port)
+                })?;
+                println!("redis:   {} (AOF in {})", process.url(), dir.display());
+                let url = process.url();
+                local = Some(process);
+                url
+            }
+        };
+        let version = migrate(&redis_url).await?;
+        println!("schema:  version {version}");
+
+        let api_key = self
+            .api_key
+            .unwrap_or_else(|| format!("dev-{:032x}", rand::random::<u128>()));
+        let jwt_secret = self
+            .jwt_secret
+            .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(gapless_shared::telemetry::cancel_on_signal(
+            shutdown.clone(),
+        ));
+
+        let mut ingest_config = gapless_ingest::Config::new(
+            RedisConfig::new(&redis_url)?,
+            vec![Secret::new(api_key.clone())],
+        );
+        ingest_config.listen = self.ingest_listen;
+        let ingest_listener = tokio::net::TcpListener::bind(self.ingest_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.ingest_listen))?;
+        let ingest = tokio::spawn(gapless_ingest::run(
+            ingest_listener,
+            ingest_config,
+            shutdown.clone(),
+        ));
+
+        let mut edge_config = gapless_edge::Config::new(
+            RedisConfig::new(&redis_url)?,
+            "dev-edge".into(),
+            JwtKey::Hs256(Secret::new(jwt_secret.clone())),
+        );
+        edge_config.listen = self.edge_listen;
+        edge_config.drain_window = std::time::Duration::from_millis(500);
+        let edge_listener = tokio::net::TcpListener::bind(self.edge_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.edge_listen))?;
+        let edge = tokio::spawn(gapless_edge::run(
+            edge_listener,
+            edge_config,
+            shutdown.clone(),
+        ));
+
+        let base = format!("http://{}", self.ingest_listen);
+        let ws = format!("ws://{}/v1/ws", self.edge_listen);
+        let token = mint_hs256(
+            &jwt_secret,
+            "demo",
+            Some("laptop"),
+            std::time::Duration::from_secs(86_400),
+        );
+        println!("ingest:  {base}");
+        println!("edge:    {ws}");
+        println!("api key: {api_key}");
+        println!("jwt secret (HS256): {jwt_secret}");
+        println!("token for user `demo`, device `laptop` (24 h): {token}");
+        println!();
+        println!("1. connect (websocat), then type the resume line:");
+        println!("  websocat '{ws}?token={token}'");
+        println!("  {{\"type\":\"resume\"}}");
+        println!("   or in a browser console:");
+        println!("  ws = new WebSocket('{ws}?token={token}', 'gapless.v1.json');");
+        println!("  ws.onmessage = e => {{ console.log(e.data); const m = JSON.parse(e.data);");
+        println!("    if (m.type === 'welcome') ws.send('{{\"type\":\"resume\"}}');");
+        println!("    if (m.type === 'ping') ws.send('{{\"type\":\"pong\"}}');");
+        println!(
+            "    if (m.type === 'notification') ws.send(JSON.stringify({{type: 'ack', seq: m.seq}})); }};"
+        );
+        println!("2. send one:");
+        println!(
+            "  curl -s {base}/v1/notifications -H 'Authorization: Bearer {api_key}' \\\n    \
+             -H 'Content-Type: application/json' -d '{{\"user\":\"demo\",\"payload\":{{\"text\":\"hello\"}}}}'"
+        );
+        println!("3. read them back:");
+        println!(
+            "  curl -s {base}/v1/users/demo/notifications -H 'Authorization: Bearer {api_key}'"
+        );
+        println!();
+        println!("Ctrl-C stops everything (the edge drains first).");
+
+        let ingest_result = ingest.await.context("ingest task failed")?;
+        shutdown.cancel();
+        let edge_result = edge.await.context("edge task failed")?;
+        if let Some(mut process) = local {
+            // A clean SHUTDOWN flushes the AOF; the kill that follows only reaps the process.
+            if let Ok(client) = redis::Client::open(process.url())
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            {
+                let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
+            }
+            process.kill();
         }
-    };
-    let version = migrate(&redis_url).await?;
-    println!("schema:  version {version}");
-
-    let api_key = api_key.unwrap_or_else(|| format!("dev-{:032x}", rand::random::<u128>()));
-    let mut config = gapless_ingest::Config::new(
-        RedisConfig::new(&redis_url)?,
-        vec![Secret::new(api_key.clone())],
-    );
-    config.listen = ingest_listen;
-    let listener = tokio::net::TcpListener::bind(ingest_listen)
-        .await
-        .with_context(|| format!("cannot listen on {ingest_listen}"))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(gapless_shared::telemetry::cancel_on_signal(
-        shutdown.clone(),
-    ));
-    let ingest = tokio::spawn(gapless_ingest::run(listener, config, shutdown.clone()));
-
-    let base = format!("http://{ingest_listen}");
-    println!("ingest:  {base}");
-    println!("api key: {api_key}");
-    println!();
-    println!("send one:");
-    println!(
-        "  curl -s {base}/v1/notifications -H 'Authorization: Bearer {api_key}' \\\n    \
-         -H 'Content-Type: application/json' -d '{{\"user\":\"alice\",\"payload\":{{\"text\":\"hello\"}}}}'"
-    );
-    println!("read them back:");
-    println!("  curl -s {base}/v1/users/alice/notifications -H 'Authorization: Bearer {api_key}'");
-    println!();
-    println!("Ctrl-C stops everything.");
-
-    let result = ingest.await.context("ingest task failed")?;
-    shutdown.cancel();
-    if let Some(mut process) = local {
-        // A clean SHUTDOWN flushes the AOF; the drop that follows only reaps the process.
-        if let Ok(client) = redis::Client::open(process.url())
-            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-        {
-            let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
-        }
-        process.kill();
+        ingest_result?;
+        edge_result?;
+        Ok(())
     }
-    result?;
-    Ok(())
 }
