@@ -1,6 +1,6 @@
-//! Starts the system under test as separate processes: a `redis-server`, `gapless migrate`
-//! (in-process, the same code), and `gapless-ingest` from the same build as this binary.
-//! Everything is killed when the [`Fleet`] is dropped.
+//! Starts the system under test as separate processes: a `redis-server`, the migrations
+//! (in-process, the same code as `gapless migrate`), one `gapless-ingest` and any number of
+//! `gapless-edge`s from the same build as this binary. Everything is killed on drop.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,7 +11,20 @@ use gapless_shared::config::RedisConfig;
 use gapless_shared::process::{RedisOptions, RedisProcess};
 use gapless_shared::{schema, store};
 
-/// A running system: Redis and one ingest.
+/// The HS256 secret the fleet's edges accept.
+pub const JWT_SECRET: &str = "bench-secret";
+
+/// One edge process.
+pub struct EdgeProcess {
+    /// The process.
+    pub child: Child,
+    /// `ws://127.0.0.1:<port>/v1/ws`.
+    pub ws_url: String,
+    /// `http://127.0.0.1:<port>`.
+    pub http_url: String,
+}
+
+/// A running system: Redis, one ingest, edges.
 pub struct Fleet {
     /// The Redis process.
     pub redis: RedisProcess,
@@ -21,13 +34,16 @@ pub struct Fleet {
     pub ingest_url: String,
     /// The API key the ingest accepts.
     pub api_key: String,
+    /// The edges.
+    pub edges: Vec<EdgeProcess>,
     /// Scratch directory, removed on drop.
     dir: PathBuf,
 }
 
 impl Fleet {
-    /// Starts Redis with `appendfsync`, migrates, starts the ingest and waits until it is ready.
-    pub async fn start(appendfsync: &str) -> anyhow::Result<Self> {
+    /// Starts Redis with `appendfsync`, migrates, starts the ingest and `edges` edges, and
+    /// waits until all are ready.
+    pub async fn start(appendfsync: &str, edges: usize) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("gapless-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let redis = RedisProcess::start(RedisOptions {
@@ -54,28 +70,59 @@ impl Fleet {
             ingest,
             ingest_url: format!("http://127.0.0.1:{port}"),
             api_key,
+            edges: Vec::new(),
             dir,
         };
-        fleet.wait_ready().await?;
+        for i in 0..edges {
+            let port = free_port()?;
+            let child = Command::new(sibling_binary("gapless-edge")?)
+                .env("GAPLESS_LISTEN", format!("127.0.0.1:{port}"))
+                .env("GAPLESS_REDIS_URL", fleet.redis.url())
+                .env("GAPLESS_JWT_SECRET", JWT_SECRET)
+                .env("GAPLESS_EDGE_ID", format!("bench-edge-{i}"))
+                .env("GAPLESS_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .context("cannot start gapless-edge")?;
+            fleet.edges.push(EdgeProcess {
+                child,
+                ws_url: format!("ws://127.0.0.1:{port}/v1/ws"),
+                http_url: format!("http://127.0.0.1:{port}"),
+            });
+        }
+        let ready: Vec<String> = std::iter::once(fleet.ingest_url.clone())
+            .chain(fleet.edges.iter().map(|e| e.http_url.clone()))
+            .collect();
+        for url in ready {
+            fleet.wait_ready(&url).await?;
+        }
         Ok(fleet)
     }
 
     /// Pids of the processes, by role.
-    pub fn pids(&self) -> Vec<(&'static str, u32)> {
-        let mut pids = vec![("ingest", self.ingest.id())];
-        pids.extend(self.redis.pid().map(|p| ("redis", p)));
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids = vec![("ingest".to_owned(), self.ingest.id())];
+        pids.extend(self.redis.pid().map(|p| ("redis".to_owned(), p)));
+        for (i, edge) in self.edges.iter().enumerate() {
+            pids.push((format!("edge-{i}"), edge.child.id()));
+        }
         pids
     }
 
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, base: &str) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.ingest.try_wait()? {
                 bail!("gapless-ingest exited during start-up: {status}");
             }
+            for edge in &mut self.edges {
+                if let Some(status) = edge.child.try_wait()? {
+                    bail!("gapless-edge exited during start-up: {status}");
+                }
+            }
             let ready = client
-                .get(format!("{}/readyz", self.ingest_url))
+                .get(format!("{base}/readyz"))
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
@@ -83,7 +130,7 @@ impl Fleet {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("gapless-ingest did not become ready within 20 s");
+                bail!("{base} did not become ready within 20 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -92,6 +139,10 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        for edge in &mut self.edges {
+            let _ = edge.child.kill();
+            let _ = edge.child.wait();
+        }
         let _ = self.ingest.kill();
         let _ = self.ingest.wait();
         self.redis.kill();

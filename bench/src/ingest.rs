@@ -87,7 +87,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     if args.batch == 0 || args.users == 0 || args.items == 0 || args.concurrency == 0 {
         bail!("--items, --users, --batch and --concurrency must be positive");
     }
-    let fleet = Fleet::start(&args.appendfsync).await?;
+    let fleet = Fleet::start(&args.appendfsync, 0).await?;
     let bodies = Arc::new(build_bodies(&args));
     let client = reqwest::Client::new();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(24));

@@ -1,10 +1,12 @@
 //! `gapless-bench`: measures a real gapless system started as separate processes.
 //!
-//! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD).
+//! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD),
+//! `idle` (edge memory per idle connection).
 //! Modules: [`fleet`] starts and stops the processes, [`stats`] summarises samples.
 #![forbid(unsafe_code)]
 
 mod fleet;
+mod idle;
 mod ingest;
 mod stats;
 
@@ -27,11 +29,14 @@ enum Scenario {
     /// Batch ingest throughput, with redis-benchmark's pipelined XADD on the same Redis in the
     /// same run as the denominator.
     Ingest(ingest::IngestArgs),
+    /// Hold N idle connections over the edges and report edge memory per connection.
+    Idle(idle::IdleArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Scenario::Ingest(args) => ingest::run(args).await,
+        Scenario::Idle(args) => idle::run(args).await,
     }
 }

@@ -54,8 +54,11 @@ use crate::registry::{Registry, RegistryTask};
 
 /// Largest frame a client may send: clients send acks, pongs and one resume.
 const MAX_CLIENT_FRAME: usize = 4 << 10;
-/// Read buffer of a connection, allocated up front: small, since client frames are.
-const READ_BUFFER: usize = 4 << 10;
+/// Read buffer of a connection, allocated up front: small, since client frames are (acks,
+/// pongs, one resume). tungstenite grows it for a larger frame, up to [`MAX_CLIENT_FRAME`].
+/// Measured with `gapless-bench idle --connections 10000`: an idle connection costs 10.4 KiB
+/// of edge RSS with a 4 KiB buffer, 7.4 KiB with 1 KiB.
+const READ_BUFFER: usize = 1 << 10;
 /// Bytes a connection's WebSocket layer may hold unsent before writes wait.
 const MAX_WRITE_BUFFER: usize = 256 << 10;
 
