@@ -36,7 +36,7 @@ pub struct Entry {
 pub struct Page {
     /// Current epoch; `None` when the user has no log.
     pub epoch: Option<String>,
-    /// Last assigned seq (read after the entries, so at least the last entry's).
+    /// Last assigned seq: read before the entries, raised to the last entry's seq.
     pub last_seq: u64,
     /// Entries from the requested seq on.
     pub entries: Vec<Entry>,
@@ -54,7 +54,7 @@ pub enum ReadOp {
         /// The device.
         device: String,
     },
-    /// Up to `count` entries from `from` on, then the log's epoch and last seq.
+    /// The log's epoch and last seq, then up to `count` entries from `from` on.
     Range {
         /// The user.
         user: UserId,
@@ -137,14 +137,17 @@ async fn execute(mut conn: ConnectionManager, timeout: Duration, batch: Vec<Requ
                 pipe.cmd("HGET").arg(&k.acks).arg(device);
             }
             ReadOp::Range { user, from, count } => {
+                // The log's state first, then the entries: appends may run between the two,
+                // so only in this order does "last_seq > from but no entry from `from` on"
+                // prove that entries were trimmed, rather than appended in between.
                 let k = UserKeys::new(user);
+                pipe.cmd("HMGET").arg(&k.meta).arg("epoch").arg("seq");
                 pipe.cmd("XRANGE")
                     .arg(&k.stream)
                     .arg(keys::entry_id(*from))
                     .arg("+")
                     .arg("COUNT")
                     .arg(*count);
-                pipe.cmd("HMGET").arg(&k.meta).arg("epoch").arg("seq");
             }
         }
     }
@@ -197,9 +200,9 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
             })
         }
         ReadOp::Range { user, .. } => {
-            let range: StreamRangeReply = redis::from_redis_value(a).map_err(bad)?;
             let (epoch, last_seq): (Option<String>, Option<u64>) =
-                redis::from_redis_value(b).map_err(bad)?;
+                redis::from_redis_value(a).map_err(bad)?;
+            let range: StreamRangeReply = redis::from_redis_value(b).map_err(bad)?;
             let mut entries = Vec::with_capacity(range.ids.len());
             for id in range.ids {
                 let Some(seq) = keys::parse_entry_id(&id.id) else {

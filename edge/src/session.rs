@@ -550,3 +550,191 @@ async fn write_loop(
     }
     let _ = tokio::time::timeout(Duration::from_millis(100), sink.close()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reader::Entry;
+
+    fn delivery(epoch: Option<&str>, sent: u64) -> Delivery {
+        Delivery {
+            epoch: epoch.map(str::to_owned),
+            sent,
+            acked: sent,
+            target: sent,
+            must_read: true,
+            pending_reset: None,
+            tolerate_stale_ack: false,
+            queue: VecDeque::new(),
+            replaying: true,
+            retry_at: None,
+        }
+    }
+
+    fn page(epoch: &str, last_seq: u64, seqs: impl IntoIterator<Item = u64>) -> Page {
+        Page {
+            epoch: Some(epoch.to_owned()),
+            last_seq,
+            entries: seqs
+                .into_iter()
+                .map(|seq| Entry {
+                    seq,
+                    ts: 1,
+                    payload: RawValue::from_string(seq.to_string()).expect("json"),
+                })
+                .collect(),
+            ack: None,
+        }
+    }
+
+    fn hint(epoch: &str, seq: u64, payload: Option<&str>) -> WakeItem {
+        WakeItem {
+            user: "u".into(),
+            epoch: epoch.into(),
+            seq,
+            ts: 1,
+            payload: payload.map(str::to_owned),
+        }
+    }
+
+    /// What the queue holds: notification seqs, and resets as (first_seq, reason).
+    fn queued(d: &Delivery) -> Vec<String> {
+        d.queue
+            .iter()
+            .map(|m| match m {
+                ServerMessage::Notification(n) => n.seq.to_string(),
+                ServerMessage::Reset {
+                    first_seq, reason, ..
+                } => format!("reset {first_seq} {reason:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_page_continuing_the_position_is_queued_in_order() {
+        let mut d = delivery(Some("e"), 3);
+        d.apply_page(page("e", 6, 4..=6), 200);
+        assert_eq!(queued(&d), ["4", "5", "6"]);
+        assert!(!d.must_read, "caught up");
+        assert!(!d.replaying);
+    }
+
+    #[test]
+    fn a_full_page_or_a_known_later_seq_keeps_reading() {
+        let mut d = delivery(Some("e"), 0);
+        d.apply_page(page("e", 10, 1..=3), 3);
+        assert!(d.must_read, "the page was full");
+        let mut d = delivery(Some("e"), 0);
+        d.target = 9;
+        d.apply_page(page("e", 3, 1..=3), 200);
+        assert!(d.must_read, "a hint announced 9");
+    }
+
+    #[test]
+    fn trimmed_entries_are_announced_with_a_reset_before_delivery_goes_on() {
+        let mut d = delivery(Some("e"), 5);
+        d.apply_page(page("e", 300, 101..=103), 3);
+        assert_eq!(queued(&d), ["reset 101 GapTrimmed", "101", "102", "103"]);
+        // Everything after the position gone: the reset names the next seq to come.
+        let mut d = delivery(Some("e"), 5);
+        d.apply_page(page("e", 40, []), 200);
+        assert_eq!(queued(&d), ["reset 41 GapTrimmed"]);
+    }
+
+    #[test]
+    fn a_changed_epoch_rereads_from_the_start_and_resets() {
+        let mut d = delivery(Some("old"), 17);
+        d.apply_page(page("new", 4, [18]), 200);
+        assert!(
+            d.queue.is_empty(),
+            "entries read at the old position are dropped"
+        );
+        assert_eq!(
+            (d.epoch.as_deref(), d.sent, d.must_read),
+            (Some("new"), 0, true)
+        );
+        d.apply_page(page("new", 4, 1..=4), 200);
+        assert_eq!(queued(&d), ["reset 1 EpochChanged", "1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_client_without_a_position_adopts_a_new_log_silently() {
+        let mut d = delivery(None, 0);
+        d.apply_page(page("new", 2, []), 200);
+        d.apply_page(page("new", 2, 1..=2), 200);
+        assert_eq!(queued(&d), ["1", "2"]);
+        let mut d = delivery(None, 0);
+        d.must_read = false;
+        d.apply_hints([hint("new", 1, Some("{}"))].into(), false, false);
+        assert_eq!(queued(&d), ["1"]);
+    }
+
+    #[test]
+    fn a_client_ahead_of_the_log_is_told_to_start_over() {
+        let mut d = delivery(Some("e"), 50);
+        d.apply_page(page("e", 20, []), 200);
+        assert_eq!(
+            (d.sent, d.pending_reset),
+            (0, Some(ResetReason::EpochChanged))
+        );
+        d.apply_page(page("e", 20, 1..=2), 2);
+        assert_eq!(queued(&d)[0], "reset 1 EpochChanged");
+    }
+
+    #[test]
+    fn a_hole_inside_a_page_stops_delivery_before_it() {
+        let mut d = delivery(Some("e"), 0);
+        d.apply_page(page("e", 5, [1, 2, 4, 5]), 200);
+        assert_eq!(queued(&d), ["1", "2"]);
+        assert!(d.must_read);
+    }
+
+    #[test]
+    fn hints_take_the_fast_path_only_for_the_next_seq_with_its_payload() {
+        let mut d = delivery(Some("e"), 3);
+        d.must_read = false;
+        d.apply_hints(
+            [
+                hint("e", 4, Some("4")),
+                hint("e", 5, Some("5")),
+                hint("e", 3, Some("3")),
+            ]
+            .into(),
+            false,
+            false,
+        );
+        assert_eq!(queued(&d), ["4", "5"], "in order, the old one ignored");
+        assert!(!d.must_read);
+        d.apply_hints([hint("e", 7, Some("7"))].into(), false, false);
+        assert_eq!(queued(&d), ["4", "5"], "6 is missing: read instead");
+        assert!(d.must_read);
+        assert_eq!(d.target, 7);
+    }
+
+    #[test]
+    fn hints_without_payload_during_a_read_or_after_an_overflow_force_a_read() {
+        let mut d = delivery(Some("e"), 3);
+        d.must_read = false;
+        d.apply_hints([hint("e", 4, None)].into(), false, false);
+        assert!(d.must_read && d.queue.is_empty());
+        let mut d = delivery(Some("e"), 3);
+        d.must_read = false;
+        d.apply_hints([hint("e", 4, Some("4"))].into(), false, true);
+        assert!(
+            d.must_read && d.queue.is_empty(),
+            "a read in flight may hold 4 already"
+        );
+        let mut d = delivery(Some("e"), 3);
+        d.must_read = false;
+        d.apply_hints(VecDeque::new(), true, false);
+        assert!(d.must_read);
+        let mut d = delivery(Some("e"), 3);
+        d.must_read = false;
+        d.apply_hints([hint("other", 1, Some("1"))].into(), false, false);
+        assert!(
+            d.must_read && d.queue.is_empty(),
+            "another epoch: read to find out"
+        );
+    }
+}
