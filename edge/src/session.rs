@@ -300,12 +300,6 @@ async fn session(
         }
     };
 
-    // Register before reading the log: an append after the registration wakes us, one before
-    // it is in the read.
-    if state.hub.add(conn.clone()) {
-        state.registry.add(conn.user.clone()).await;
-    }
-
     let mut d = Delivery {
         epoch: None,
         sent: 0,
@@ -318,10 +312,17 @@ async fn session(
         replaying: true,
         retry_at: None,
     };
+    // Where the device starts comes from a read made before registering; every stream read
+    // comes after it. So an append after the registration wakes us, and one before it is in
+    // a read: even a device starting at the live end misses nothing appended once it is
+    // registered, whatever the timing of the position read.
     let position = match read_position(state, conn).await {
         Ok(p) => p,
         Err(end) => return end,
     };
+    if state.hub.add(conn.clone()) {
+        state.registry.add(conn.user.clone()).await;
+    }
     let (client_epoch, client_after) = resume;
     let start = match (client_epoch, client_after) {
         (Some(epoch), after) => Some((epoch, after.unwrap_or(0))),
@@ -337,11 +338,13 @@ async fn session(
             d.must_read = true;
         }
         None => {
-            // A new device starts at the live end.
+            // A new device starts at the live end as of the position read; what was appended
+            // since (before the registration took effect) is read right away.
             d.epoch = position.epoch.clone();
             d.sent = position.last_seq;
             d.acked = position.last_seq;
             d.target = position.last_seq;
+            d.must_read = true;
             d.replaying = false;
         }
     }
@@ -437,25 +440,27 @@ async fn session(
 }
 
 /// Reads the log's state and the device's stored ack, retrying while Redis is unavailable
-/// (the client waits, connected; a close request ends the wait).
+/// (the client waits, connected; only a close request ends the wait).
 async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End> {
     loop {
-        let rx = state.reader.request(ReadOp::Position {
+        let mut rx = state.reader.request(ReadOp::Position {
             user: conn.user.clone(),
             device: conn.device.clone(),
         });
-        tokio::select! {
-            r = rx => match r {
-                Ok(Ok(page)) => return Ok(page),
-                Ok(Err(e)) => tracing::debug!(error = %e, "position read failed; retrying"),
-                Err(_) => {}
-            },
-            () = conn.wake.notified() => {
-                if let Some(reason) = conn.close_requested() {
-                    return Err(End::Closed(reason));
+        let answer = loop {
+            tokio::select! {
+                r = &mut rx => break r,
+                () = conn.wake.notified() => {
+                    if let Some(reason) = conn.close_requested() {
+                        return Err(End::Closed(reason));
+                    }
                 }
-                continue;
             }
+        };
+        match answer {
+            Ok(Ok(page)) => return Ok(page),
+            Ok(Err(e)) => tracing::debug!(error = %e, "position read failed; retrying"),
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(reason) = conn.close_requested() {

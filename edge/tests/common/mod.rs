@@ -31,6 +31,12 @@ pub struct System {
 
 impl System {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`System::start`], with the ingest's configuration adjusted by `adjust` (a
+    /// longer retention, larger batches…).
+    pub async fn start_with(adjust: impl FnOnce(&mut gapless_ingest::Config)) -> Self {
         let redis = TestRedis::start();
         let mut conn = redis
             .client()
@@ -44,10 +50,11 @@ impl System {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = gapless_ingest::Config::new(
+        let mut config = gapless_ingest::Config::new(
             RedisConfig::new(&redis.url()).expect("url"),
             vec![Secret::new(API_KEY)],
         );
+        adjust(&mut config);
         let ingest_stop = CancellationToken::new();
         tokio::spawn(gapless_ingest::run(listener, config, ingest_stop.clone()));
         let system = Self {
@@ -232,6 +239,15 @@ impl Client {
                 protocol::SUBPROTOCOL_POSTCARD.parse().expect("header"),
             );
         }
+        Self::open_request(request, postcard).await
+    }
+
+    /// Opens a connection with a request built by the caller (credentials in the query, no
+    /// credentials at all…) and reads `welcome`; the upgrade's HTTP status on refusal.
+    pub async fn open_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+        postcard: bool,
+    ) -> Result<Self, u16> {
         let (ws, _) = match tokio_tungstenite::connect_async(request).await {
             Ok(x) => x,
             Err(tokio_tungstenite::tungstenite::Error::Http(r)) => return Err(r.status().as_u16()),
@@ -341,5 +357,57 @@ impl Client {
 
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
+    }
+}
+
+impl System {
+    /// Appends `payloads` for `user` in one batch request; returns the epoch and each item's
+    /// seq, in order. Panics if any item was refused.
+    pub async fn send_payloads(
+        &self,
+        user: &str,
+        payloads: Vec<serde_json::Value>,
+    ) -> (String, Vec<u64>) {
+        let items: Vec<serde_json::Value> = payloads
+            .into_iter()
+            .map(|payload| serde_json::json!({"user": user, "payload": payload}))
+            .collect();
+        let r: serde_json::Value = self
+            .http
+            .post(format!("{}/v1/notifications/batch", self.ingest_url))
+            .bearer_auth(API_KEY)
+            .json(&items)
+            .send()
+            .await
+            .expect("ingest answers")
+            .error_for_status()
+            .expect("200")
+            .json()
+            .await
+            .expect("json");
+        let results = r["results"].as_array().expect("results");
+        assert_eq!(results.len(), items.len(), "one result per item");
+        let epoch = results[0]["epoch"].as_str().expect("an epoch").to_owned();
+        let seqs = results
+            .iter()
+            .map(|x| x["seq"].as_u64().unwrap_or_else(|| panic!("a seq: {x}")))
+            .collect();
+        (epoch, seqs)
+    }
+}
+
+/// Polls `check` until it holds; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,0 +1,766 @@
+//! Fault drills for the edge (DESIGN.md §2): lost wakeups, a killed pub/sub connection, edge
+//! processes killed with SIGKILL or drained with SIGTERM, a client that stops reading, a
+//! silent client, and a Redis restart. Each test states the guarantee it checks; edges that
+//! must die for real run as `gapless-edge` processes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use common::{Client, System};
+use futures_util::{SinkExt, StreamExt};
+use gapless_shared::protocol::{Notification, ServerMessage};
+use gapless_shared::testing::free_port;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// A `gapless-edge` process, killed (SIGKILL) when dropped.
+struct EdgeProcess {
+    /// The process; `None` once it exited and was reaped.
+    child: Option<Child>,
+    /// Where it listens.
+    addr: SocketAddr,
+    /// Its id in the registry.
+    edge_id: String,
+}
+
+impl EdgeProcess {
+    /// Starts an edge process against `sys`'s Redis with `extra` environment settings and
+    /// waits until `/readyz` answers. A port taken between `free_port` and the bind makes
+    /// the process exit; it is then started again on another port.
+    async fn start(sys: &System, edge_id: &str, extra: &[(&str, &str)]) -> Self {
+        for _ in 0..3 {
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_gapless-edge"));
+            cmd.env("GAPLESS_LISTEN", addr.to_string())
+                .env("GAPLESS_REDIS_URL", sys.redis.url())
+                .env("GAPLESS_JWT_SECRET", common::SECRET)
+                .env("GAPLESS_EDGE_ID", edge_id)
+                .env("GAPLESS_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            for (name, value) in extra {
+                cmd.env(name, value);
+            }
+            let mut edge = Self {
+                child: Some(cmd.spawn().expect("the gapless-edge binary starts")),
+                addr,
+                edge_id: edge_id.to_owned(),
+            };
+            if edge.wait_ready(&sys.http).await {
+                return edge;
+            }
+        }
+        panic!("edge process {edge_id} never became ready");
+    }
+
+    /// Polls `/readyz` until it answers 200 (true) or the process exits (false).
+    async fn wait_ready(&mut self, http: &reqwest::Client) -> bool {
+        let url = format!("http://{}/readyz", self.addr);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            assert!(Instant::now() < deadline, "{url} never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the edge is running").id()
+    }
+
+    /// SIGKILL: no drain, no ack flush, no registry leave. Reaps the process.
+    fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("the edge is running");
+        child.kill().expect("SIGKILL is delivered");
+        child.wait().expect("the killed edge is reaped");
+    }
+
+    /// SIGTERM: the edge drains.
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits for the process to exit, at most `within`; returns its status.
+    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("the edge is running");
+            if let Some(status) = child.try_wait().expect("the edge's status is readable") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge {} did not exit within {within:?}",
+                self.edge_id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The Prometheus text of the process.
+    async fn metrics(&self, http: &reqwest::Client) -> String {
+        http.get(format!("http://{}/metrics", self.addr))
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics text")
+    }
+
+    /// Resident set size of the process, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status is readable");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sum of the samples of `name` (with exactly these labels, e.g. `x{reason="y"}`) in a
+/// Prometheus text; 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads `n` notifications without acking any.
+async fn notes(c: &mut Client, n: usize) -> Vec<Notification> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(c.notification().await);
+    }
+    out
+}
+
+fn seqs(notes: &[Notification]) -> Vec<u64> {
+    notes.iter().map(|n| n.seq).collect()
+}
+
+/// Polls until the registry of `user` lists `edge_id` (the edge registers after `resume`).
+async fn wait_registered(sys: &System, user: &str, edge_id: &str) {
+    let mut conn = sys.redis_conn().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("gl:{{{user}}}:r"))
+            .arg(edge_id)
+            .query_async(&mut conn)
+            .await
+            .expect("ZSCORE");
+        if score.is_some() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{edge_id} never registered {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Creates `user`'s log with one notification, then connects `device` resuming from before
+/// it and reads it (acked): from here on the device has an explicit position and is
+/// registered on `edge_id`. Returns the client and the log's epoch.
+///
+/// Tests whose subject is another fault start this way rather than with `(None, None)`, so
+/// that where the device starts never depends on timing.
+async fn connect_with_log(
+    sys: &System,
+    url: &str,
+    user: &str,
+    device: &str,
+    edge_id: &str,
+) -> (Client, String) {
+    let (epoch, seq) = sys.send(user, serde_json::json!("hello")).await;
+    assert_eq!(seq, 1, "{user}'s log is new");
+    let mut c = Client::connect(url, user, device, (Some(&epoch), Some(0))).await;
+    assert_eq!(c.take(1).await, vec![1]);
+    wait_registered(sys, user, edge_id).await;
+    (c, epoch)
+}
+
+/// The stored ack position of a device, `(epoch, seq)`.
+async fn stored_ack(sys: &System, user: &str, device: &str) -> Option<(String, u64)> {
+    let mut conn = sys.redis_conn().await;
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(format!("gl:{{{user}}}:a"))
+        .arg(device)
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    raw.map(|s| {
+        let (epoch, seq) = s.split_once(':').expect("<epoch>:<seq>");
+        (epoch.to_owned(), seq.parse().expect("a seq"))
+    })
+}
+
+/// Polls until the stored ack of a device is at least `seq`.
+async fn wait_stored_ack(sys: &System, user: &str, device: &str, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if stored_ack(sys, user, device)
+            .await
+            .is_some_and(|(_, s)| s >= seq)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ack {seq} of {user}/{device} was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Appends with FCALL straight into Redis, as the ingest would but publishing no wakeup:
+/// for the edge, every wakeup of these entries is lost. Returns the user's last seq and the
+/// live edges the append saw (those an ingest would have woken).
+async fn append_without_wakeup(
+    sys: &System,
+    user: &str,
+    payloads: &[String],
+) -> (u64, Vec<String>) {
+    let mut conn = sys.redis_conn().await;
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(gapless_shared::schema::FN_APPEND)
+        .arg(4)
+        .arg(format!("gl:{{{user}}}:m"))
+        .arg(format!("gl:{{{user}}}:s"))
+        .arg(format!("gl:{{{user}}}:r"))
+        .arg(format!("gl:{{{user}}}:a"))
+        .arg(10_000)
+        .arg(7 * 24 * 3600 * 1000_u64)
+        .arg(24 * 3600 * 1000_u64)
+        .arg("unused-epoch-candidate")
+        .arg(payloads.len())
+        .arg(0);
+    for p in payloads {
+        cmd.arg(p);
+    }
+    type UserReply = (String, u64, Vec<u64>, Vec<String>, u64, String);
+    let (_now, (_epoch, last, _dups, edges, failed_at, failure)): (u64, UserReply) = cmd
+        .query_async(&mut conn)
+        .await
+        .expect("gapless_append answers");
+    assert_eq!(failed_at, 0, "append failed: {failure}");
+    (last, edges)
+}
+
+/// Appends one notification through the ingest, retrying (same idempotency key) until the
+/// ingest answers 200; returns its seq.
+async fn send_retrying(sys: &System, user: &str, key: &str, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = sys
+            .http
+            .post(format!("{}/v1/notifications", sys.ingest_url))
+            .bearer_auth(common::API_KEY)
+            .json(&serde_json::json!({"user": user, "payload": key, "idempotency_key": key}))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if let Ok(r) = answer
+            && r.status().is_success()
+        {
+            let body: serde_json::Value = r.json().await.expect("json");
+            return body["seq"].as_u64().expect("seq");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ingest never accepted {key} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Appends `n` notifications of `pad` bytes of padding each, in one batch; returns the last
+/// seq.
+async fn send_padded_batch(sys: &System, user: &str, n: usize, pad: usize) -> u64 {
+    let padding = "x".repeat(pad);
+    let items: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"user": user, "payload": {"i": i, "pad": padding}}))
+        .collect();
+    let r: serde_json::Value = sys
+        .http
+        .post(format!("{}/v1/notifications/batch", sys.ingest_url))
+        .bearer_auth(common::API_KEY)
+        .json(&items)
+        .send()
+        .await
+        .expect("ingest answers")
+        .error_for_status()
+        .expect("200")
+        .json()
+        .await
+        .expect("json");
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), n);
+    results
+        .last()
+        .and_then(|x| x["seq"].as_u64())
+        .expect("a seq")
+}
+
+#[tokio::test]
+async fn a_lost_wakeup_still_reaches_a_connected_device_within_one_heartbeat() {
+    let sys = System::start().await;
+    let heartbeat = Duration::from_millis(1000);
+    let edge = sys
+        .edge(sys.edge_config("edge-lw").with_heartbeat(heartbeat))
+        .await;
+    let (mut c, _) = connect_with_log(&sys, &edge.ws_url(), "lw", "phone", "edge-lw").await;
+
+    let payloads: Vec<String> = (2..=4).map(|i| format!("{{\"direct\":{i}}}")).collect();
+    let (last, edges) = append_without_wakeup(&sys, "lw", &payloads).await;
+    let appended = Instant::now();
+    assert_eq!(last, 4);
+    assert_eq!(
+        edges,
+        vec!["edge-lw".to_owned()],
+        "the edge is registered, so a wakeup was due and is the one lost"
+    );
+
+    let got = notes(&mut c, 3).await;
+    let took = appended.elapsed();
+    assert_eq!(seqs(&got), vec![2, 3, 4]);
+    assert_eq!(got[0].payload.get(), r#"{"direct":2}"#);
+    assert!(
+        took <= heartbeat + heartbeat / 2,
+        "the lost wakeup was covered only after {took:?} (heartbeat {heartbeat:?})"
+    );
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn killing_the_edges_pubsub_connection_loses_nothing() {
+    let sys = System::start().await;
+    // The default heartbeat leaves the periodic sweep 15 s away: only the resubscription
+    // (and the sweep it triggers) can recover what was published while unsubscribed.
+    let edge = sys.edge(sys.edge_config("edge-ps")).await;
+    let (mut c, _) = connect_with_log(&sys, &edge.ws_url(), "ps", "phone", "edge-ps").await;
+    let mut admin = sys.redis_conn().await;
+
+    let mut last = 0;
+    for i in 2..=201 {
+        if i == 60 || i == 140 {
+            let killed: u64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut admin)
+                .await
+                .expect("CLIENT KILL");
+            assert!(killed >= 1, "the edge's subscription was not found");
+        }
+        last = sys.send("ps", serde_json::json!(i)).await.1;
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    assert_eq!(last, 201);
+
+    let got = c.take(200).await;
+    assert_eq!(got, (2..=201).collect::<Vec<_>>());
+    c.assert_quiet(Duration::from_millis(300)).await;
+
+    // And the edge is subscribed again, so later wakeups are heard.
+    let channel = gapless_shared::keys::wake_channel("edge-ps");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, n): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut admin)
+            .await
+            .expect("PUBSUB NUMSUB");
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edge never resubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sys.send("ps", serde_json::json!(202)).await;
+    assert_eq!(c.take(1).await, vec![202]);
+}
+
+#[tokio::test]
+async fn an_edge_killed_with_sigkill_loses_nothing() {
+    let sys = System::start().await;
+    let mut edge1 = EdgeProcess::start(&sys, "edge-k1", &[]).await;
+    let edge2 = EdgeProcess::start(&sys, "edge-k2", &[]).await;
+    let (mut c, epoch) = connect_with_log(&sys, &edge1.ws_url(), "kim", "phone", "edge-k1").await;
+
+    for i in 2..=5 {
+        sys.send("kim", serde_json::json!(i)).await;
+    }
+    let first = notes(&mut c, 4).await;
+    assert_eq!(seqs(&first), vec![2, 3, 4, 5]);
+    for n in &first {
+        c.ack(n.seq).await;
+    }
+    wait_stored_ack(&sys, "kim", "phone", 5).await;
+    // More, acked, but maybe never flushed before the kill.
+    for i in 6..=8 {
+        sys.send("kim", serde_json::json!(i)).await;
+    }
+    assert_eq!(c.take(3).await, vec![6, 7, 8]);
+
+    edge1.sigkill();
+    assert_eq!(
+        c.close_code().await,
+        None,
+        "a killed edge sends no close frame"
+    );
+    for i in 9..=15 {
+        sys.send("kim", serde_json::json!(i)).await;
+    }
+
+    // The device resumes on the other edge from what it received: exactly the rest.
+    let mut c = Client::connect(&edge2.ws_url(), "kim", "phone", (Some(&epoch), Some(8))).await;
+    assert_eq!(seqs(&notes(&mut c, 7).await), (9..=15).collect::<Vec<_>>());
+    c.assert_quiet(Duration::from_millis(300)).await;
+    // Nothing was acked on edge 2, so the stored position is still edge 1's last flush.
+    c.close().await;
+
+    let (stored_epoch, stored) = stored_ack(&sys, "kim", "phone")
+        .await
+        .expect("a stored ack");
+    assert_eq!(stored_epoch, epoch);
+    assert!((5..=8).contains(&stored), "stored ack {stored}");
+
+    // A client naming no position resumes from the stored ack: it may repeat what was
+    // acked after the last flush, but skips nothing.
+    let mut c = Client::connect(&edge2.ws_url(), "kim", "phone", (None, None)).await;
+    let got = seqs(&notes(&mut c, (15 - stored) as usize).await);
+    assert!(
+        got[0] <= stored + 1,
+        "resumed at {} after ack {stored}",
+        got[0]
+    );
+    assert_eq!(got, (got[0]..=15).collect::<Vec<_>>());
+    assert_eq!(got[0], stored + 1, "resumes exactly after the stored ack");
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_later_resumes_with_everything() {
+    const N: usize = 2000;
+    const PAD: usize = 16 << 10;
+    let sys = System::start().await;
+    let edge = EdgeProcess::start(
+        &sys,
+        "edge-slow",
+        &[
+            ("GAPLESS_SLOW_CONSUMER_MS", "1000"),
+            ("GAPLESS_OUTBOUND_QUEUE", "16"),
+        ],
+    )
+    .await;
+    let rss_before = edge.rss_kib();
+    let (mut stalled, epoch) =
+        connect_with_log(&sys, &edge.ws_url(), "slow", "phone", "edge-slow").await;
+
+    // From here on the client reads nothing; 32 MiB more than any socket buffer holds.
+    let mut last = 0;
+    for _ in 0..4 {
+        last = send_padded_batch(&sys, "slow", N / 4, PAD).await;
+    }
+    assert_eq!(last, N as u64 + 1);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut peak_rss = 0;
+    loop {
+        peak_rss = peak_rss.max(edge.rss_kib());
+        let text = edge.metrics(&sys.http).await;
+        let slow = metric(
+            &text,
+            "gapless_edge_disconnects_total{reason=\"slow_consumer\"}",
+        );
+        if slow >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client was never closed; disconnects:\n{}",
+            text.lines()
+                .filter(|l| l.starts_with("gapless_edge_disconnects"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        peak_rss < rss_before + 128 * 1024,
+        "the edge grew from {rss_before} KiB to {peak_rss} KiB for one stalled client"
+    );
+
+    // What reached the stalled socket before the close is an in-order prefix, then the end.
+    let mut prefix = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stalled.ws.next())
+            .await
+            .expect("the stalled socket ends");
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                match gapless_shared::protocol::from_json::<ServerMessage>(t.as_str())
+                    .expect("server JSON")
+                {
+                    ServerMessage::Notification(n) => prefix.push(n.seq),
+                    ServerMessage::Ping => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                if let Some(frame) = frame {
+                    let code = u16::from(frame.code);
+                    assert!(code == 1008 || code == 1013, "close code {code}");
+                }
+                break;
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break,
+        }
+    }
+    drop(stalled);
+    assert!((prefix.len()) < N, "the whole backlog fit the socket");
+    assert_eq!(
+        prefix,
+        (2..2 + prefix.len() as u64).collect::<Vec<_>>(),
+        "the stalled socket got a gap or a reorder"
+    );
+
+    // Resumed from its last ack, the device gets every notification, in order.
+    let mut c = Client::connect(&edge.ws_url(), "slow", "phone", (Some(&epoch), Some(1))).await;
+    let got = c.take(N).await;
+    assert_eq!(got, (2..=last).collect::<Vec<_>>());
+    c.assert_quiet(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_two_heartbeat_intervals() {
+    let sys = System::start().await;
+    let edge = sys
+        .edge(
+            sys.edge_config("edge-hb")
+                .with_heartbeat(Duration::from_millis(300)),
+        )
+        .await;
+    let mut request = edge.ws_url().into_client_request().expect("valid url");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::token("quiet", Some("phone")))
+            .parse()
+            .expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connects");
+    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("welcome in time");
+    assert!(
+        matches!(&welcome, Some(Ok(Message::Text(t))) if t.as_str().contains("\"welcome\"")),
+        "{welcome:?}"
+    );
+    ws.send(Message::Text(r#"{"type":"resume"}"#.into()))
+        .await
+        .expect("send resume");
+    let silent_since = Instant::now();
+
+    // Application pings arrive as text and go unanswered; the client never writes again.
+    let mut pings = 0;
+    let code = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("the silent client is dropped within 5 s");
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                assert!(t.as_str().contains("\"ping\""), "unexpected {t}");
+                pings += 1;
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => break None,
+        }
+    };
+    let after = silent_since.elapsed();
+    assert!(
+        code.is_none() || code == Some(1008),
+        "closed with {code:?}, expected 1008 or EOF"
+    );
+    assert!(
+        after >= Duration::from_millis(500) && after <= Duration::from_secs(3),
+        "dropped after {after:?} of silence (heartbeat 300 ms, {pings} pings)"
+    );
+    assert!(pings >= 1, "the edge pinged before dropping");
+}
+
+#[tokio::test]
+async fn drain_on_sigterm_closes_every_client_with_1012_and_loses_nothing() {
+    let sys = System::start().await;
+    let mut draining =
+        EdgeProcess::start(&sys, "edge-drain", &[("GAPLESS_DRAIN_WINDOW_MS", "500")]).await;
+    let users: Vec<String> = (0..5).map(|i| format!("drain-{i}")).collect();
+    let mut clients = Vec::new();
+    let mut epochs = Vec::new();
+    for user in &users {
+        let (c, epoch) =
+            connect_with_log(&sys, &draining.ws_url(), user, "phone", "edge-drain").await;
+        clients.push(c);
+        epochs.push(epoch);
+    }
+
+    draining.sigterm();
+    let signalled = Instant::now();
+    // Appends while the edge drains: they must wait in the log.
+    for user in &users {
+        for i in 0..2 {
+            sys.send(user, serde_json::json!(format!("during-{i}")))
+                .await;
+        }
+    }
+    for (user, c) in users.iter().zip(clients.iter_mut()) {
+        assert_eq!(c.close_code().await, Some(1012), "close code of {user}");
+    }
+    let closed = signalled.elapsed();
+    assert!(
+        closed < Duration::from_secs(3),
+        "closing every client took {closed:?} with a 500 ms drain window"
+    );
+    drop(clients);
+    let status = draining.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "the drained edge exited with {status}");
+
+    let mut conn = sys.redis_conn().await;
+    for (user, epoch) in users.iter().zip(&epochs) {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("gl:{{{user}}}:r"))
+            .arg("edge-drain")
+            .query_async(&mut conn)
+            .await
+            .expect("ZSCORE");
+        assert_eq!(
+            score, None,
+            "the drained edge is still registered for {user}"
+        );
+        assert_eq!(
+            stored_ack(&sys, user, "phone").await,
+            Some((epoch.clone(), 1)),
+            "the drain flushed the ack of {user}"
+        );
+    }
+    for user in &users {
+        for i in 0..2 {
+            sys.send(user, serde_json::json!(format!("after-{i}")))
+                .await;
+        }
+    }
+
+    let other = sys.edge(sys.edge_config("edge-other")).await;
+    for (user, epoch) in users.iter().zip(&epochs) {
+        let mut c = Client::connect(&other.ws_url(), user, "phone", (Some(epoch), Some(1))).await;
+        assert_eq!(c.take(4).await, vec![2, 3, 4, 5], "resume of {user}");
+        c.assert_quiet(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_keeps_clients_and_delivery_resumes() {
+    let mut sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-rr")).await;
+    let (mut c, epoch) = connect_with_log(&sys, &edge.ws_url(), "rr", "phone", "edge-rr").await;
+
+    tokio::task::block_in_place(|| sys.redis.kill());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| sys.redis.restart()).expect("Redis restarts from its AOF");
+
+    let mut appended = Vec::new();
+    for i in 0..5 {
+        let key = format!("after-restart-{i}");
+        appended.push(send_retrying(&sys, "rr", &key, Duration::from_secs(15)).await);
+    }
+    assert_eq!(
+        appended,
+        vec![2, 3, 4, 5, 6],
+        "the log survived the restart"
+    );
+
+    let got = notes(&mut c, 5).await;
+    assert_eq!(seqs(&got), appended);
+    assert!(
+        got.iter().all(|n| n.epoch == epoch),
+        "same epoch after the restart"
+    );
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
+
+/// A device that names no position and has no stored ack starts at the live end; a slow
+/// position read (Redis failing it for a while) must not make it miss anything appended
+/// once it is registered.
+#[tokio::test]
+async fn a_device_without_a_position_gets_everything_appended_after_it_registered() {
+    let sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-nd")).await;
+    let mut admin = sys.redis_conn().await;
+    // Fault: the device's position cannot be read for a while (here a foreign key of the
+    // wrong type; a Redis timeout does the same), so the session retries the read.
+    let acks = "gl:{nd}:a";
+    let () = redis::cmd("SET")
+        .arg(acks)
+        .arg("not-a-hash")
+        .query_async(&mut admin)
+        .await
+        .expect("SET");
+    let mut c = Client::connect(&edge.ws_url(), "nd", "phone", (None, None)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let _: u64 = redis::cmd("DEL")
+        .arg(acks)
+        .query_async(&mut admin)
+        .await
+        .expect("DEL");
+    // The next read (every 250 ms) succeeds, then the device registers.
+    wait_registered(&sys, "nd", "edge-nd").await;
+    let (_, first) = sys.send("nd", serde_json::json!(1)).await;
+    let (_, second) = sys.send("nd", serde_json::json!(2)).await;
+    assert_eq!(c.take(2).await, vec![first, second]);
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
