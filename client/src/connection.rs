@@ -1,0 +1,181 @@
+//! One WebSocket connection to an edge: the handshake (`welcome`, `resume`), frames in and
+//! out, pings answered, and the heartbeat deadline.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gapless_shared::protocol::{
+    self, ClientMessage, Notification, ResetReason, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD,
+    ServerMessage,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::ClientConfig;
+
+/// Wire encoding of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// `gapless.v1.json`.
+    Json,
+    /// `gapless.v1.postcard`.
+    Postcard,
+}
+
+/// What the application-facing client needs from a frame.
+pub(crate) enum Incoming {
+    Notification(Notification),
+    Reset {
+        epoch: String,
+        first_seq: u64,
+        reason: ResetReason,
+    },
+    Closed {
+        code: u16,
+        reason: String,
+    },
+}
+
+pub(crate) struct Connection {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    codec: Codec,
+    /// Silence after which the edge is presumed gone: heartbeat + grace.
+    deadline: Duration,
+}
+
+impl Connection {
+    /// Connects, reads `welcome`, sends `resume`. Returns the edge and device of `welcome`.
+    pub(crate) async fn open(
+        config: &ClientConfig,
+        url: &str,
+        resume: (Option<String>, Option<u64>),
+    ) -> Result<(Self, String, String), String> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| format!("bad URL: {e}"))?;
+        let headers = request.headers_mut();
+        headers.insert(
+            "authorization",
+            format!("Bearer {}", config.token)
+                .parse()
+                .map_err(|_| "the token is not a valid header value".to_owned())?,
+        );
+        let protocol = match config.codec {
+            Codec::Json => SUBPROTOCOL_JSON,
+            Codec::Postcard => SUBPROTOCOL_POSTCARD,
+        };
+        headers.insert(
+            "sec-websocket-protocol",
+            protocol
+                .parse()
+                .expect("a subprotocol name is a valid header"),
+        );
+        // Small buffers: a device receives small frames, and a load generator holds many.
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(8 << 10)
+            .write_buffer_size(0)
+            .max_write_buffer_size(64 << 10);
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), false);
+        let (ws, _) = tokio::time::timeout(config.connect_timeout, connect)
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let mut conn = Self {
+            ws,
+            codec: config.codec,
+            deadline: config.connect_timeout,
+        };
+        let (edge, device, heartbeat_ms) = match conn.read().await? {
+            Read::Message(ServerMessage::Welcome {
+                edge,
+                device,
+                heartbeat_ms,
+                ..
+            }) => (edge, device, heartbeat_ms),
+            Read::Message(other) => return Err(format!("expected welcome, got {other:?}")),
+            Read::Closed { code, reason } => {
+                return Err(format!("closed before welcome: {code} {reason}"));
+            }
+        };
+        conn.deadline = Duration::from_millis(heartbeat_ms) + config.heartbeat_grace;
+        conn.send(&ClientMessage::Resume {
+            epoch: resume.0,
+            after: resume.1,
+        })
+        .await?;
+        Ok((conn, edge, device))
+    }
+
+    pub(crate) async fn ack(&mut self, seq: u64) -> Result<(), String> {
+        self.send(&ClientMessage::Ack { seq }).await
+    }
+
+    async fn send(&mut self, msg: &ClientMessage) -> Result<(), String> {
+        let frame = match self.codec {
+            Codec::Json => Message::Text(protocol::to_json(msg).into()),
+            Codec::Postcard => Message::Binary(msg.to_postcard().into()),
+        };
+        self.ws
+            .send(frame)
+            .await
+            .map_err(|e| format!("send failed: {e}"))
+    }
+
+    /// The next server message or the close, within the heartbeat deadline; pings are
+    /// answered here.
+    async fn read(&mut self) -> Result<Read, String> {
+        loop {
+            let frame = tokio::time::timeout(self.deadline, self.ws.next())
+                .await
+                .map_err(|_| format!("no frame from the edge for {:?}", self.deadline))?;
+            let msg = match frame {
+                None => return Err("connection ended".into()),
+                Some(Err(e)) => return Err(format!("connection failed: {e}")),
+                Some(Ok(Message::Text(t))) => protocol::from_json::<ServerMessage>(t.as_str())
+                    .map_err(|e| format!("bad frame: {e}"))?,
+                Some(Ok(Message::Binary(b))) => {
+                    ServerMessage::from_postcard(&b).map_err(|e| format!("bad frame: {e}"))?
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(Read::Closed { code, reason });
+                }
+                Some(Ok(_)) => continue,
+            };
+            if msg == ServerMessage::Ping {
+                self.send(&ClientMessage::Pong).await?;
+                continue;
+            }
+            return Ok(Read::Message(msg));
+        }
+    }
+
+    /// The next notification, reset or close.
+    pub(crate) async fn next(&mut self) -> Result<Incoming, String> {
+        match self.read().await? {
+            Read::Message(ServerMessage::Notification(n)) => Ok(Incoming::Notification(n)),
+            Read::Message(ServerMessage::Reset {
+                epoch,
+                first_seq,
+                reason,
+            }) => Ok(Incoming::Reset {
+                epoch,
+                first_seq,
+                reason,
+            }),
+            Read::Message(other) => Err(format!("unexpected {other:?}")),
+            Read::Closed { code, reason } => Ok(Incoming::Closed { code, reason }),
+        }
+    }
+}
+
+/// A server message, or the close frame.
+enum Read {
+    Message(ServerMessage),
+    Closed { code: u16, reason: String },
+}

@@ -1,0 +1,343 @@
+//! gapless-client: a Rust client for the gapless edge protocol (DESIGN.md §5).
+//!
+//! It keeps the device's position (epoch and last processed seq) itself, so it can resume
+//! from it on any edge after any disconnect; drops the duplicates at-least-once delivery may
+//! bring; acks what the application processed; watches heartbeats; reconnects with
+//! exponential backoff and full jitter; and surfaces `reset` to the application.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use gapless_client::{Client, ClientConfig, Event};
+//! let config = ClientConfig::new(vec!["ws://127.0.0.1:8080/v1/ws".into()], "<jwt>".into());
+//! let mut client = Client::new(config, None);
+//! loop {
+//!     match client.next_event().await {
+//!         Event::Notification(n) => {
+//!             println!("{} {}", n.seq, n.payload);
+//!             client.ack(n.seq); // processed: the edge may forget it
+//!         }
+//!         Event::Reset { first_seq, .. } => println!("history lost before {first_seq}"),
+//!         other => println!("{other:?}"),
+//!     }
+//! }
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod connection;
+
+use std::time::Duration;
+
+use gapless_shared::protocol::{Notification, ResetReason};
+use rand::Rng;
+
+pub use connection::Codec;
+use connection::{Connection, Incoming};
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Edge URLs (`ws://host:port/v1/ws`); each (re)connect picks one at random.
+    pub urls: Vec<String>,
+    /// The device token (JWT), sent as `Authorization: Bearer`.
+    pub token: String,
+    /// Wire encoding.
+    pub codec: Codec,
+    /// First reconnect delay bound; doubles per failed attempt up to `backoff_max`, and the
+    /// actual delay is uniform in [0, bound] (full jitter).
+    pub backoff_min: Duration,
+    /// Largest reconnect delay bound.
+    pub backoff_max: Duration,
+    /// Silence tolerated past the server's heartbeat interval before reconnecting.
+    pub heartbeat_grace: Duration,
+    /// Time to establish a connection and get `welcome`.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A JSON client of `urls` with defaults: backoff 100 ms..10 s, heartbeat grace 10 s.
+    pub fn new(urls: Vec<String>, token: String) -> Self {
+        Self {
+            urls,
+            token,
+            codec: Codec::Json,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            heartbeat_grace: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the device stands: the epoch of its log and the last seq it processed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    /// Epoch; `None` before the first notification.
+    pub epoch: Option<String>,
+    /// Last processed seq within `epoch`.
+    pub seq: u64,
+}
+
+/// What the application sees.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Connected and resumed on `edge`.
+    Connected {
+        /// The edge.
+        edge: String,
+        /// The device id the edge knows this client by.
+        device: String,
+    },
+    /// The next notification, in order, never one already delivered.
+    Notification(Notification),
+    /// The edge could not serve the exact gap; notifications go on from `first_seq`.
+    Reset {
+        /// The current epoch.
+        epoch: String,
+        /// The first seq that follows.
+        first_seq: u64,
+        /// Why.
+        reason: ResetReason,
+    },
+    /// The connection ended; the client reconnects by itself after `retry_in`.
+    Disconnected {
+        /// What happened.
+        reason: String,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// Counters of what the client absorbed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Notifications delivered to the application.
+    pub delivered: u64,
+    /// Duplicates dropped (seq already delivered).
+    pub duplicates: u64,
+    /// Gaps the client detected itself (a seq past the next): it reconnected to resume.
+    pub gaps: u64,
+    /// Connections established.
+    pub connects: u64,
+}
+
+/// A gapless client. Drive it with [`next_event`](Self::next_event).
+pub struct Client {
+    config: ClientConfig,
+    position: Position,
+    /// Highest seq acked to the edge.
+    acked: u64,
+    /// Highest seq the application acked, to send at the next chance.
+    ack_wanted: u64,
+    conn: Option<Connection>,
+    /// Failed attempts in a row, for the backoff.
+    failures: u32,
+    /// A delay the server asked for (drain hint), used once.
+    server_delay: Option<Duration>,
+    stats: Stats,
+}
+
+impl Client {
+    /// A client starting from `start` (`None`: let the edge use the stored ack, else the
+    /// live end).
+    pub fn new(config: ClientConfig, start: Option<Position>) -> Self {
+        Self {
+            config,
+            position: start.unwrap_or_default(),
+            acked: 0,
+            ack_wanted: 0,
+            conn: None,
+            failures: 0,
+            server_delay: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The device's position.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// What the client absorbed so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Marks everything up to `seq` processed; sent with the next read or write.
+    pub fn ack(&mut self, seq: u64) {
+        self.ack_wanted = self.ack_wanted.max(seq.min(self.position.seq));
+    }
+
+    /// Drops the connection now (to simulate a network change); the next call reconnects.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// The next event. Reconnects as needed; never returns an error: failures become
+    /// [`Event::Disconnected`] and a retry.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                match self.open().await {
+                    Ok(event) => return event,
+                    Err(reason) => return self.lost(reason),
+                }
+            };
+            if self.ack_wanted > self.acked {
+                let seq = self.ack_wanted;
+                if let Err(e) = conn.ack(seq).await {
+                    return self.lost(e);
+                }
+                self.acked = seq;
+            }
+            match conn.next().await {
+                Err(e) => return self.lost(e),
+                Ok(Incoming::Closed { code, reason }) => {
+                    if code == 1012 {
+                        self.server_delay = parse_drain_delay(&reason);
+                    }
+                    return self.lost(format!("closed by the edge: {code} {reason}"));
+                }
+                Ok(Incoming::Reset {
+                    epoch,
+                    first_seq,
+                    reason,
+                }) => {
+                    self.position = Position {
+                        epoch: Some(epoch.clone()),
+                        seq: first_seq.saturating_sub(1),
+                    };
+                    self.acked = self.acked.min(self.position.seq);
+                    self.ack_wanted = self.ack_wanted.min(self.position.seq);
+                    return Event::Reset {
+                        epoch,
+                        first_seq,
+                        reason,
+                    };
+                }
+                Ok(Incoming::Notification(n)) => {
+                    let same_epoch = self.position.epoch.as_deref() == Some(n.epoch.as_str());
+                    if same_epoch && n.seq <= self.position.seq {
+                        self.stats.duplicates += 1;
+                        continue;
+                    }
+                    if same_epoch && n.seq != self.position.seq + 1 {
+                        // The edge promises contiguous seqs: a jump is a fault somewhere.
+                        // Resume from what we have rather than skip.
+                        self.stats.gaps += 1;
+                        return self.lost(format!(
+                            "gap: expected seq {}, got {}",
+                            self.position.seq + 1,
+                            n.seq
+                        ));
+                    }
+                    if !same_epoch {
+                        if self.position.epoch.is_some() {
+                            // A new epoch without a reset first would be an edge fault.
+                            self.stats.gaps += 1;
+                            return self
+                                .lost(format!("epoch changed to {} without reset", n.epoch));
+                        }
+                        self.position.epoch = Some(n.epoch.clone());
+                        self.acked = n.seq - 1;
+                        self.ack_wanted = self.acked;
+                    }
+                    self.position.seq = n.seq;
+                    self.stats.delivered += 1;
+                    return Event::Notification(n);
+                }
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<Event, String> {
+        let Some(url) = pick(&self.config.urls) else {
+            return Err("no edge URL configured".into());
+        };
+        let resume = (
+            self.position.epoch.clone(),
+            self.position.epoch.as_ref().map(|_| self.position.seq),
+        );
+        let (conn, edge, device) = Connection::open(&self.config, &url, resume).await?;
+        self.conn = Some(conn);
+        self.failures = 0;
+        // The edge counts an explicit resume position as acknowledged.
+        self.acked = if self.position.epoch.is_some() {
+            self.position.seq
+        } else {
+            0
+        };
+        self.stats.connects += 1;
+        Ok(Event::Connected { edge, device })
+    }
+
+    /// Drops the connection and says when the next attempt comes.
+    fn lost(&mut self, reason: String) -> Event {
+        self.conn = None;
+        self.failures = self.failures.saturating_add(1);
+        let retry_in = self.server_delay.take().unwrap_or_else(|| {
+            backoff(
+                self.config.backoff_min,
+                self.config.backoff_max,
+                self.failures,
+            )
+        });
+        Event::Disconnected { reason, retry_in }
+    }
+
+    /// Waits out a [`Event::Disconnected`]'s delay (a convenience for simple loops).
+    pub async fn wait(retry_in: Duration) {
+        tokio::time::sleep(retry_in).await;
+    }
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(max, min * 2^(attempt-1))].
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+    let bound = min.saturating_mul(factor).min(max);
+    let ms = bound.as_millis() as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+fn pick(urls: &[String]) -> Option<String> {
+    if urls.is_empty() {
+        return None;
+    }
+    Some(urls[rand::thread_rng().gen_range(0..urls.len())].clone())
+}
+
+/// "edge draining; reconnect in 1234 ms" -> 1234 ms.
+fn parse_drain_delay(reason: &str) -> Option<Duration> {
+    let ms = reason
+        .split("reconnect in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 1..40 {
+            let d = backoff(min, max, attempt);
+            let bound = (100u64 << (attempt - 1).min(20)).min(2000);
+            assert!(d.as_millis() as u64 <= bound, "{attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn drain_hints_parse() {
+        assert_eq!(
+            parse_drain_delay("edge draining; reconnect in 1234 ms"),
+            Some(Duration::from_millis(1234))
+        );
+        assert_eq!(parse_drain_delay("bye"), None);
+    }
+}
