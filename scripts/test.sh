@@ -23,3 +23,10 @@ redis-server --version
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The CI-sized fault drill (about 2 minutes, every fault kind at least once) against the
+# debug binaries the tests just built: exits non-zero on any lost, out-of-order or
+# unexplained duplicate notification.
+cargo build --workspace --locked
+./target/debug/gapless-bench drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
+  --json target/drill-ci.json

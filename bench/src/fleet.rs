@@ -16,8 +16,12 @@ pub const JWT_SECRET: &str = "bench-secret";
 
 /// One edge process.
 pub struct EdgeProcess {
-    /// The process.
-    pub child: Child,
+    /// The process; `None` while it is down.
+    pub child: Option<Child>,
+    /// Its id in the registry.
+    pub id: String,
+    /// Its port (kept across restarts).
+    pub port: u16,
     /// `ws://127.0.0.1:<port>/v1/ws`.
     pub ws_url: String,
     /// `http://127.0.0.1:<port>`.
@@ -36,6 +40,8 @@ pub struct Fleet {
     pub api_key: String,
     /// The edges.
     pub edges: Vec<EdgeProcess>,
+    /// Extra environment of every edge.
+    edge_env: Vec<(String, String)>,
     /// Scratch directory, removed on drop.
     dir: PathBuf,
 }
@@ -44,6 +50,15 @@ impl Fleet {
     /// Starts Redis with `appendfsync`, migrates, starts the ingest and `edges` edges, and
     /// waits until all are ready.
     pub async fn start(appendfsync: &str, edges: usize) -> anyhow::Result<Self> {
+        Self::start_with(appendfsync, edges, Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with extra `GAPLESS_*` settings for every edge.
+    pub async fn start_with(
+        appendfsync: &str,
+        edges: usize,
+        edge_env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("gapless-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let redis = RedisProcess::start(RedisOptions {
@@ -63,6 +78,7 @@ impl Fleet {
             .env("GAPLESS_API_KEYS", &api_key)
             .env("GAPLESS_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(log_file(&dir, "ingest")?)
             .spawn()
             .context("cannot start gapless-ingest")?;
         let mut fleet = Self {
@@ -71,24 +87,19 @@ impl Fleet {
             ingest_url: format!("http://127.0.0.1:{port}"),
             api_key,
             edges: Vec::new(),
+            edge_env,
             dir,
         };
         for i in 0..edges {
             let port = free_port()?;
-            let child = Command::new(sibling_binary("gapless-edge")?)
-                .env("GAPLESS_LISTEN", format!("127.0.0.1:{port}"))
-                .env("GAPLESS_REDIS_URL", fleet.redis.url())
-                .env("GAPLESS_JWT_SECRET", JWT_SECRET)
-                .env("GAPLESS_EDGE_ID", format!("bench-edge-{i}"))
-                .env("GAPLESS_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .context("cannot start gapless-edge")?;
             fleet.edges.push(EdgeProcess {
-                child,
+                child: None,
+                id: format!("bench-edge-{i}"),
+                port,
                 ws_url: format!("ws://127.0.0.1:{port}/v1/ws"),
                 http_url: format!("http://127.0.0.1:{port}"),
             });
+            fleet.spawn_edge(i)?;
         }
         let ready: Vec<String> = std::iter::once(fleet.ingest_url.clone())
             .chain(fleet.edges.iter().map(|e| e.http_url.clone()))
@@ -99,17 +110,78 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Pids of the processes, by role.
+    /// Starts edge `i` (again), on its port and with its id.
+    pub fn spawn_edge(&mut self, i: usize) -> anyhow::Result<()> {
+        let edge = &mut self.edges[i];
+        let child = Command::new(sibling_binary("gapless-edge")?)
+            .env("GAPLESS_LISTEN", format!("127.0.0.1:{}", edge.port))
+            .env("GAPLESS_REDIS_URL", self.redis.url())
+            .env("GAPLESS_JWT_SECRET", JWT_SECRET)
+            .env("GAPLESS_EDGE_ID", &edge.id)
+            .env("GAPLESS_LOG", "warn")
+            .envs(self.edge_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(log_file(&self.dir, &edge.id)?)
+            .spawn()
+            .context("cannot start gapless-edge")?;
+        edge.child = Some(child);
+        Ok(())
+    }
+
+    /// Restarts edge `i` and waits until it is ready.
+    pub async fn restart_edge(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn_edge(i)?;
+        let url = self.edges[i].http_url.clone();
+        self.wait_ready(&url).await
+    }
+
+    /// Kills edge `i` with SIGKILL.
+    pub fn kill_edge(&mut self, i: usize) {
+        if let Some(mut child) = self.edges[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops edge `i` with SIGTERM (it drains) and waits for it to exit; returns how long
+    /// the exit took and whether it succeeded.
+    pub async fn term_edge(&mut self, i: usize) -> anyhow::Result<(Duration, bool)> {
+        let Some(mut child) = self.edges[i].child.take() else {
+            bail!("edge {i} is not running");
+        };
+        let started = Instant::now();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .context("cannot run kill")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((started.elapsed(), status.success()));
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok((started.elapsed(), false));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pids of the running processes, by role.
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut pids = vec![("ingest".to_owned(), self.ingest.id())];
         pids.extend(self.redis.pid().map(|p| ("redis".to_owned(), p)));
         for (i, edge) in self.edges.iter().enumerate() {
-            pids.push((format!("edge-{i}"), edge.child.id()));
+            if let Some(child) = &edge.child {
+                pids.push((format!("edge-{i}"), child.id()));
+            }
         }
         pids
     }
 
-    async fn wait_ready(&mut self, base: &str) -> anyhow::Result<()> {
+    /// Polls `<base>/readyz` until it answers 200.
+    pub async fn wait_ready(&mut self, base: &str) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -117,7 +189,9 @@ impl Fleet {
                 bail!("gapless-ingest exited during start-up: {status}");
             }
             for edge in &mut self.edges {
-                if let Some(status) = edge.child.try_wait()? {
+                if let Some(child) = edge.child.as_mut()
+                    && let Some(status) = child.try_wait()?
+                {
                     bail!("gapless-edge exited during start-up: {status}");
                 }
             }
@@ -140,8 +214,10 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         for edge in &mut self.edges {
-            let _ = edge.child.kill();
-            let _ = edge.child.wait();
+            if let Some(mut child) = edge.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         let _ = self.ingest.kill();
         let _ = self.ingest.wait();
@@ -164,6 +240,14 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         "{name} not found beside {}: build the workspace first (cargo build --release --workspace)",
         exe.display()
     )
+}
+
+/// The log file of a process of the fleet (appended across restarts).
+fn log_file(dir: &std::path::Path, name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?)
 }
 
 /// A port that was free a moment ago.

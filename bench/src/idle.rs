@@ -2,6 +2,7 @@
 //! fleet's edges, hold them (answering pings), and report each edge's resident memory per
 //! idle connection: (RSS after the ramp - RSS before) / connections on that edge.
 
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -56,7 +57,11 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         bail!("--connections, --edges and --rate must be positive");
     }
     let fleet = Fleet::start("everysec", args.edges).await?;
-    let edge_pids: Vec<u32> = fleet.edges.iter().map(|e| e.child.id()).collect();
+    let edge_pids: Vec<u32> = fleet
+        .edges
+        .iter()
+        .filter_map(|e| e.child.as_ref().map(Child::id))
+        .collect();
     let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
 
     let open = Arc::new(AtomicUsize::new(0));

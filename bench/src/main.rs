@@ -1,10 +1,11 @@
 //! `gapless-bench`: measures a real gapless system started as separate processes.
 //!
 //! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD),
-//! `idle` (edge memory per idle connection).
+//! `idle` (edge memory per idle connection), `drill` (the delivery guarantees under faults).
 //! Modules: [`fleet`] starts and stops the processes, [`stats`] summarises samples.
 #![forbid(unsafe_code)]
 
+mod drill;
 mod fleet;
 mod idle;
 mod ingest;
@@ -31,6 +32,9 @@ enum Scenario {
     Ingest(ingest::IngestArgs),
     /// Hold N idle connections over the edges and report edge memory per connection.
     Idle(idle::IdleArgs),
+    /// Run devices and producers against a real system under a fault schedule and check
+    /// the delivery guarantees; exits non-zero on any violation.
+    Drill(drill::DrillArgs),
 }
 
 #[tokio::main]
@@ -38,5 +42,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Scenario::Ingest(args) => ingest::run(args).await,
         Scenario::Idle(args) => idle::run(args).await,
+        Scenario::Drill(args) => drill::run(args).await,
     }
 }

@@ -109,6 +109,20 @@ impl Connection {
         Ok((conn, edge, device))
     }
 
+    /// Sends a close frame and waits briefly for the edge's.
+    pub(crate) async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+
+    /// Drops the socket with SO_LINGER 0, so the kernel sends RST instead of FIN.
+    pub(crate) fn abort(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            // Linger 0 never blocks: the socket is reset at once on drop.
+            #[allow(deprecated)]
+            let _ = tcp.set_linger(Some(Duration::ZERO));
+        }
+    }
+
     pub(crate) async fn ack(&mut self, seq: u64) -> Result<(), String> {
         self.send(&ClientMessage::Ack { seq }).await
     }

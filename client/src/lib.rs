@@ -168,9 +168,25 @@ impl Client {
         self.ack_wanted = self.ack_wanted.max(seq.min(self.position.seq));
     }
 
-    /// Drops the connection now (to simulate a network change); the next call reconnects.
+    /// Drops the connection now without a close frame, as a vanished network does; the next
+    /// call reconnects.
     pub fn disconnect(&mut self) {
         self.conn = None;
+    }
+
+    /// Closes the connection cleanly (close frame 1000); the next call reconnects.
+    pub async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close().await;
+        }
+    }
+
+    /// Resets the TCP connection (RST), as a crashed device or middlebox does; the next call
+    /// reconnects. For simulations.
+    pub fn abort(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.abort();
+        }
     }
 
     /// The next event. Reconnects as needed; never returns an error: failures become

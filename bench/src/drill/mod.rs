@@ -1,0 +1,706 @@
+//! The fault drill (`gapless-bench drill`): starts a real system as processes (Redis with AOF
+//! `appendfsync always`, the migrations, one ingest, several edges), runs simulated devices
+//! and producers against it while a fault schedule attacks it, and checks the guarantees of
+//! DESIGN.md §2 from what every device received.
+//!
+//! [`device`] simulates devices on the `gapless-client` crate, [`producer`] appends with
+//! idempotency keys and retries, [`proxy`] blackholes connections, and the checker here turns
+//! the logs into a table per fault kind.
+
+mod device;
+mod producer;
+mod proxy;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use gapless_client::ClientConfig;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{Fleet, JWT_SECRET};
+use crate::stats::{median, rss_kib};
+use device::{DeviceLog, DeviceShared, DeviceSpec};
+use producer::{Ledger, Mode, Producer};
+use proxy::Proxy;
+
+/// Settings of the drill.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// How long faults are injected (the drill then lets everything catch up).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    duration: Duration,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// Users the devices belong to (several devices per user).
+    #[arg(long, default_value_t = 80)]
+    users: usize,
+    /// Notifications per second, over all producers.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Edge processes.
+    #[arg(long, default_value_t = 3)]
+    edges: usize,
+    /// Edge heartbeat, ms (frozen sockets are noticed after two).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// "90s", "2m", "30m", "1h" or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(60 * n)),
+        "h" => Ok(Duration::from_secs(3600 * n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        _ => Err(format!("bad duration unit in {s:?}")),
+    }
+}
+
+/// The kinds of fault, in schedule order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Fault {
+    EdgeKill,
+    EdgeDrain,
+    RedisKill,
+    PubsubKill,
+    SlowConsumer,
+    Blackhole,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::EdgeKill,
+    Fault::PubsubKill,
+    Fault::EdgeDrain,
+    Fault::Blackhole,
+    Fault::RedisKill,
+    Fault::SlowConsumer,
+];
+
+/// One injected fault.
+#[derive(Debug, Clone, Serialize)]
+struct Injection {
+    kind: Fault,
+    at_ms: u64,
+    /// Until every device held everything acknowledged before the injection; `None` if that
+    /// never happened before the next fault.
+    recovered_ms: Option<u64>,
+    note: String,
+}
+
+/// A table row.
+#[derive(Debug, Serialize)]
+struct Row {
+    fault: Fault,
+    injected: usize,
+    survived: usize,
+    lost: usize,
+    out_of_order: usize,
+    bad_duplicates: usize,
+    recover_ms_median: f64,
+    recover_ms_max: u64,
+}
+
+/// The drill's result.
+#[derive(Debug, Serialize)]
+struct Report {
+    duration_s: u64,
+    devices: usize,
+    users: usize,
+    edges: usize,
+    rate_per_s: f64,
+    acknowledged: u64,
+    delivered: u64,
+    producer_retries: u64,
+    producer_deduplicated: u64,
+    lost: usize,
+    out_of_order: usize,
+    non_contiguous: usize,
+    bad_duplicates: usize,
+    allowed_duplicates: usize,
+    wire_duplicates: u64,
+    client_gaps: u64,
+    resets: usize,
+    slow_consumer_edge_rss_growth_kib: u64,
+    memory_bound_kib: u64,
+    rows: Vec<Row>,
+    injections: Vec<Injection>,
+}
+
+/// Edge RSS growth during the slow-consumer fault above which the drill fails.
+const MEMORY_BOUND_KIB: u64 = 256 << 10;
+
+/// Runs the drill; fails (non-zero exit) on any lost, out-of-order or unexplained duplicate
+/// notification, or an edge memory growth past the bound.
+pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
+    if args.devices == 0 || args.users == 0 || args.edges < 2 || args.rate <= 0.0 {
+        bail!("--devices, --users and --rate must be positive and --edges at least 2");
+    }
+    let hb = args.heartbeat_ms;
+    let mut fleet = Fleet::start_with(
+        "always",
+        args.edges,
+        vec![
+            ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
+            ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
+            ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
+            ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
+            ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
+        ],
+    )
+    .await?;
+    let mut proxies = Vec::new();
+    for edge in &fleet.edges {
+        proxies.push(Proxy::start(edge.port).await?);
+    }
+    let direct: Vec<String> = fleet.edges.iter().map(|e| e.ws_url.clone()).collect();
+    let proxied: Vec<String> = proxies.iter().map(|p| p.ws_url.clone()).collect();
+    let start = Instant::now();
+    let stop_devices = CancellationToken::new();
+
+    // Devices: spread over users; every fifth behind the blackhole proxies; most flappy.
+    // The last user is the slow consumer's, with one device the slow-consumer fault freezes.
+    let users: Vec<String> = (0..args.users).map(|u| format!("drill-{u}")).collect();
+    let slow_user = users[args.users - 1].clone();
+    let mut shared = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..args.devices {
+        let user = users[i % args.users].clone();
+        let device = format!("dev-{i}");
+        let token = gapless_edge::auth::mint_hs256(
+            JWT_SECRET,
+            &user,
+            Some(&device),
+            Duration::from_secs(24 * 3600),
+        );
+        let urls = if i % 5 == 4 {
+            proxied.clone()
+        } else {
+            direct.clone()
+        };
+        let mut config = ClientConfig::new(urls, token);
+        config.backoff_min = Duration::from_millis(100);
+        config.backoff_max = Duration::from_secs(3);
+        config.heartbeat_grace = Duration::from_millis(hb);
+        config.connect_timeout = Duration::from_secs(3);
+        let spec = DeviceSpec {
+            user,
+            device,
+            config,
+            flappy: i % 4 != 0,
+            freeze_for: Duration::from_millis(3 * hb),
+            redis_url: fleet.redis.url(),
+        };
+        let s = Arc::new(DeviceShared::default());
+        shared.push(s.clone());
+        devices.push(tokio::spawn(device::run(
+            spec,
+            s,
+            start,
+            stop_devices.clone(),
+        )));
+    }
+    // Devices connect before anything is appended, so each must receive every notification.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.iter().any(|s| !s.connected.load(Ordering::Relaxed)) {
+        if Instant::now() > deadline {
+            bail!("devices did not all connect within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Connected is reported after resume is sent; give the edges a moment to register.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ledger: Ledger = Arc::default();
+    let stop_producers = CancellationToken::new();
+    let producer_users: Vec<String> = users[..args.users - 1].to_vec();
+    let mut producers = Vec::new();
+    for (name, mode, share) in [("batch", Mode::Batch, 0.8), ("single", Mode::Single, 0.2)] {
+        let p = Producer {
+            name: format!("{name}-{}", std::process::id()),
+            ingest_url: fleet.ingest_url.clone(),
+            api_key: fleet.api_key.clone(),
+            users: producer_users.clone(),
+            rate: args.rate * share,
+            mode,
+        };
+        producers.push(tokio::spawn(p.run(
+            ledger.clone(),
+            start,
+            stop_producers.clone(),
+        )));
+    }
+
+    // The fault schedule: one fault every `every`, cycling through the kinds.
+    let every = args.duration / (FAULTS.len() as u32 + 1);
+    let mut injections: Vec<Injection> = Vec::new();
+    let mut slow_growth = 0u64;
+    let mut k = 0usize;
+    let faults_end = start + args.duration;
+    let mut next_fault = start + every / 2;
+    while Instant::now() + every / 2 < faults_end {
+        progress(&start, &shared, &ledger, injections.len());
+        if Instant::now() < next_fault {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        next_fault += every;
+        let kind = FAULTS[k % FAULTS.len()];
+        let target = (k / FAULTS.len()) % args.edges;
+        k += 1;
+        let at_ms = start.elapsed().as_millis() as u64;
+        let note = inject(
+            kind,
+            target,
+            &mut fleet,
+            &proxies,
+            &shared,
+            &users,
+            &slow_user,
+            hb,
+            &mut slow_growth,
+            &start,
+            &ledger,
+        )
+        .await
+        .with_context(|| format!("injecting {kind:?}"))?;
+        // Recovered: every device holds everything acknowledged up to the end of the fault
+        // (time from the end of the injection: a kill and restart takes its own time first).
+        let snapshot = snapshot(&ledger);
+        let recovered = wait_recovered(&snapshot, &shared, &users, args.devices, every).await;
+        injections.push(Injection {
+            kind,
+            at_ms,
+            recovered_ms: recovered.map(|d| d.as_millis() as u64),
+            note,
+        });
+    }
+    stop_producers.cancel();
+    let mut producer_stats = Vec::new();
+    for p in producers {
+        producer_stats.push(p.await?);
+    }
+    // Catch up: every device must hold everything acknowledged.
+    let final_snapshot = snapshot(&ledger);
+    let caught_up = wait_recovered(
+        &final_snapshot,
+        &shared,
+        &users,
+        args.devices,
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!();
+    if caught_up.is_none() {
+        eprintln!("devices did not all catch up within 60 s");
+    }
+    stop_devices.cancel();
+    let mut logs = Vec::new();
+    for d in devices {
+        logs.push(d.await?);
+    }
+    drop(proxies);
+
+    let ledger = ledger
+        .lock()
+        .expect("ledger lock is never poisoned")
+        .clone();
+    let report = check(
+        &args,
+        &ledger,
+        &logs,
+        injections,
+        slow_growth,
+        &producer_stats,
+    );
+    print(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let failed = report.lost + report.out_of_order + report.non_contiguous + report.bad_duplicates;
+    if failed > 0 || report.slow_consumer_edge_rss_growth_kib > MEMORY_BOUND_KIB {
+        bail!("the drill found violations: see the table");
+    }
+    Ok(())
+}
+
+/// Per user, the highest acknowledged seq so far.
+fn snapshot(ledger: &Ledger) -> HashMap<String, u64> {
+    ledger
+        .lock()
+        .expect("ledger lock is never poisoned")
+        .iter()
+        .map(|(u, v)| (u.clone(), v.iter().map(|x| x.0).max().unwrap_or(0)))
+        .collect()
+}
+
+/// Waits until every device holds its user's snapshot seq; returns how long that took.
+async fn wait_recovered(
+    snapshot: &HashMap<String, u64>,
+    shared: &[Arc<DeviceShared>],
+    users: &[String],
+    devices: usize,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        let done = (0..devices).all(|i| {
+            let want = snapshot.get(&users[i % users.len()]).copied().unwrap_or(0);
+            shared[i].max_seq.load(Ordering::Relaxed) >= want
+        });
+        if done {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    kind: Fault,
+    target: usize,
+    fleet: &mut Fleet,
+    proxies: &[Proxy],
+    shared: &[Arc<DeviceShared>],
+    users: &[String],
+    slow_user: &str,
+    hb: u64,
+    slow_growth: &mut u64,
+    start: &Instant,
+    ledger: &Ledger,
+) -> anyhow::Result<String> {
+    match kind {
+        Fault::EdgeKill => {
+            fleet.kill_edge(target);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            fleet.restart_edge(target).await?;
+            Ok(format!("SIGKILL edge-{target}, restarted after 500 ms"))
+        }
+        Fault::EdgeDrain => {
+            let (took, ok) = fleet.term_edge(target).await?;
+            fleet.restart_edge(target).await?;
+            if !ok {
+                bail!("edge-{target} did not exit cleanly on SIGTERM");
+            }
+            Ok(format!(
+                "SIGTERM edge-{target}: exited in {} ms, restarted",
+                took.as_millis()
+            ))
+        }
+        Fault::RedisKill => {
+            fleet.redis.kill();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            fleet.redis.restart()?;
+            Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
+        }
+        Fault::PubsubKill => {
+            let client = redis::Client::open(fleet.redis.url())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let killed: u64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut conn)
+                .await?;
+            Ok(format!("CLIENT KILL TYPE pubsub: {killed} connections"))
+        }
+        Fault::Blackhole => {
+            let n = proxies[target % proxies.len()]
+                .blackhole(Duration::from_millis(3 * hb))
+                .await;
+            Ok(format!(
+                "blackholed {n} connections behind proxy {target} for {} ms",
+                3 * hb
+            ))
+        }
+        Fault::SlowConsumer => {
+            // Freeze the slow user's devices and flood the user with large notifications.
+            let freeze_ms = 6 * hb;
+            let until = start.elapsed().as_millis() as u64 + freeze_ms;
+            for (i, s) in shared.iter().enumerate() {
+                if users[i % users.len()] == slow_user {
+                    s.freeze_until_ms.store(until, Ordering::Relaxed);
+                }
+            }
+            let edge_pids: Vec<u32> = fleet
+                .edges
+                .iter()
+                .filter_map(|e| e.child.as_ref().map(std::process::Child::id))
+                .collect();
+            let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+            let http = reqwest::Client::new();
+            let pad = "x".repeat(16 << 10);
+            let items: Vec<serde_json::Value> = (0..300)
+                .map(|_| serde_json::json!({"user": slow_user, "payload": {"pad": pad}}))
+                .collect();
+            // What the ingest acknowledges goes to the ledger: the frozen devices must get
+            // all of it once they resume.
+            let mut flooded = 0;
+            for _ in 0..4 {
+                let Ok(r) = http
+                    .post(format!("{}/v1/notifications/batch", fleet.ingest_url))
+                    .bearer_auth(&fleet.api_key)
+                    .json(&items)
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(body) = r.json::<serde_json::Value>().await else {
+                    continue;
+                };
+                let at = start.elapsed().as_millis() as u64;
+                let mut ledger = ledger.lock().expect("ledger lock is never poisoned");
+                for result in body["results"].as_array().into_iter().flatten() {
+                    if let (Some(seq), Some(epoch)) =
+                        (result["seq"].as_u64(), result["epoch"].as_str())
+                    {
+                        flooded += 1;
+                        ledger.entry(slow_user.to_owned()).or_default().push((
+                            seq,
+                            epoch.to_owned(),
+                            at,
+                        ));
+                    }
+                }
+            }
+            let sample_until = Instant::now() + Duration::from_millis(freeze_ms);
+            let mut peak = before.clone();
+            while Instant::now() < sample_until {
+                for (p, pid) in peak.iter_mut().zip(&edge_pids) {
+                    *p = (*p).max(rss_kib(*pid).unwrap_or(0));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let growth = peak
+                .iter()
+                .zip(&before)
+                .map(|(p, b)| p.saturating_sub(*b))
+                .max()
+                .unwrap_or(0);
+            *slow_growth = (*slow_growth).max(growth);
+            Ok(format!(
+                "froze {slow_user}'s devices {freeze_ms} ms, flooded {flooded} x 16 KiB; edge RSS +{growth} KiB"
+            ))
+        }
+    }
+}
+
+fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faults: usize) {
+    let connected = shared
+        .iter()
+        .filter(|s| s.connected.load(Ordering::Relaxed))
+        .count();
+    let acked: usize = ledger
+        .lock()
+        .expect("ledger lock is never poisoned")
+        .values()
+        .map(Vec::len)
+        .sum();
+    eprint!(
+        "\r[{:>5.0} s] devices connected {connected}/{}  acknowledged {acked}  faults {faults}   ",
+        start.elapsed().as_secs_f64(),
+        shared.len()
+    );
+}
+
+/// Checks every device's log against the ledger.
+fn check(
+    args: &DrillArgs,
+    ledger: &HashMap<String, Vec<(u64, String, u64)>>,
+    logs: &[DeviceLog],
+    injections: Vec<Injection>,
+    slow_growth: u64,
+    producers: &[producer::ProducerStats],
+) -> Report {
+    // Violations, each with the time it is attributed to.
+    let mut lost_at: Vec<u64> = Vec::new();
+    let mut disorder_at: Vec<u64> = Vec::new();
+    let mut bad_dup_at: Vec<u64> = Vec::new();
+    let mut non_contiguous = 0usize;
+    let mut allowed_duplicates = 0usize;
+    let mut delivered = 0u64;
+    for log in logs {
+        delivered += log.received.len() as u64;
+        // Per connection: strictly increasing within an epoch, and contiguous.
+        let mut last: Option<(u32, Arc<str>, u64)> = None;
+        for r in &log.received {
+            if let Some((conn, epoch, seq)) = &last
+                && *conn == r.conn
+                && **epoch == *r.epoch
+            {
+                if r.seq <= *seq {
+                    disorder_at.push(r.at_ms);
+                } else if r.seq != seq + 1 {
+                    non_contiguous += 1;
+                    disorder_at.push(r.at_ms);
+                }
+            }
+            last = Some((r.conn, r.epoch.clone(), r.seq));
+        }
+        // Duplicates: only after an app restart, and only of what was not stored as acked.
+        let floors: BTreeMap<u32, u64> = log.forgets.iter().copied().collect();
+        let mut seen: HashSet<(Arc<str>, u64)> = HashSet::new();
+        for r in &log.received {
+            if !seen.insert((r.epoch.clone(), r.seq)) {
+                let floor = floors.range(..=r.conn).next_back().map(|(_, f)| *f);
+                match floor {
+                    Some(f) if r.seq > f => allowed_duplicates += 1,
+                    _ => bad_dup_at.push(r.at_ms),
+                }
+            }
+        }
+        // No loss: every acknowledged seq of the user, in the epoch the device is in.
+        let Some(acked) = ledger.get(&log.user) else {
+            continue;
+        };
+        let got: HashSet<(&str, u64)> = log.received.iter().map(|r| (&*r.epoch, r.seq)).collect();
+        for (seq, epoch, at) in acked {
+            if !got.contains(&(epoch.as_str(), *seq)) {
+                lost_at.push(*at);
+            }
+        }
+    }
+    // Attribute each violation to the last fault injected before it.
+    let attribute = |times: &[u64]| -> HashMap<Fault, usize> {
+        let mut by = HashMap::new();
+        for t in times {
+            if let Some(inj) = injections.iter().rev().find(|i| i.at_ms <= *t) {
+                *by.entry(inj.kind).or_insert(0) += 1;
+            }
+        }
+        by
+    };
+    let (lost_by, disorder_by, dup_by) = (
+        attribute(&lost_at),
+        attribute(&disorder_at),
+        attribute(&bad_dup_at),
+    );
+    let rows = FAULTS
+        .iter()
+        .map(|kind| {
+            let of_kind: Vec<&Injection> = injections.iter().filter(|i| i.kind == *kind).collect();
+            let times: Vec<f64> = of_kind
+                .iter()
+                .filter_map(|i| i.recovered_ms.map(|m| m as f64))
+                .collect();
+            let lost = lost_by.get(kind).copied().unwrap_or(0);
+            let out_of_order = disorder_by.get(kind).copied().unwrap_or(0);
+            let bad_duplicates = dup_by.get(kind).copied().unwrap_or(0);
+            Row {
+                fault: *kind,
+                injected: of_kind.len(),
+                survived: if lost + out_of_order + bad_duplicates == 0 {
+                    times.len()
+                } else {
+                    0
+                },
+                lost,
+                out_of_order,
+                bad_duplicates,
+                recover_ms_median: median(&times),
+                recover_ms_max: of_kind
+                    .iter()
+                    .filter_map(|i| i.recovered_ms)
+                    .max()
+                    .unwrap_or(0),
+            }
+        })
+        .collect();
+    Report {
+        duration_s: args.duration.as_secs(),
+        devices: args.devices,
+        users: args.users,
+        edges: args.edges,
+        rate_per_s: args.rate,
+        acknowledged: producers.iter().map(|p| p.acknowledged).sum(),
+        delivered,
+        producer_retries: producers.iter().map(|p| p.retries).sum(),
+        producer_deduplicated: producers.iter().map(|p| p.deduplicated).sum(),
+        lost: lost_at.len(),
+        out_of_order: disorder_at.len(),
+        non_contiguous,
+        bad_duplicates: bad_dup_at.len(),
+        allowed_duplicates,
+        wire_duplicates: logs.iter().map(|l| l.wire_duplicates).sum(),
+        client_gaps: logs.iter().map(|l| l.client_gaps).sum(),
+        resets: logs.iter().map(|l| l.resets.len()).sum(),
+        slow_consumer_edge_rss_growth_kib: slow_growth,
+        memory_bound_kib: MEMORY_BOUND_KIB,
+        rows,
+        injections,
+    }
+}
+
+fn print(r: &Report) {
+    println!(
+        "drill: {} s of faults, {} devices of {} users on {} edges, {} notifications/s",
+        r.duration_s, r.devices, r.users, r.edges, r.rate_per_s
+    );
+    println!(
+        "acknowledged {} notifications, delivered {} (to all devices), producer retries {}, retried writes recognised by idempotency key {}",
+        r.acknowledged, r.delivered, r.producer_retries, r.producer_deduplicated
+    );
+    println!();
+    println!(
+        "| fault | injected | survived | lost | out of order | duplicates (not allowed) | recovery p50 ms | recovery max ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for row in &r.rows {
+        println!(
+            "| {:?} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            row.fault,
+            row.injected,
+            row.survived,
+            row.lost,
+            row.out_of_order,
+            row.bad_duplicates,
+            row.recover_ms_median,
+            row.recover_ms_max
+        );
+    }
+    println!();
+    println!(
+        "lost {}, out of order {} (of which gaps within a connection {}), duplicates not allowed {}, duplicates allowed (unacked, after an app restart) {}, wire duplicates dropped by the client {}, gaps the client caught {}, resets {}",
+        r.lost,
+        r.out_of_order,
+        r.non_contiguous,
+        r.bad_duplicates,
+        r.allowed_duplicates,
+        r.wire_duplicates,
+        r.client_gaps,
+        r.resets
+    );
+    println!(
+        "edge memory during the slow-consumer fault: +{} KiB (bound {} KiB)",
+        r.slow_consumer_edge_rss_growth_kib, r.memory_bound_kib
+    );
+    for i in &r.injections {
+        println!(
+            "  {:>7} ms {:?}: {} (recovered in {})",
+            i.at_ms,
+            i.kind,
+            i.note,
+            i.recovered_ms
+                .map_or_else(|| "never".to_owned(), |m| format!("{m} ms"))
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! Producers: append at a steady rate with an idempotency key on every notification, retrying
+//! on 503, timeouts and refused connections with the same keys, so a retry never duplicates.
+//! Every acknowledged (user, epoch, seq) goes to the ledger the checker reads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What the ingest acknowledged: user -> (seq, epoch, ms since the drill started).
+pub type Ledger = Arc<Mutex<HashMap<String, Vec<(u64, String, u64)>>>>;
+
+/// Counters of a producer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProducerStats {
+    /// Notifications acknowledged.
+    pub acknowledged: u64,
+    /// Requests retried (503, timeout, refused).
+    pub retries: u64,
+    /// Acknowledged as duplicates of an earlier attempt (a retry of a write that had landed).
+    pub deduplicated: u64,
+}
+
+/// How a producer sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Batches every 100 ms.
+    Batch,
+    /// One request per notification.
+    Single,
+}
+
+/// A producer's settings.
+pub struct Producer {
+    /// Name, part of every idempotency key.
+    pub name: String,
+    /// Ingest base URL.
+    pub ingest_url: String,
+    /// API key.
+    pub api_key: String,
+    /// Users to address.
+    pub users: Vec<String>,
+    /// Notifications per second.
+    pub rate: f64,
+    /// Batch or single.
+    pub mode: Mode,
+}
+
+impl Producer {
+    /// Produces until `stop`; returns its counters.
+    pub async fn run(
+        self,
+        ledger: Ledger,
+        start: Instant,
+        stop: CancellationToken,
+    ) -> ProducerStats {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("a plain HTTP client builds");
+        let mut stats = ProducerStats::default();
+        let mut counter = 0u64;
+        let tick = match self.mode {
+            Mode::Batch => Duration::from_millis(100),
+            Mode::Single => Duration::from_secs_f64(1.0 / self.rate.max(0.1)),
+        };
+        let per_tick = match self.mode {
+            Mode::Batch => (self.rate / 10.0).max(1.0) as usize,
+            Mode::Single => 1,
+        };
+        let mut next = Instant::now();
+        while !stop.is_cancelled() {
+            next += tick;
+            let mut items = Vec::with_capacity(per_tick);
+            for _ in 0..per_tick {
+                counter += 1;
+                let user = &self.users[rand::thread_rng().gen_range(0..self.users.len())];
+                let key = format!("{}-{counter}", self.name);
+                let sent_ms = start.elapsed().as_millis() as u64;
+                items.push(json!({
+                    "user": user,
+                    "payload": {"k": key, "sent_ms": sent_ms},
+                    "idempotency_key": key,
+                }));
+            }
+            // Retry what is not acknowledged, with the same keys, until it is (or the drill
+            // ends: then the items were never acknowledged and the checker expects nothing).
+            let mut backoff = Duration::from_millis(50);
+            while !items.is_empty() && !stop.is_cancelled() {
+                let pending = self.send(&http, &items).await;
+                let mut retry = Vec::new();
+                match pending {
+                    Ok(results) => {
+                        for (item, result) in items.into_iter().zip(results) {
+                            match result {
+                                Some((seq, epoch, duplicate)) => {
+                                    stats.acknowledged += 1;
+                                    stats.deduplicated += u64::from(duplicate);
+                                    let user = item["user"].as_str().unwrap_or_default().to_owned();
+                                    let at = start.elapsed().as_millis() as u64;
+                                    ledger
+                                        .lock()
+                                        .expect("ledger lock is never poisoned")
+                                        .entry(user)
+                                        .or_default()
+                                        .push((seq, epoch, at));
+                                }
+                                None => retry.push(item),
+                            }
+                        }
+                    }
+                    Err(()) => retry = items,
+                }
+                items = retry;
+                if !items.is_empty() {
+                    stats.retries += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = stop.cancelled() => {}
+            }
+            if next < Instant::now() {
+                next = Instant::now();
+            }
+        }
+        stats
+    }
+
+    /// Sends items; per item `Some((seq, epoch, duplicate))` when acknowledged.
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        items: &[serde_json::Value],
+    ) -> Result<Vec<Option<(u64, String, bool)>>, ()> {
+        let parse = |v: &serde_json::Value| {
+            Some((
+                v["seq"].as_u64()?,
+                v["epoch"].as_str()?.to_owned(),
+                v["duplicate"].as_bool().unwrap_or(false),
+            ))
+        };
+        match self.mode {
+            Mode::Batch => {
+                let response = http
+                    .post(format!("{}/v1/notifications/batch", self.ingest_url))
+                    .bearer_auth(&self.api_key)
+                    .json(items)
+                    .send()
+                    .await
+                    .map_err(|_| ())?;
+                if !response.status().is_success() {
+                    return Err(());
+                }
+                let body: serde_json::Value = response.json().await.map_err(|_| ())?;
+                let results = body["results"].as_array().ok_or(())?;
+                if results.len() != items.len() {
+                    return Err(());
+                }
+                Ok(results.iter().map(parse).collect())
+            }
+            Mode::Single => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    let response = http
+                        .post(format!("{}/v1/notifications", self.ingest_url))
+                        .bearer_auth(&self.api_key)
+                        .json(item)
+                        .send()
+                        .await
+                        .map_err(|_| ())?;
+                    if !response.status().is_success() {
+                        return Err(());
+                    }
+                    let body: serde_json::Value = response.json().await.map_err(|_| ())?;
+                    out.push(parse(&body));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
