@@ -693,6 +693,11 @@ fn print(r: &Report) {
         "edge memory during the slow-consumer fault: +{} KiB (bound {} KiB)",
         r.slow_consumer_edge_rss_growth_kib, r.memory_bound_kib
     );
+    let failed = r
+        .rows
+        .iter()
+        .filter(|row| row.lost + row.out_of_order + row.bad_duplicates > 0 || row.injected == 0)
+        .count();
     for i in &r.injections {
         println!(
             "  {:>7} ms {:?}: {} (recovered in {})",
@@ -703,4 +708,7 @@ fn print(r: &Report) {
                 .map_or_else(|| "never".to_owned(), |m| format!("{m} ms"))
         );
     }
+    // One line per fault kind: passed when injected and nothing was lost, reordered or
+    // duplicated after it.
+    println!("drill: {} passed, {} failed", r.rows.len() - failed, failed);
 }
