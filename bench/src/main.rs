@@ -39,9 +39,19 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Scenario::Ingest(args) => ingest::run(args).await,
-        Scenario::Idle(args) => idle::run(args).await,
-        Scenario::Drill(args) => drill::run(args).await,
+    let scenario = async {
+        match Cli::parse().command {
+            Scenario::Ingest(args) => ingest::run(args).await,
+            Scenario::Idle(args) => idle::run(args).await,
+            Scenario::Drill(args) => drill::run(args).await,
+        }
+    };
+    // On SIGINT or SIGTERM the scenario is dropped, and with it the fleet, which kills the
+    // processes it started: none is left behind.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(gapless_shared::telemetry::cancel_on_signal(stop.clone()));
+    tokio::select! {
+        result = scenario => result,
+        () = stop.cancelled() => anyhow::bail!("interrupted"),
     }
 }

@@ -47,6 +47,10 @@ pub struct DrillArgs {
     /// Edge processes.
     #[arg(long, default_value_t = 3)]
     edges: usize,
+    /// Interval between faults [default: the duration over 7, at most 30 s], so a short run
+    /// injects every kind once and a long one repeats them.
+    #[arg(long, value_parser = parse_duration)]
+    fault_every: Option<Duration>,
     /// Edge heartbeat, ms (frozen sockets are noticed after two).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
@@ -246,7 +250,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     }
 
     // The fault schedule: one fault every `every`, cycling through the kinds.
-    let every = args.duration / (FAULTS.len() as u32 + 1);
+    let every = args.fault_every.unwrap_or_else(|| {
+        (args.duration / (FAULTS.len() as u32 + 1)).min(Duration::from_secs(30))
+    });
     let mut injections: Vec<Injection> = Vec::new();
     let mut slow_growth = 0u64;
     let mut k = 0usize;
