@@ -153,7 +153,7 @@ pub async fn run(
         tasks.clone(),
     ));
     tokio::spawn(heartbeat::run(hub.clone(), config.heartbeat, tasks.clone()));
-    tokio::spawn(metrics_upkeep(tasks.clone()));
+    tokio::spawn(gapless_shared::telemetry::upkeep(tasks.clone()));
 
     let state = Arc::new(EdgeState {
         config: config.clone(),
@@ -351,18 +351,10 @@ async fn ready(State((state, _)): State<AppState>) -> Response {
 /// `GET /metrics`.
 async fn render_metrics() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            gapless_shared::telemetry::PROMETHEUS_CONTENT_TYPE,
+        )],
         gapless_shared::telemetry::prometheus().render(),
     )
-}
-
-/// Keeps the Prometheus histograms from growing without bound.
-async fn metrics_upkeep(shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => gapless_shared::telemetry::prometheus().run_upkeep(),
-            () = shutdown.cancelled() => return,
-        }
-    }
 }

@@ -446,7 +446,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiEr
 /// `GET /metrics`: Prometheus text format.
 async fn render_metrics() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            gapless_shared::telemetry::PROMETHEUS_CONTENT_TYPE,
+        )],
         gapless_shared::telemetry::prometheus().render(),
     )
 }

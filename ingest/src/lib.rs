@@ -13,7 +13,6 @@ pub mod error;
 pub mod history;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use gapless_shared::schema::{self, SchemaError};
 use gapless_shared::store::{self, StoreError};
@@ -62,7 +61,7 @@ pub async fn run(
     // Install the recorder before the first request, so none goes uncounted.
     gapless_shared::telemetry::prometheus();
     let router = api::router(state, &config);
-    let upkeep = tokio::spawn(metrics_upkeep(shutdown.clone()));
+    let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
 
     let graceful = shutdown.clone();
@@ -79,13 +78,4 @@ pub async fn run(
     };
     upkeep.abort();
     result
-}
-
-/// Keeps the Prometheus histograms from growing without bound.
-async fn metrics_upkeep(shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    while !shutdown.is_cancelled() {
-        tick.tick().await;
-        gapless_shared::telemetry::prometheus().run_upkeep();
-    }
 }

@@ -63,3 +63,17 @@ pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     tracing::info!("shutdown signal received");
     token.cancel();
 }
+
+/// Content type of the Prometheus text format, for `/metrics` answers.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Runs the recorder's upkeep (keeps histograms bounded) every 5 s until `shutdown`.
+pub async fn upkeep(shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => prometheus().run_upkeep(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
