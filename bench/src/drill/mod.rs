@@ -141,6 +141,8 @@ struct Report {
     resets: usize,
     slow_consumer_edge_rss_growth_kib: u64,
     memory_bound_kib: u64,
+    /// Lost, out of order and disallowed duplicates before any fault was injected.
+    before_first_fault: [usize; 3],
     rows: Vec<Row>,
     injections: Vec<Injection>,
 }
@@ -586,12 +588,16 @@ fn check(
         }
     }
     // Attribute each violation to the last fault injected before it.
-    let attribute = |times: &[u64]| -> HashMap<Fault, usize> {
+    // Violations before the first fault count under `None`.
+    let attribute = |times: &[u64]| -> HashMap<Option<Fault>, usize> {
         let mut by = HashMap::new();
         for t in times {
-            if let Some(inj) = injections.iter().rev().find(|i| i.at_ms <= *t) {
-                *by.entry(inj.kind).or_insert(0) += 1;
-            }
+            let kind = injections
+                .iter()
+                .rev()
+                .find(|i| i.at_ms <= *t)
+                .map(|i| i.kind);
+            *by.entry(kind).or_insert(0) += 1;
         }
         by
     };
@@ -608,9 +614,9 @@ fn check(
                 .iter()
                 .filter_map(|i| i.recovered_ms.map(|m| m as f64))
                 .collect();
-            let lost = lost_by.get(kind).copied().unwrap_or(0);
-            let out_of_order = disorder_by.get(kind).copied().unwrap_or(0);
-            let bad_duplicates = dup_by.get(kind).copied().unwrap_or(0);
+            let lost = lost_by.get(&Some(*kind)).copied().unwrap_or(0);
+            let out_of_order = disorder_by.get(&Some(*kind)).copied().unwrap_or(0);
+            let bad_duplicates = dup_by.get(&Some(*kind)).copied().unwrap_or(0);
             Row {
                 fault: *kind,
                 injected: of_kind.len(),
@@ -631,7 +637,13 @@ fn check(
             }
         })
         .collect();
+    let before_first_fault = [
+        lost_by.get(&None).copied().unwrap_or(0),
+        disorder_by.get(&None).copied().unwrap_or(0),
+        dup_by.get(&None).copied().unwrap_or(0),
+    ];
     Report {
+        before_first_fault,
         duration_s: args.duration.as_secs(),
         devices: args.devices,
         users: args.users,
@@ -683,6 +695,8 @@ fn print(r: &Report) {
             row.recover_ms_max
         );
     }
+    let [lost, disorder, dups] = r.before_first_fault;
+    println!("| (before the first fault) | - | - | {lost} | {disorder} | {dups} | - | - |");
     println!();
     println!(
         "lost {}, out of order {} (of which gaps within a connection {}), duplicates not allowed {}, duplicates allowed (unacked, after an app restart) {}, wire duplicates dropped by the client {}, gaps the client caught {}, resets {}",
@@ -703,7 +717,8 @@ fn print(r: &Report) {
         .rows
         .iter()
         .filter(|row| row.lost + row.out_of_order + row.bad_duplicates > 0 || row.injected == 0)
-        .count();
+        .count()
+        + usize::from(r.before_first_fault.iter().sum::<usize>() > 0);
     for i in &r.injections {
         println!(
             "  {:>7} ms {:?}: {} (recovered in {})",
@@ -714,7 +729,11 @@ fn print(r: &Report) {
                 .map_or_else(|| "never".to_owned(), |m| format!("{m} ms"))
         );
     }
-    // One line per fault kind: passed when injected and nothing was lost, reordered or
-    // duplicated after it.
-    println!("drill: {} passed, {} failed", r.rows.len() - failed, failed);
+    // Over the fault kinds and the time before the first fault: passed when nothing was
+    // lost, reordered or duplicated (and, for a kind, when it was injected).
+    println!(
+        "drill: {} passed, {} failed",
+        (r.rows.len() + 1).saturating_sub(failed),
+        failed
+    );
 }
