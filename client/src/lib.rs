@@ -134,6 +134,10 @@ pub struct Client {
     failures: u32,
     /// A delay the server asked for (drain hint), used once.
     server_delay: Option<Duration>,
+    /// Resumed at least once: from then on a client without an epoch resumes with
+    /// `after: 0`, so the edge continues from where this device started, not from a later
+    /// live end.
+    started: bool,
     stats: Stats,
 }
 
@@ -149,6 +153,7 @@ impl Client {
             conn: None,
             failures: 0,
             server_delay: None,
+            started: false,
             stats: Stats::default(),
         }
     }
@@ -270,13 +275,15 @@ impl Client {
         let Some(url) = pick(&self.config.urls) else {
             return Err("no edge URL configured".into());
         };
-        let resume = (
-            self.position.epoch.clone(),
-            self.position.epoch.as_ref().map(|_| self.position.seq),
-        );
+        let resume = match (&self.position.epoch, self.started) {
+            (Some(epoch), _) => (Some(epoch.clone()), Some(self.position.seq)),
+            (None, true) => (None, Some(0)),
+            (None, false) => (None, None),
+        };
         let (conn, edge, device) = Connection::open(&self.config, &url, resume).await?;
         self.conn = Some(conn);
         self.failures = 0;
+        self.started = true;
         // The edge counts an explicit resume position as acknowledged.
         self.acked = if self.position.epoch.is_some() {
             self.position.seq

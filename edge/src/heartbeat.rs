@@ -46,9 +46,9 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
                 Beat::Drop => conn.request_close(CloseReason::HeartbeatTimeout),
                 // A full queue means frames are already flowing to the client; skip the ping.
                 Beat::Ping => {
-                    let _ = conn
-                        .outbound
-                        .try_send(conn.codec.encode(&ServerMessage::Ping));
+                    if let Some(outbound) = conn.outbound.upgrade() {
+                        let _ = outbound.try_send(conn.codec.encode(&ServerMessage::Ping));
+                    }
                 }
             }
         }
@@ -77,13 +77,11 @@ mod tests {
         let conn = |name: &str| {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let user = UserId::parse(name).expect("valid");
-            (
-                Arc::new(Conn::new(hub.next_id(), user, "d".into(), Codec::Json, tx)),
-                rx,
-            )
+            let conn = Conn::new(hub.next_id(), user, "d".into(), Codec::Json, tx.downgrade());
+            (Arc::new(conn), rx, tx)
         };
-        let (silent, _silent_rx) = conn("silent");
-        let (talking, mut talking_rx) = conn("talking");
+        let (silent, _silent_rx, _silent_tx) = conn("silent");
+        let (talking, mut talking_rx, _talking_tx) = conn("talking");
         hub.add(silent.clone());
         hub.add(talking.clone());
         let shutdown = CancellationToken::new();

@@ -66,9 +66,11 @@ pub struct Conn {
     pub codec: Codec,
     /// Last time a frame arrived from the client, on the [`monotonic_ms`] clock.
     pub last_seen: AtomicU64,
-    /// Frames to the connection's writer task. The session holds the other clones; the
-    /// writer holds the receiver and ends when every sender is gone or a write fails.
-    pub outbound: mpsc::Sender<Message>,
+    /// Frames to the connection's writer task, for others than the session (pings). Weak:
+    /// the session holds the only strong sender, so when the session ends the channel
+    /// closes, the writer drains what is queued and closes the socket. (A strong sender here
+    /// kept every writer, and its socket, alive after its session had ended.)
+    pub outbound: mpsc::WeakSender<Message>,
     /// Wakeup hints; bounded by [`MAX_HINTS`].
     hints: Mutex<Hints>,
     /// Wakes the session: new hints or a close request.
@@ -87,7 +89,7 @@ impl Conn {
         user: UserId,
         device: String,
         codec: Codec,
-        outbound: mpsc::Sender<Message>,
+        outbound: mpsc::WeakSender<Message>,
     ) -> Self {
         Self {
             id,

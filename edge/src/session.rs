@@ -221,7 +221,7 @@ pub async fn run(
         user.clone(),
         device.clone(),
         codec,
-        tx.clone(),
+        tx.downgrade(),
     ));
     metrics::counter!("gapless_edge_connects_total").increment(1);
     tokio::spawn(write_loop(
@@ -324,11 +324,7 @@ async fn session(
         state.registry.add(conn.user.clone()).await;
     }
     let (client_epoch, client_after) = resume;
-    let start = match (client_epoch, client_after) {
-        (Some(epoch), after) => Some((epoch, after.unwrap_or(0))),
-        (None, Some(after)) => position.epoch.clone().map(|e| (e, after)),
-        (None, None) => position.ack.clone(),
-    };
+    let start = resume_start(client_epoch, client_after, &position);
     match start {
         Some((epoch, after)) => {
             d.epoch = Some(epoch);
@@ -339,13 +335,18 @@ async fn session(
         }
         None => {
             // A new device starts at the live end as of the position read; what was appended
-            // since (before the registration took effect) is read right away.
+            // since (before the registration took effect) is read right away. The start is
+            // stored as the device's ack position, so a reconnect before its first
+            // notification resumes from here rather than from a later live end.
             d.epoch = position.epoch.clone();
             d.sent = position.last_seq;
             d.acked = position.last_seq;
             d.target = position.last_seq;
             d.must_read = true;
             d.replaying = false;
+            if let Some(epoch) = &d.epoch {
+                state.acks.record(&conn.user, &conn.device, epoch, d.sent);
+            }
         }
     }
     conn.set_position(d.epoch.as_deref(), d.sent);
@@ -466,6 +467,30 @@ async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End>
         if let Some(reason) = conn.close_requested() {
             return Err(End::Closed(reason));
         }
+    }
+}
+
+/// Where a resuming device starts, from what it sent and what Redis holds (DESIGN.md §1.5):
+/// an explicit (epoch, after); `after` alone (a device that connected before but never got
+/// a notification, so knows no epoch): its stored position in the current epoch if there is
+/// one, else `after` in the current epoch; nothing: its stored position. `None` means the
+/// live end.
+fn resume_start(
+    epoch: Option<String>,
+    after: Option<u64>,
+    position: &Page,
+) -> Option<(String, u64)> {
+    let stored = position
+        .ack
+        .clone()
+        .filter(|(e, _)| Some(e) == position.epoch.as_ref());
+    match (epoch, after) {
+        (Some(epoch), after) => Some((epoch, after.unwrap_or(0))),
+        (None, Some(after)) => match stored {
+            Some((e, seq)) => Some((e, seq.max(after))),
+            None => position.epoch.clone().map(|e| (e, after)),
+        },
+        (None, None) => position.ack.clone(),
     }
 }
 
@@ -614,6 +639,39 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn where_a_resume_starts() {
+        let log = |epoch: Option<&str>, ack: Option<(&str, u64)>| Page {
+            epoch: epoch.map(str::to_owned),
+            last_seq: 9,
+            entries: Vec::new(),
+            ack: ack.map(|(e, s)| (e.to_owned(), s)),
+        };
+        let at = |e: &str, s: u64| Some((e.to_owned(), s));
+        // Explicit position wins.
+        assert_eq!(
+            resume_start(Some("x".into()), Some(4), &log(Some("e"), Some(("e", 7)))),
+            at("x", 4)
+        );
+        // After alone: the stored position in the current epoch, else the current epoch.
+        assert_eq!(
+            resume_start(None, Some(0), &log(Some("e"), Some(("e", 7)))),
+            at("e", 7)
+        );
+        assert_eq!(
+            resume_start(None, Some(0), &log(Some("e"), Some(("old", 7)))),
+            at("e", 0)
+        );
+        assert_eq!(resume_start(None, Some(0), &log(None, None)), None);
+        // Nothing: the stored position (even of another epoch: that becomes a reset), else
+        // the live end.
+        assert_eq!(
+            resume_start(None, None, &log(Some("e"), Some(("old", 7)))),
+            at("old", 7)
+        );
+        assert_eq!(resume_start(None, None, &log(Some("e"), None)), None);
     }
 
     #[test]

@@ -137,3 +137,109 @@ async fn the_client_surfaces_a_reset_and_continues_from_it() {
         }
     }
 }
+
+/// A device that freezes (reads nothing, answers nothing) while a flood arrives: the edge
+/// drops it by heartbeat while its socket is full; once it thaws, the client must find the
+/// connection closed and resume with everything.
+#[tokio::test]
+async fn a_frozen_client_dropped_by_heartbeat_resumes_with_everything() {
+    let sys = System::start().await;
+    let mut config = sys
+        .edge_config("edge-f")
+        .with_heartbeat(Duration::from_millis(500));
+    config.slow_consumer = Duration::from_secs(10);
+    let edge = sys.edge(config).await;
+    let (epoch, _) = sys.send("frank", serde_json::json!(0)).await;
+    let mut c = config_for(&edge.ws_url(), "frank");
+    c.heartbeat_grace = Duration::from_millis(500);
+    let mut client = Client::new(
+        c,
+        Some(Position {
+            epoch: Some(epoch),
+            seq: 0,
+        }),
+    );
+    assert_eq!(collect(&mut client, 1).await, vec![1]);
+    // Frozen: the flood fills the socket; the edge stops hearing pongs.
+    let pad = "x".repeat(16 << 10);
+    let items: Vec<serde_json::Value> = (0..300)
+        .map(|_| serde_json::json!({"user": "frank", "payload": {"pad": pad}}))
+        .collect();
+    for _ in 0..4 {
+        sys.http
+            .post(format!("{}/v1/notifications/batch", sys.ingest_url))
+            .bearer_auth(common::API_KEY)
+            .json(&items)
+            .send()
+            .await
+            .expect("ingest answers")
+            .error_for_status()
+            .expect("200");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Thawed.
+    let seqs = collect(&mut client, 1201).await;
+    assert_eq!(seqs, (2..=1201).collect::<Vec<_>>());
+}
+
+fn config_for(url: &str, user: &str) -> ClientConfig {
+    config(vec![url.to_owned()], user)
+}
+
+/// Connects a fresh client (no position) and returns once it is connected.
+async fn fresh_client(url: &str, user: &str) -> Client {
+    let mut client = Client::new(config_for(url, user), None);
+    match tokio::time::timeout(Duration::from_secs(10), client.next_event()).await {
+        Ok(Event::Connected { .. }) => client,
+        other => panic!("expected to connect, got {other:?}"),
+    }
+}
+
+/// Polls until Redis holds an ack position for the device `sdk` of `user`.
+async fn wait_stored_ack(sys: &System, user: &str) -> String {
+    let mut conn = sys.redis_conn().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(format!("gl:{{{user}}}:a"))
+            .arg("sdk")
+            .query_async(&mut conn)
+            .await
+            .expect("HGET");
+        if let Some(stored) = stored {
+            return stored;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no ack position stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Found by the drill: a device that connected, got nothing, and reconnected later resumed
+/// from the live end of that later moment, skipping what was appended in between.
+#[tokio::test]
+async fn a_client_that_never_got_a_notification_resumes_from_where_it_started() {
+    let sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-s")).await;
+
+    // No log yet when it first connects.
+    let mut client = fresh_client(&edge.ws_url(), "gina").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.disconnect();
+    for i in 1..=3 {
+        sys.send("gina", serde_json::json!(i)).await;
+    }
+    assert_eq!(collect(&mut client, 3).await, vec![1, 2, 3]);
+
+    // A log at 3 when it first connects: it starts there, and resumes from there.
+    for i in 1..=3 {
+        sys.send("hank", serde_json::json!(i)).await;
+    }
+    let mut client = fresh_client(&edge.ws_url(), "hank").await;
+    let stored = wait_stored_ack(&sys, "hank").await;
+    assert!(stored.ends_with(":3"), "the start is stored: {stored}");
+    client.disconnect();
+    for i in 4..=5 {
+        sys.send("hank", serde_json::json!(i)).await;
+    }
+    assert_eq!(collect(&mut client, 5).await, vec![4, 5]);
+}

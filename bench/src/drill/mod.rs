@@ -57,6 +57,54 @@ pub struct DrillArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Target an existing deployment instead of starting one: its ingest URL. Needs
+    /// --api-key, --edge-urls, --jwt-secret and --redis. Faults that need the processes
+    /// (edge kill and drain, Redis kill, edge memory) are then skipped.
+    #[arg(long, requires_all = ["api_key", "edge_urls", "jwt_secret", "redis"])]
+    ingest_url: Option<String>,
+    /// API key of the targeted ingest.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// `ws://host:port/v1/ws` of each targeted edge, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    edge_urls: Option<Vec<String>>,
+    /// HS256 secret of the targeted edges' tokens.
+    #[arg(long)]
+    jwt_secret: Option<String>,
+    /// Redis URL of the targeted deployment (for CLIENT KILL and stored acks).
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+/// The system under test: started here (with process control) or targeted.
+struct Target {
+    /// The processes, when the drill started them.
+    fleet: Option<Fleet>,
+    ingest_url: String,
+    api_key: String,
+    /// `host:port` and `ws://` URL of each edge.
+    edges: Vec<(String, String)>,
+    jwt_secret: String,
+    redis_url: String,
+}
+
+impl Target {
+    /// The fleet, or an error saying the fault needs one.
+    fn fleet(&mut self, kind: Fault) -> anyhow::Result<&mut Fleet> {
+        self.fleet
+            .as_mut()
+            .with_context(|| format!("{kind:?} needs process control"))
+    }
+}
+
+/// `ws://host:port/path` -> `host:port`.
+fn host_port(url: &str) -> anyhow::Result<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    Ok(rest
+        .split('/')
+        .next()
+        .context("an edge URL has a host")?
+        .to_owned())
 }
 
 /// "90s", "2m", "30m", "1h" or plain seconds.
@@ -157,23 +205,56 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("--devices, --users and --rate must be positive and --edges at least 2");
     }
     let hb = args.heartbeat_ms;
-    let mut fleet = Fleet::start_with(
-        "always",
-        args.edges,
-        vec![
-            ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
-            ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
-            ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
-            ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
-            ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
-        ],
-    )
-    .await?;
-    let mut proxies = Vec::new();
-    for edge in &fleet.edges {
-        proxies.push(Proxy::start(edge.port).await?);
+    let mut target = match &args.ingest_url {
+        Some(ingest_url) => Target {
+            fleet: None,
+            ingest_url: ingest_url.clone(),
+            api_key: args.api_key.clone().unwrap_or_default(),
+            edges: args
+                .edge_urls
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|u| Ok((host_port(&u)?, u)))
+                .collect::<anyhow::Result<_>>()?,
+            jwt_secret: args.jwt_secret.clone().unwrap_or_default(),
+            redis_url: args.redis.clone().unwrap_or_default(),
+        },
+        None => {
+            let fleet = Fleet::start_with(
+                "always",
+                args.edges,
+                vec![
+                    ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
+                    ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
+                    ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
+                    ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
+                    ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
+                ],
+            )
+            .await?;
+            Target {
+                ingest_url: fleet.ingest_url.clone(),
+                api_key: fleet.api_key.clone(),
+                edges: fleet
+                    .edges
+                    .iter()
+                    .map(|e| (format!("127.0.0.1:{}", e.port), e.ws_url.clone()))
+                    .collect(),
+                jwt_secret: JWT_SECRET.to_owned(),
+                redis_url: fleet.redis.url(),
+                fleet: Some(fleet),
+            }
+        }
+    };
+    if target.edges.len() < 2 {
+        bail!("the drill needs at least two edges");
     }
-    let direct: Vec<String> = fleet.edges.iter().map(|e| e.ws_url.clone()).collect();
+    let mut proxies = Vec::new();
+    for (upstream, _) in &target.edges {
+        proxies.push(Proxy::start(upstream.clone()).await?);
+    }
+    let direct: Vec<String> = target.edges.iter().map(|e| e.1.clone()).collect();
     let proxied: Vec<String> = proxies.iter().map(|p| p.ws_url.clone()).collect();
     let start = Instant::now();
     let stop_devices = CancellationToken::new();
@@ -188,7 +269,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         let user = users[i % args.users].clone();
         let device = format!("dev-{i}");
         let token = gapless_edge::auth::mint_hs256(
-            JWT_SECRET,
+            &target.jwt_secret,
             &user,
             Some(&device),
             Duration::from_secs(24 * 3600),
@@ -209,7 +290,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             config,
             flappy: i % 4 != 0,
             freeze_for: Duration::from_millis(3 * hb),
-            redis_url: fleet.redis.url(),
+            redis_url: target.redis_url.clone(),
         };
         let s = Arc::new(DeviceShared::default());
         shared.push(s.clone());
@@ -238,8 +319,8 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     for (name, mode, share) in [("batch", Mode::Batch, 0.8), ("single", Mode::Single, 0.2)] {
         let p = Producer {
             name: format!("{name}-{}", std::process::id()),
-            ingest_url: fleet.ingest_url.clone(),
-            api_key: fleet.api_key.clone(),
+            ingest_url: target.ingest_url.clone(),
+            api_key: target.api_key.clone(),
             users: producer_users.clone(),
             rate: args.rate * share,
             mode,
@@ -268,13 +349,18 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         }
         next_fault += every;
         let kind = FAULTS[k % FAULTS.len()];
-        let target = (k / FAULTS.len()) % args.edges;
+        let edge = (k / FAULTS.len()) % target.edges.len();
         k += 1;
+        if target.fleet.is_none()
+            && matches!(kind, Fault::EdgeKill | Fault::EdgeDrain | Fault::RedisKill)
+        {
+            continue;
+        }
         let at_ms = start.elapsed().as_millis() as u64;
         let note = inject(
             kind,
-            target,
-            &mut fleet,
+            edge,
+            &mut target,
             &proxies,
             &shared,
             &users,
@@ -314,7 +400,21 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     .await;
     eprintln!();
     if caught_up.is_none() {
-        eprintln!("devices did not all catch up within 60 s");
+        eprintln!("devices did not all catch up within 60 s; behind:");
+        for (i, s) in shared.iter().enumerate() {
+            let want = final_snapshot
+                .get(&users[i % users.len()])
+                .copied()
+                .unwrap_or(0);
+            let have = s.max_seq.load(Ordering::Relaxed);
+            if have < want {
+                eprintln!(
+                    "  dev-{i} of {}: has {have} of {want}, connected {}",
+                    users[i % users.len()],
+                    s.connected.load(Ordering::Relaxed)
+                );
+            }
+        }
     }
     stop_devices.cancel();
     let mut logs = Vec::new();
@@ -327,8 +427,17 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .lock()
         .expect("ledger lock is never poisoned")
         .clone();
+    let applicable: Vec<Fault> = FAULTS
+        .into_iter()
+        .filter(|k| {
+            target.fleet.is_some()
+                || !matches!(k, Fault::EdgeKill | Fault::EdgeDrain | Fault::RedisKill)
+        })
+        .collect();
     let report = check(
         &args,
+        target.edges.len(),
+        &applicable,
         &ledger,
         &logs,
         injections,
@@ -384,8 +493,8 @@ async fn wait_recovered(
 #[allow(clippy::too_many_arguments)]
 async fn inject(
     kind: Fault,
-    target: usize,
-    fleet: &mut Fleet,
+    edge: usize,
+    target: &mut Target,
     proxies: &[Proxy],
     shared: &[Arc<DeviceShared>],
     users: &[String],
@@ -397,30 +506,33 @@ async fn inject(
 ) -> anyhow::Result<String> {
     match kind {
         Fault::EdgeKill => {
-            fleet.kill_edge(target);
+            let fleet = target.fleet(kind)?;
+            fleet.kill_edge(edge);
             tokio::time::sleep(Duration::from_millis(500)).await;
-            fleet.restart_edge(target).await?;
-            Ok(format!("SIGKILL edge-{target}, restarted after 500 ms"))
+            fleet.restart_edge(edge).await?;
+            Ok(format!("SIGKILL edge-{edge}, restarted after 500 ms"))
         }
         Fault::EdgeDrain => {
-            let (took, ok) = fleet.term_edge(target).await?;
-            fleet.restart_edge(target).await?;
+            let fleet = target.fleet(kind)?;
+            let (took, ok) = fleet.term_edge(edge).await?;
+            fleet.restart_edge(edge).await?;
             if !ok {
-                bail!("edge-{target} did not exit cleanly on SIGTERM");
+                bail!("edge-{edge} did not exit cleanly on SIGTERM");
             }
             Ok(format!(
-                "SIGTERM edge-{target}: exited in {} ms, restarted",
+                "SIGTERM edge-{edge}: exited in {} ms, restarted",
                 took.as_millis()
             ))
         }
         Fault::RedisKill => {
+            let fleet = target.fleet(kind)?;
             fleet.redis.kill();
             tokio::time::sleep(Duration::from_millis(1000)).await;
             fleet.redis.restart()?;
             Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
         }
         Fault::PubsubKill => {
-            let client = redis::Client::open(fleet.redis.url())?;
+            let client = redis::Client::open(target.redis_url.as_str())?;
             let mut conn = client.get_multiplexed_async_connection().await?;
             let killed: u64 = redis::cmd("CLIENT")
                 .arg("KILL")
@@ -431,11 +543,11 @@ async fn inject(
             Ok(format!("CLIENT KILL TYPE pubsub: {killed} connections"))
         }
         Fault::Blackhole => {
-            let n = proxies[target % proxies.len()]
+            let n = proxies[edge % proxies.len()]
                 .blackhole(Duration::from_millis(3 * hb))
                 .await;
             Ok(format!(
-                "blackholed {n} connections behind proxy {target} for {} ms",
+                "blackholed {n} connections behind proxy {edge} for {} ms",
                 3 * hb
             ))
         }
@@ -448,9 +560,11 @@ async fn inject(
                     s.freeze_until_ms.store(until, Ordering::Relaxed);
                 }
             }
-            let edge_pids: Vec<u32> = fleet
-                .edges
+            // Edge memory can only be sampled for edges this drill started.
+            let edge_pids: Vec<u32> = target
+                .fleet
                 .iter()
+                .flat_map(|f| f.edges.iter())
                 .filter_map(|e| e.child.as_ref().map(std::process::Child::id))
                 .collect();
             let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
@@ -464,8 +578,8 @@ async fn inject(
             let mut flooded = 0;
             for _ in 0..4 {
                 let Ok(r) = http
-                    .post(format!("{}/v1/notifications/batch", fleet.ingest_url))
-                    .bearer_auth(&fleet.api_key)
+                    .post(format!("{}/v1/notifications/batch", target.ingest_url))
+                    .bearer_auth(&target.api_key)
                     .json(&items)
                     .send()
                     .await
@@ -531,8 +645,11 @@ fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faul
 }
 
 /// Checks every device's log against the ledger.
+#[allow(clippy::too_many_arguments)]
 fn check(
     args: &DrillArgs,
+    edges: usize,
+    applicable: &[Fault],
     ledger: &HashMap<String, Vec<(u64, String, u64)>>,
     logs: &[DeviceLog],
     injections: Vec<Injection>,
@@ -606,7 +723,7 @@ fn check(
         attribute(&disorder_at),
         attribute(&bad_dup_at),
     );
-    let rows = FAULTS
+    let rows = applicable
         .iter()
         .map(|kind| {
             let of_kind: Vec<&Injection> = injections.iter().filter(|i| i.kind == *kind).collect();
@@ -647,7 +764,7 @@ fn check(
         duration_s: args.duration.as_secs(),
         devices: args.devices,
         users: args.users,
-        edges: args.edges,
+        edges,
         rate_per_s: args.rate,
         acknowledged: producers.iter().map(|p| p.acknowledged).sum(),
         delivered,

@@ -28,8 +28,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on a free port and forwards to `upstream_port`.
-    pub async fn start(upstream_port: u16) -> anyhow::Result<Self> {
+    /// Listens on a free port and forwards to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let links: Arc<Mutex<Vec<Arc<Link>>>> = Arc::default();
@@ -51,9 +51,9 @@ impl Proxy {
                     links.retain(|k| !k.cut.is_cancelled());
                     links.push(link.clone());
                 }
+                let upstream = upstream.clone();
                 tokio::spawn(async move {
-                    let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
-                    else {
+                    let Ok(upstream) = TcpStream::connect(upstream.as_str()).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
