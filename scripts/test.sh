@@ -28,5 +28,6 @@ cargo test --workspace --locked
 # debug binaries the tests just built: exits non-zero on any lost, out-of-order or
 # unexplained duplicate notification.
 cargo build --workspace --locked
-./target/debug/gapless-bench drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
-  --json target/drill-ci.json
+target_dir="${CARGO_TARGET_DIR:-target}"
+"$target_dir/debug/gapless-bench" drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
+  --json "$target_dir/drill-ci.json"
