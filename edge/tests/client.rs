@@ -209,7 +209,10 @@ async fn wait_stored_ack(sys: &System, user: &str) -> String {
         if let Some(stored) = stored {
             return stored;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no ack position stored");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ack position stored"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
