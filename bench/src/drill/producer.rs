@@ -148,17 +148,7 @@ impl Producer {
         };
         match self.mode {
             Mode::Batch => {
-                let response = http
-                    .post(format!("{}/v1/notifications/batch", self.ingest_url))
-                    .bearer_auth(&self.api_key)
-                    .json(items)
-                    .send()
-                    .await
-                    .map_err(|_| ())?;
-                if !response.status().is_success() {
-                    return Err(());
-                }
-                let body: serde_json::Value = response.json().await.map_err(|_| ())?;
+                let body = self.post(http, "/v1/notifications/batch", items).await?;
                 let results = body["results"].as_array().ok_or(())?;
                 if results.len() != items.len() {
                     return Err(());
@@ -168,21 +158,30 @@ impl Producer {
             Mode::Single => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
-                    let response = http
-                        .post(format!("{}/v1/notifications", self.ingest_url))
-                        .bearer_auth(&self.api_key)
-                        .json(item)
-                        .send()
-                        .await
-                        .map_err(|_| ())?;
-                    if !response.status().is_success() {
-                        return Err(());
-                    }
-                    let body: serde_json::Value = response.json().await.map_err(|_| ())?;
-                    out.push(parse(&body));
+                    out.push(parse(&self.post(http, "/v1/notifications", item).await?));
                 }
                 Ok(out)
             }
         }
+    }
+
+    /// POSTs `body` as JSON to the ingest; the answer's JSON if it was a success.
+    async fn post(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        body: &(impl serde::Serialize + ?Sized),
+    ) -> Result<serde_json::Value, ()> {
+        let response = http
+            .post(format!("{}{path}", self.ingest_url))
+            .bearer_auth(&self.api_key)
+            .json(body)
+            .send()
+            .await
+            .map_err(|_| ())?;
+        if !response.status().is_success() {
+            return Err(());
+        }
+        response.json().await.map_err(|_| ())
     }
 }
