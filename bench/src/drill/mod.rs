@@ -626,7 +626,14 @@ async fn inject(
     }
 }
 
+/// A progress line: rewritten in place on a terminal, one line every 10 s in a log.
 fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faults: usize) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let secs = start.elapsed().as_secs();
+    if !terminal && !secs.is_multiple_of(10) {
+        return;
+    }
     let connected = shared
         .iter()
         .filter(|s| s.connected.load(Ordering::Relaxed))
@@ -637,11 +644,15 @@ fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faul
         .values()
         .map(Vec::len)
         .sum();
-    eprint!(
-        "\r[{:>5.0} s] devices connected {connected}/{}  acknowledged {acked}  faults {faults}   ",
-        start.elapsed().as_secs_f64(),
+    let line = format!(
+        "[{secs:>5} s] devices connected {connected}/{}  acknowledged {acked}  faults {faults}",
         shared.len()
     );
+    if terminal {
+        eprint!("\r{line}   ");
+    } else {
+        eprintln!("{line}");
+    }
 }
 
 /// Checks every device's log against the ledger.
