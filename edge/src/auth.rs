@@ -162,6 +162,90 @@ mod tests {
         assert!(matches!(v.verify(&bad_sub), Err(AuthError::BadSubject(_))));
     }
 
+    /// Runs the openssl CLI (keys for the public-key tests are made fresh each run).
+    fn openssl(args: &[&str]) {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl CLI is installed (scripts/test.sh installs it)");
+        assert!(status.success(), "openssl {args:?} failed");
+    }
+
+    #[test]
+    fn public_keys_verify_their_own_algorithm_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("gapless-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &path("ec.pem"),
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &path("ec.pem"),
+            "-pubout",
+            "-out",
+            &path("ec.pub"),
+        ]);
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &path("rsa.pem"),
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &path("rsa.pem"),
+            "-pubout",
+            "-out",
+            &path("rsa.pub"),
+        ]);
+        let read = |name: &str| std::fs::read(dir.join(name)).expect("key file");
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: gapless_shared::now_ms() / 1000 + 60,
+            device: None,
+        };
+        let sign = |alg: Algorithm, key: &EncodingKey| {
+            jsonwebtoken::encode(&Header::new(alg), &claims, key).expect("sign")
+        };
+        let es = sign(
+            Algorithm::ES256,
+            &EncodingKey::from_ec_pem(&read("ec.pem")).expect("EC key"),
+        );
+        let rs = sign(
+            Algorithm::RS256,
+            &EncodingKey::from_rsa_pem(&read("rsa.pem")).expect("RSA key"),
+        );
+        let ec = Verifier::new(&JwtKey::PublicPem(read("ec.pub"))).expect("EC public key");
+        let rsa = Verifier::new(&JwtKey::PublicPem(read("rsa.pub"))).expect("RSA public key");
+        assert_eq!(ec.verify(&es).expect("ES256 verifies").0.as_str(), "alice");
+        assert_eq!(rsa.verify(&rs).expect("RS256 verifies").0.as_str(), "alice");
+        assert!(ec.verify(&rs).is_err(), "RS256 token against the EC key");
+        assert!(rsa.verify(&es).is_err(), "ES256 token against the RSA key");
+        // Algorithm confusion: HS256 signed with the public key's PEM as the secret.
+        for public in ["ec.pub", "rsa.pub"] {
+            let forged = sign(Algorithm::HS256, &EncodingKey::from_secret(&read(public)));
+            assert!(ec.verify(&forged).is_err() && rsa.verify(&forged).is_err());
+        }
+        assert!(matches!(
+            Verifier::new(&JwtKey::PublicPem(b"not a key".to_vec())),
+            Err(AuthError::BadKey)
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     fn base64url(bytes: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
