@@ -3,21 +3,16 @@
 //! idle connection: (RSS after the ramp - RSS before) / connections on that edge.
 
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
-use gapless_shared::protocol::{self, ClientMessage, ServerMessage};
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fleet::{Fleet, JWT_SECRET};
+use crate::fleet::Fleet;
 use crate::stats::rss_kib;
+use crate::swarm;
 
 /// Settings of the idle scenario.
 #[derive(Debug, Args)]
@@ -64,42 +59,9 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         .collect();
     let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
 
-    let open = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let mut holders = Vec::with_capacity(args.connections);
-    let pause = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let mut next = Instant::now();
-    for i in 0..args.connections {
-        let url = fleet.edges[i % args.edges].ws_url.clone();
-        let counter = open.clone();
-        holders.push(tokio::spawn(async move { hold(url, i, counter).await }));
-        next += pause;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            tokio::time::sleep(wait).await;
-        }
-        if i % 1000 == 999 {
-            eprintln!(
-                "opening: {} / {}",
-                open.load(Ordering::Relaxed),
-                args.connections
-            );
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while open.load(Ordering::Relaxed) < args.connections {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {} connections opened within 60 s",
-                open.load(Ordering::Relaxed),
-                args.connections
-            );
-        }
-        if let Some(i) = holders.iter().position(|h| h.is_finished()) {
-            let failed = holders.swap_remove(i).await;
-            bail!("connection {i} ended during the ramp: {failed:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let urls: Vec<String> = fleet.edges.iter().map(|e| e.ws_url.clone()).collect();
+    let swarm = swarm::ramp(&urls, args.connections, args.rate).await?;
     let ramp = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let after: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
@@ -112,7 +74,7 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         / args.edges as f64;
     let report = Report {
         scenario: "idle",
-        connections_peak: open.load(Ordering::Relaxed),
+        connections_peak: swarm.tally.open.load(Ordering::Relaxed),
         edges: args.edges,
         edge_rss_kib_before: before,
         edge_rss_kib_after: after,
@@ -140,55 +102,5 @@ pub async fn run(args: IdleArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    for h in holders {
-        h.abort();
-    }
     Ok(())
-}
-
-/// One idle device: connects, resumes, answers pings until aborted.
-async fn hold(url: String, i: usize, open: Arc<AtomicUsize>) -> anyhow::Result<()> {
-    let token = gapless_edge::auth::mint_hs256(
-        JWT_SECRET,
-        &format!("idle-{i}"),
-        Some("d"),
-        Duration::from_secs(3600),
-    );
-    let mut request = url.into_client_request()?;
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    // The client side of a load test must be small too: tungstenite's default read buffer
-    // alone is 128 KiB per connection.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(64 << 10);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
-    let resume = protocol::to_json(&ClientMessage::Resume {
-        epoch: None,
-        after: None,
-    });
-    let mut resumed = false;
-    while let Some(frame) = ws.next().await {
-        let Message::Text(text) = frame? else {
-            continue;
-        };
-        match protocol::from_json::<ServerMessage>(text.as_str())? {
-            ServerMessage::Welcome { .. } if !resumed => {
-                ws.send(Message::Text(resume.clone().into())).await?;
-                resumed = true;
-                open.fetch_add(1, Ordering::Relaxed);
-            }
-            ServerMessage::Ping => {
-                ws.send(Message::Text(
-                    protocol::to_json(&ClientMessage::Pong).into(),
-                ))
-                .await?;
-            }
-            _ => {}
-        }
-    }
-    bail!("connection {i} closed")
 }

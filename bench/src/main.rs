@@ -1,7 +1,7 @@
 //! `gapless-bench`: measures a real gapless system started as separate processes.
 //!
 //! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD),
-//! `idle` (edge memory per idle connection), `drill` (the delivery guarantees under faults).
+//! `idle` (edge memory per idle connection), `steady` (latency under load), `drill` (the delivery guarantees under faults).
 //! Modules: [`fleet`] starts and stops the processes, [`stats`] summarises samples.
 #![forbid(unsafe_code)]
 
@@ -10,6 +10,8 @@ mod fleet;
 mod idle;
 mod ingest;
 mod stats;
+mod steady;
+mod swarm;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,8 @@ enum Scenario {
     Ingest(ingest::IngestArgs),
     /// Hold N idle connections over the edges and report edge memory per connection.
     Idle(idle::IdleArgs),
+    /// N connections, producers at a steady rate: delivery latency percentiles and loss.
+    Steady(steady::SteadyArgs),
     /// Run devices and producers against a real system under a fault schedule and check
     /// the delivery guarantees; exits non-zero on any violation.
     Drill(drill::DrillArgs),
@@ -43,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         match Cli::parse().command {
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Idle(args) => idle::run(args).await,
+            Scenario::Steady(args) => steady::run(args).await,
             Scenario::Drill(args) => drill::run(args).await,
         }
     };

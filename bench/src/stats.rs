@@ -11,6 +11,8 @@ pub struct Percentiles {
     pub p90: f64,
     /// 99th percentile.
     pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
     /// Largest.
     pub max: f64,
 }
@@ -22,6 +24,7 @@ pub fn percentiles(mut samples_ms: Vec<f64>) -> Percentiles {
             p50: 0.0,
             p90: 0.0,
             p99: 0.0,
+            p999: 0.0,
             max: 0.0,
         };
     }
@@ -34,6 +37,7 @@ pub fn percentiles(mut samples_ms: Vec<f64>) -> Percentiles {
         p50: at(0.50),
         p90: at(0.90),
         p99: at(0.99),
+        p999: at(0.999),
         max: samples_ms[samples_ms.len() - 1],
     }
 }
@@ -77,8 +81,11 @@ mod tests {
 
     #[test]
     fn nearest_rank_percentiles() {
-        let p = percentiles((1..=100).map(f64::from).collect());
-        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        let p = percentiles((1..=1000).map(f64::from).collect());
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.p999, p.max),
+            (500.0, 900.0, 990.0, 999.0, 1000.0)
+        );
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
