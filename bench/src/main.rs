@@ -36,6 +36,9 @@ enum Scenario {
     Idle(idle::IdleArgs),
     /// N connections, producers at a steady rate: delivery latency percentiles and loss.
     Steady(steady::SteadyArgs),
+    /// A load-generator process of a scenario (started by `steady --procs`).
+    #[command(hide = true)]
+    SwarmWorker(swarm::WorkerArgs),
     /// Run devices and producers against a real system under a fault schedule and check
     /// the delivery guarantees; exits non-zero on any violation.
     Drill(drill::DrillArgs),
@@ -48,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Ingest(args) => ingest::run(args).await,
             Scenario::Idle(args) => idle::run(args).await,
             Scenario::Steady(args) => steady::run(args).await,
+            Scenario::SwarmWorker(args) => swarm::worker(args).await,
             Scenario::Drill(args) => drill::run(args).await,
         }
     };

@@ -35,6 +35,10 @@ pub struct SteadyArgs {
     /// Connections opened per second during the ramp.
     #[arg(long, default_value_t = 2_000)]
     ramp_rate: usize,
+    /// Load-generator processes holding the connections (each may hold ~19,000 here, and
+    /// connects from its own 127.0.0.x); 1 holds them in this process.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -61,7 +65,16 @@ pub async fn run(args: SteadyArgs) -> anyhow::Result<()> {
     }
     let fleet = Fleet::start("everysec", args.edges).await?;
     let urls: Vec<String> = fleet.edges.iter().map(|e| e.ws_url.clone()).collect();
-    let swarm = swarm::ramp(&urls, args.connections, args.ramp_rate).await?;
+    let devices = if args.procs > 1 {
+        let dir = std::env::temp_dir().join(format!("gapless-steady-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Devices::Workers(
+            swarm::Workers::start(&urls, args.connections, args.procs, args.ramp_rate, &dir)
+                .await?,
+        )
+    } else {
+        Devices::Local(swarm::ramp(&urls, args.connections, args.ramp_rate).await?)
+    };
     // Registration follows the resume; let it settle before anything is sent.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -95,33 +108,49 @@ pub async fn run(args: SteadyArgs) -> anyhow::Result<()> {
         sent += items.len() as u64;
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            let p = current_p99(&swarm.tally);
-            eprintln!(
-                "sent {sent}, delivered {}, p99 {p:.2} ms",
-                swarm.tally.delivered.load(Ordering::Relaxed)
-            );
+            match &devices {
+                Devices::Local(swarm) => eprintln!(
+                    "sent {sent}, delivered {}, p99 {:.2} ms",
+                    swarm.tally.delivered.load(Ordering::Relaxed),
+                    current_p99(&swarm.tally)
+                ),
+                Devices::Workers(_) => eprintln!("sent {sent}"),
+            }
         }
         tokio::time::sleep_until(next).await;
     }
     // Let what is in flight arrive.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while swarm.tally.delivered.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (connections, delivered, samples) = match devices {
+        Devices::Local(swarm) => {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while swarm.tally.delivered.load(Ordering::Relaxed) < sent && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let samples = swarm
+                .tally
+                .latencies_us
+                .lock()
+                .expect("latency lock is never poisoned")
+                .clone();
+            (
+                swarm.tally.open.load(Ordering::Relaxed),
+                swarm.tally.delivered.load(Ordering::Relaxed),
+                samples,
+            )
+        }
+        Devices::Workers(workers) => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (delivered, samples) = workers.finish().await?;
+            (args.connections, delivered, samples)
+        }
+    };
     rtt_task.abort();
-    let delivered = swarm.tally.delivered.load(Ordering::Relaxed);
-    let latencies: Vec<f64> = swarm
-        .tally
-        .latencies_us
-        .lock()
-        .expect("latency lock is never poisoned")
-        .iter()
-        .map(|us| f64::from(*us) / 1000.0)
-        .collect();
+    let latencies: Vec<f64> = samples.iter().map(|us| f64::from(*us) / 1000.0).collect();
     let rtts = rtt.lock().expect("rtt lock is never poisoned").clone();
     let report = Report {
         scenario: "steady",
-        connections_peak: swarm.tally.open.load(Ordering::Relaxed),
+        connections_peak: connections,
         edges: args.edges,
         rate_per_s: args.rate,
         sent,
@@ -157,6 +186,14 @@ pub async fn run(args: SteadyArgs) -> anyhow::Result<()> {
         bail!("{} notifications were not delivered", report.lost);
     }
     Ok(())
+}
+
+/// Who holds the connections.
+enum Devices {
+    /// This process.
+    Local(swarm::Swarm),
+    /// Worker processes.
+    Workers(swarm::Workers),
 }
 
 /// p99 of the latencies so far, ms.
