@@ -40,7 +40,9 @@ pub(crate) enum Incoming {
 }
 
 pub(crate) struct Connection {
+    /// The socket.
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Wire encoding.
     codec: Codec,
     /// Silence after which the edge is presumed gone: heartbeat + grace.
     deadline: Duration,

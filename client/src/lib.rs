@@ -123,12 +123,15 @@ pub struct Stats {
 
 /// A gapless client. Drive it with [`next_event`](Self::next_event).
 pub struct Client {
+    /// How to connect.
     config: ClientConfig,
+    /// Last notification delivered to the application.
     position: Position,
     /// Highest seq acked to the edge.
     acked: u64,
     /// Highest seq the application acked, to send at the next chance.
     ack_wanted: u64,
+    /// The current connection; `None` between connections.
     conn: Option<Connection>,
     /// Failed attempts in a row, for the backoff.
     failures: u32,
@@ -138,6 +141,7 @@ pub struct Client {
     /// `after: 0`, so the edge continues from where this device started, not from a later
     /// live end.
     started: bool,
+    /// What was absorbed.
     stats: Stats,
 }
 

@@ -24,11 +24,13 @@ type Pending = HashMap<(UserId, String), (String, u64)>;
 /// The shared ack book. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct AckBook {
+    /// Shared by every session and the flusher task.
     inner: Arc<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// Positions not yet written; the flusher takes them all at once.
     pending: Mutex<Pending>,
     /// Wakes the flusher before its interval (a device disconnected).
     flush_now: Notify,

@@ -60,7 +60,9 @@ pub struct Claims {
 
 /// Checks tokens with one pinned algorithm.
 pub struct Verifier {
+    /// The configured key.
     key: DecodingKey,
+    /// One pinned algorithm, `exp` and `sub` required, no leeway.
     validation: Validation,
 }
 

@@ -181,8 +181,11 @@ type Shard = Mutex<HashMap<UserId, Vec<Arc<Conn>>>>;
 
 /// Local connections by user.
 pub struct Hub {
+    /// Connections by user, spread over [`Hub::SHARDS`] locks.
     shards: Vec<Shard>,
+    /// Picks a user's shard.
     hasher: RandomState,
+    /// Next connection id.
     next_id: AtomicU64,
 }
 

@@ -234,7 +234,9 @@ type AppState = (Arc<EdgeState>, TaskTracker);
 /// Query of the upgrade request.
 #[derive(Deserialize)]
 struct WsQuery {
+    /// The JWT, for clients that cannot set headers (browsers).
     token: Option<String>,
+    /// The device, when the token names none.
     device: Option<String>,
 }
 

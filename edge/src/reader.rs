@@ -66,7 +66,9 @@ pub enum ReadOp {
 }
 
 struct Request {
+    /// What to read.
     op: ReadOp,
+    /// Where the answer goes; the session holds the receiver.
     reply: oneshot::Sender<Result<Page, StoreError>>,
 }
 

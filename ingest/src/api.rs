@@ -396,8 +396,10 @@ fn count_items<E>(results: &[Result<Appended, E>]) {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
+    /// Entries after this seq.
     #[serde(default)]
     after: u64,
+    /// Most entries.
     limit: Option<usize>,
 }
 

@@ -283,11 +283,13 @@ struct CallReply {
 
 /// The Function's answer for one segment.
 struct UserReply {
+    /// Epoch of the user's log.
     epoch: String,
     /// Seq of the segment's last appended item (the log's last seq).
     last_seq: u64,
     /// (item index from 1, original seq) of each recognised duplicate, in item order.
     duplicates: Vec<u64>,
+    /// The user's live edges.
     edges: Vec<String>,
     /// 0, or the index (from 1) of the first item Redis refused; it and the later items of
     /// the segment were not written.
@@ -389,8 +391,11 @@ fn new_epoch() -> String {
 
 /// Wakeups of one request, grouped per edge.
 struct Wakeups {
+    /// The entries each edge will be told about.
     by_edge: HashMap<String, Vec<WakeItem>>,
+    /// Largest payload that rides along.
     payload_max: usize,
+    /// Payload bytes already in each edge's message.
     budget_used: HashMap<String, usize>,
 }
 
