@@ -350,6 +350,11 @@ async fn session(
         }
     }
     conn.set_position(d.epoch.as_deref(), d.sent);
+    // A device starting before its user has a log adopts the log's first epoch from seq 0
+    // when it appears; that start is stored like any ack, so an app that restarts before
+    // acking anything (and so resumes without a position) gets the log from its first entry
+    // rather than from a later live end.
+    let mut start_stored = d.epoch.is_some();
     // Hints that arrived while the position was read.
     let hints = conn.take_hints();
     d.apply_hints(hints.items, hints.overflowed, false);
@@ -358,6 +363,10 @@ async fn session(
     loop {
         if let Some(reason) = conn.close_requested() {
             return End::Closed(reason);
+        }
+        if !start_stored && let Some(epoch) = &d.epoch {
+            state.acks.record(&conn.user, &conn.device, epoch, d.acked);
+            start_stored = true;
         }
         let retry_wait = d.retry_at.filter(|t| *t > Instant::now());
         if d.must_read && d.queue.is_empty() && reading.is_none() && retry_wait.is_none() {

@@ -333,6 +333,33 @@ async fn a_new_device_starts_at_the_live_end() {
     c.assert_quiet(Duration::from_millis(200)).await;
 }
 
+/// Found by the drill: a device that connected before its user had a log, was sent the
+/// log's first notification and restarted before acking it (so it resumes with no position)
+/// started over at the live end and never got it.
+#[tokio::test]
+async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_entry() {
+    let _shared = share_the_process().await;
+    let sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-a")).await;
+    let mut c = Client::connect(&edge.ws_url(), "carol", "watch", (None, None)).await;
+    wait_registered(&sys, "carol", "edge-a").await;
+    let (epoch, _) = sys.send("carol", json!(1)).await;
+    assert_eq!(c.notification().await.seq, 1);
+    // Not acked: the app dies. Its start, seq 0 of the new log, is what the edge stored.
+    c.close().await;
+    let start = format!("{epoch}:0");
+    eventually(
+        "the start position is stored on disconnect",
+        Duration::from_secs(5),
+        || async { hget(&sys, "gl:{carol}:a", "watch").await.as_deref() == Some(&start) },
+    )
+    .await;
+    sys.send("carol", json!(2)).await;
+    let mut c = Client::connect(&edge.ws_url(), "carol", "watch", (None, None)).await;
+    assert_eq!(c.take(2).await, vec![1, 2]);
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Resets
 // ---------------------------------------------------------------------------------------
