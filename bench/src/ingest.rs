@@ -44,12 +44,6 @@ pub struct IngestArgs {
     /// Requests of the redis-benchmark XADD run.
     #[arg(long, default_value_t = 1_000_000)]
     xadd_requests: usize,
-    /// AOF fsync policy of the Redis the bench starts.
-    #[arg(long, default_value = "everysec")]
-    appendfsync: String,
-    /// Write the results as JSON here.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
 }
 
 /// Batch body encodings.
@@ -82,12 +76,13 @@ struct Report {
     xadd_command: String,
 }
 
-/// Runs the scenario against a fleet it starts.
-pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
+/// Runs the scenario against a fleet it starts (Redis with `appendfsync`); returns the
+/// measurements as JSON.
+pub async fn run(args: IngestArgs, appendfsync: &str) -> anyhow::Result<serde_json::Value> {
     if args.batch == 0 || args.users == 0 || args.items == 0 || args.concurrency == 0 {
         bail!("--items, --users, --batch and --concurrency must be positive");
     }
-    let fleet = Fleet::start(&args.appendfsync, 0).await?;
+    let fleet = Fleet::start(appendfsync, 0).await?;
     let bodies = Arc::new(build_bodies(&args));
     let client = reqwest::Client::new();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(24));
@@ -132,7 +127,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         payload_bytes: args.payload_bytes,
         format: args.format,
-        appendfsync: args.appendfsync.clone(),
+        appendfsync: appendfsync.to_owned(),
         rounds: args.rounds,
         ingest_per_s_median: median(&ingest_rates),
         ingest_per_s: ingest_rates,
@@ -177,11 +172,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         "  ratio                          {:>12.1} %",
         100.0 * report.ratio
     );
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
+    Ok(serde_json::to_value(&report)?)
 }
 
 /// Request bodies of one round, in every encoding (only the chosen one is used).

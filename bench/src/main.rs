@@ -1,17 +1,16 @@
 //! `gapless-bench`: measures a real gapless system started as separate processes.
 //!
-//! Scenarios: `ingest` (batch ingest throughput beside `redis-benchmark`'s pipelined XADD),
-//! `idle` (edge memory per idle connection), `steady` (latency under load), `drill` (the delivery guarantees under faults).
-//! Modules: [`fleet`] starts and stops the processes, [`stats`] summarises samples.
+//! `load` runs the load scenarios (`idle`, `steady`, `storm`, `ingest`) with up to 100,000+
+//! connections held by load-generator processes; `drill` checks the delivery guarantees
+//! under faults. Modules: [`fleet`] starts and stops the processes, [`stats`] summarises
+//! samples.
 #![forbid(unsafe_code)]
 
 mod drill;
 mod fleet;
-mod idle;
 mod ingest;
+mod load;
 mod stats;
-mod steady;
-mod swarm;
 
 use clap::{Parser, Subcommand};
 
@@ -29,16 +28,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Batch ingest throughput, with redis-benchmark's pipelined XADD on the same Redis in the
-    /// same run as the denominator.
-    Ingest(ingest::IngestArgs),
-    /// Hold N idle connections over the edges and report edge memory per connection.
-    Idle(idle::IdleArgs),
-    /// N connections, producers at a steady rate: delivery latency percentiles and loss.
-    Steady(steady::SteadyArgs),
-    /// A load-generator process of a scenario (started by `steady --procs`).
+    /// Load scenarios: idle (memory per connection), steady (latency and loss at a rate),
+    /// storm (every edge killed: time to resume everyone exactly), ingest (batch throughput
+    /// beside redis-benchmark's pipelined XADD).
+    Load(Box<load::LoadArgs>),
+    /// A load-generator process (started by `load`).
     #[command(hide = true)]
-    SwarmWorker(swarm::WorkerArgs),
+    LoadWorker(load::worker::WorkerArgs),
     /// Run devices and producers against a real system under a fault schedule and check
     /// the delivery guarantees; exits non-zero on any violation.
     Drill(drill::DrillArgs),
@@ -48,10 +44,8 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     let scenario = async {
         match Cli::parse().command {
-            Scenario::Ingest(args) => ingest::run(args).await,
-            Scenario::Idle(args) => idle::run(args).await,
-            Scenario::Steady(args) => steady::run(args).await,
-            Scenario::SwarmWorker(args) => swarm::worker(args).await,
+            Scenario::Load(args) => load::run(*args).await,
+            Scenario::LoadWorker(args) => load::worker::run(args).await,
             Scenario::Drill(args) => drill::run(args).await,
         }
     };

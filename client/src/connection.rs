@@ -80,11 +80,24 @@ impl Connection {
             .read_buffer_size(8 << 10)
             .write_buffer_size(0)
             .max_write_buffer_size(64 << 10);
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), false);
+        let connect = async {
+            match config.local_addr {
+                None => {
+                    tokio_tungstenite::connect_async_with_config(request, Some(ws_config), false)
+                        .await
+                        .map_err(|e| format!("connect failed: {e}"))
+                }
+                Some(local) => {
+                    let stream = connect_from(local, &request).await?;
+                    tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
+                        .await
+                        .map_err(|e| format!("connect failed: {e}"))
+                }
+            }
+        };
         let (ws, _) = tokio::time::timeout(config.connect_timeout, connect)
             .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect failed: {e}"))?;
+            .map_err(|_| "connect timed out".to_owned())??;
         let mut conn = Self {
             ws,
             codec: config.codec,
@@ -188,6 +201,38 @@ impl Connection {
             Read::Closed { code, reason } => Ok(Incoming::Closed { code, reason }),
         }
     }
+}
+
+/// A plain TCP connection to the request's host, from `local` (any free port).
+async fn connect_from(
+    local: std::net::IpAddr,
+    request: &tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<MaybeTlsStream<TcpStream>, String> {
+    let uri = request.uri();
+    if uri.scheme_str() == Some("wss") {
+        return Err("a local address needs a ws:// URL".into());
+    }
+    let host = uri.host().ok_or("no host in the URL")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| format!("no address of {host} in the family of {local}"))?;
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .map_err(|e| format!("cannot bind {local}: {e}"))?;
+    let stream = socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    Ok(MaybeTlsStream::Plain(stream))
 }
 
 /// A server message, or the close frame.

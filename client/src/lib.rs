@@ -52,6 +52,9 @@ pub struct ClientConfig {
     pub heartbeat_grace: Duration,
     /// Time to establish a connection and get `welcome`.
     pub connect_timeout: Duration,
+    /// Local address to connect from (`None`: the system picks). Load generators spread
+    /// over 127.0.0.x this way, so they do not run out of ephemeral ports.
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -65,6 +68,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(10),
             heartbeat_grace: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            local_addr: None,
         }
     }
 }
