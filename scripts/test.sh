@@ -44,3 +44,9 @@ cargo build --workspace --locked
 target_dir="${CARGO_TARGET_DIR:-target}"
 "$target_dir/debug/gapless-bench" drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
   --json "$target_dir/drill-ci.json"
+
+# A smoke run of the load generator (2,000 connections from two load processes, 10 s at
+# 500 notifications/s): it must complete with nothing lost. No timing thresholds here;
+# performance is measured with release builds (BENCHMARKS.md).
+"$target_dir/debug/gapless-bench" load --scenario steady --connections 2000 --procs 2 \
+  --duration 10 --rate 500 --json "$target_dir/load-smoke.json" --html "$target_dir/load-smoke.html"
