@@ -196,7 +196,9 @@ impl Default for Hub {
 }
 
 impl Hub {
-    const SHARDS: usize = 64;
+    /// Locks the connections are spread over; also the slots of the timer wheel that
+    /// heartbeats and sweeps turn (one shard per tick, so no tick touches every connection).
+    pub const SHARDS: usize = 64;
 
     /// An empty hub.
     pub fn new() -> Self {
@@ -257,28 +259,36 @@ impl Hub {
 
     /// Users with at least one local connection.
     pub fn users(&self) -> Vec<UserId> {
-        let mut users = Vec::new();
-        for shard in &self.shards {
-            users.extend(
-                shard
-                    .lock()
-                    .expect("hub lock is never poisoned")
-                    .keys()
-                    .cloned(),
-            );
-        }
-        users
+        (0..Self::SHARDS)
+            .flat_map(|i| self.shard_users(i))
+            .collect()
     }
 
     /// Every local connection.
     pub fn conns(&self) -> Vec<Arc<Conn>> {
-        let mut all = Vec::new();
-        for shard in &self.shards {
-            for conns in shard.lock().expect("hub lock is never poisoned").values() {
-                all.extend(conns.iter().cloned());
-            }
-        }
-        all
+        (0..Self::SHARDS)
+            .flat_map(|i| self.shard_conns(i))
+            .collect()
+    }
+
+    /// The connections of shard `i` (of [`Hub::SHARDS`]).
+    pub fn shard_conns(&self, i: usize) -> Vec<Arc<Conn>> {
+        self.shards[i % Self::SHARDS]
+            .lock()
+            .expect("hub lock is never poisoned")
+            .values()
+            .flat_map(|conns| conns.iter().cloned())
+            .collect()
+    }
+
+    /// The users of shard `i` (of [`Hub::SHARDS`]).
+    pub fn shard_users(&self, i: usize) -> Vec<UserId> {
+        self.shards[i % Self::SHARDS]
+            .lock()
+            .expect("hub lock is never poisoned")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Number of local connections.

@@ -86,7 +86,9 @@ pub async fn subscribe(
     }
 }
 
-/// Sweeps every `interval` and whenever `sweep_now` is notified, until `shutdown`.
+/// Sweeps every user once per `interval`, one shard of the hub per 1/64 of it (a steady
+/// trickle of reads rather than one burst), and every user at once whenever `sweep_now` is
+/// notified (after a (re)subscription), until `shutdown`.
 pub async fn sweep_loop(
     conn: ConnectionManager,
     hub: Arc<Hub>,
@@ -95,22 +97,25 @@ pub async fn sweep_loop(
     sweep_now: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(interval / Hub::SHARDS as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut slot = 0;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = sweep_now.notified() => {}
+        let users = tokio::select! {
+            _ = tick.tick() => {
+                slot = (slot + 1) % Hub::SHARDS;
+                hub.shard_users(slot)
+            }
+            () = sweep_now.notified() => hub.users(),
             () = shutdown.cancelled() => return,
-        }
-        sweep(&conn, &hub, timeout).await;
+        };
+        sweep(&conn, &hub, &users, timeout).await;
     }
 }
 
-/// Reads the epoch and last seq of every local user's log and hints each session that is
-/// behind it. One `HMGET` per user, pipelined.
-pub async fn sweep(conn: &ConnectionManager, hub: &Hub, timeout: Duration) {
-    let users = hub.users();
+/// Reads the epoch and last seq of each of `users`' logs and hints each local session that
+/// is behind it. One `HMGET` per user, pipelined.
+pub async fn sweep(conn: &ConnectionManager, hub: &Hub, users: &[UserId], timeout: Duration) {
     for chunk in users.chunks(SWEEP_CHUNK) {
         let mut pipe = redis::pipe();
         for user in chunk {
