@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::UserKeys;
-use gapless_shared::schema::FN_ACK;
+use gapless_shared::schema::FN_ACK_USERS;
 use gapless_shared::store::with_timeout;
 use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Users per pipeline.
-const CHUNK: usize = 1000;
+/// Users per Function call: a call's fixed cost is shared, and one call holds Redis for
+/// well under a millisecond, so other clients' commands interleave.
+const USERS_PER_CALL: usize = 100;
+/// Calls per pipeline.
+const CALLS_PER_PIPELINE: usize = 10;
 
 /// Positions waiting to be written: (user, device) -> (epoch, seq).
 type Pending = HashMap<(UserId, String), (String, u64)>;
@@ -94,18 +97,25 @@ impl AckBook {
         }
         let users: Vec<_> = by_user.into_iter().collect();
         let mut ok = true;
-        for chunk in users.chunks(CHUNK) {
+        for chunk in users.chunks(USERS_PER_CALL * CALLS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
-            for (user, positions) in chunk {
-                let k = UserKeys::new(user);
+            for call in chunk.chunks(USERS_PER_CALL) {
+                let mut keys = Vec::with_capacity(2 * call.len());
+                for (user, _) in call {
+                    let k = UserKeys::new(user);
+                    keys.push(k.meta);
+                    keys.push(k.acks);
+                }
                 let cmd = pipe
                     .cmd("FCALL")
-                    .arg(FN_ACK)
-                    .arg(2)
-                    .arg(&k.meta)
-                    .arg(&k.acks);
-                for (device, epoch, seq) in positions {
-                    cmd.arg(*device).arg(*epoch).arg(*seq);
+                    .arg(FN_ACK_USERS)
+                    .arg(keys.len())
+                    .arg(keys);
+                for (_, positions) in call {
+                    cmd.arg(positions.len());
+                    for (device, epoch, seq) in positions {
+                        cmd.arg(*device).arg(*epoch).arg(*seq);
+                    }
                 }
                 cmd.ignore();
             }

@@ -10,7 +10,10 @@ use crate::keys;
 use crate::store::StoreError;
 
 /// Every migration, oldest first: (version, library source).
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../../migrations/0001_gapless.lua"))];
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../../migrations/0001_gapless.lua")),
+    (2, include_str!("../../migrations/0002_gapless.lua")),
+];
 
 /// The version this build needs and applies.
 pub const VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -19,6 +22,8 @@ pub const VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 pub const FN_APPEND: &str = "gapless_append";
 /// Name of the function recording device ack positions (DESIGN.md §1.4).
 pub const FN_ACK: &str = "gapless_ack";
+/// Name of the function recording the ack positions of several users in one call.
+pub const FN_ACK_USERS: &str = "gapless_ack_users";
 
 /// Why the schema is not usable.
 #[derive(Debug, thiserror::Error)]

@@ -349,6 +349,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let processes = sampler.await?;
     drop(workers);
 
+    let redis_commands = command_stats(&target.redis_url).await;
     let live = lock(&live);
     let delivered = live.sum(|w| w.delivered);
     let timeline = timeline
@@ -385,6 +386,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         storm,
         ingest: None,
         processes,
+        redis_commands,
         timeline,
     };
     drop(live);
@@ -845,6 +847,44 @@ async fn sample_rtt(url: String, live: Shared, stop: CancellationToken) {
     }
 }
 
+/// Redis's `INFO commandstats`: (command, calls, µs per call, total s), busiest first.
+async fn command_stats(url: &str) -> Vec<(String, u64, f64, f64)> {
+    let info = async {
+        let client = redis::Client::open(url).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(2), info).await else {
+        return Vec::new();
+    };
+    let mut stats: Vec<(String, u64, f64, f64)> = info
+        .lines()
+        .filter_map(|line| {
+            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            let calls = field("calls")? as u64;
+            let usec = field("usec")?;
+            Some((
+                name.to_owned(),
+                calls,
+                usec / calls.max(1) as f64,
+                usec / 1e6,
+            ))
+        })
+        .collect();
+    stats.sort_by(|a, b| b.3.total_cmp(&a.3));
+    stats
+}
+
 /// Kills every edge with SIGKILL, restarts them, and times the recovery.
 async fn run_storm(
     target: &mut Target,
@@ -966,6 +1006,7 @@ fn ingest_report(command: String, ingest: serde_json::Value) -> Report {
         storm: None,
         ingest: Some(ingest),
         processes: Vec::new(),
+        redis_commands: Vec::new(),
         timeline: Vec::new(),
     }
 }
@@ -1017,6 +1058,17 @@ fn print_summary(r: &Report, refused: u64) {
             "  storm: {} connections; edges back in {:.1} s; every client resumed in {:.1} s, caught up in {:.1} s ({} reconnects)",
             s.connections, s.edges_back_s, s.all_resumed_s, s.caught_up_s, s.reconnects
         );
+    }
+    let busiest: Vec<String> = r
+        .redis_commands
+        .iter()
+        .take(6)
+        .map(|(name, calls, per_call, total)| {
+            format!("{name} {calls} calls {per_call:.1} µs each ({total:.1} s)")
+        })
+        .collect();
+    if !busiest.is_empty() {
+        println!("  Redis time: {}", busiest.join("; "));
     }
     for p in &r.processes {
         println!(

@@ -58,6 +58,9 @@ pub struct Report {
     pub ingest: Option<serde_json::Value>,
     /// Every process's peak memory and CPU.
     pub processes: Vec<ProcessSummary>,
+    /// Redis's `INFO commandstats` at the end: (command, calls, µs per call, total s),
+    /// busiest first. What Redis spent its time on.
+    pub redis_commands: Vec<(String, u64, f64, f64)>,
     /// One point per sampling interval.
     pub timeline: Vec<Tick>,
 }

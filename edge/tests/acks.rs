@@ -1,0 +1,107 @@
+//! The `gapless_ack_users` Function the edge flushes ack positions with: several users per
+//! call, each position written only in the log's current epoch and never moved back.
+
+mod common;
+
+use common::System;
+
+async fn fcall(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &[&str],
+    args: &[&str],
+) -> redis::RedisResult<i64> {
+    redis::cmd("FCALL")
+        .arg("gapless_ack_users")
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args)
+        .query_async(conn)
+        .await
+}
+
+async fn hget(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    field: &str,
+) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query_async(conn)
+        .await
+        .expect("HGET")
+}
+
+#[tokio::test]
+async fn positions_of_several_users_are_written_in_one_call_and_never_move_back() {
+    let sys = System::start().await;
+    let (ea, _) = sys.send("ua", serde_json::json!(1)).await;
+    let (eb, _) = sys.send("ub", serde_json::json!(1)).await;
+    let mut conn = sys.redis_conn().await;
+    let keys = [
+        "gl:{ua}:m",
+        "gl:{ua}:a",
+        "gl:{ub}:m",
+        "gl:{ub}:a",
+        "gl:{uc}:m",
+        "gl:{uc}:a",
+    ];
+
+    // ua: two devices; ub: one device, and one position of another epoch (ignored); uc has
+    // no log (ignored).
+    let written = fcall(
+        &mut conn,
+        &keys,
+        &[
+            "2", "p1", &ea, "5", "p2", &ea, "3", "2", "p1", &eb, "7", "p9", "old", "4", "1", "p1",
+            "x", "1",
+        ],
+    )
+    .await
+    .expect("FCALL");
+    assert_eq!(written, 3);
+    assert_eq!(
+        hget(&mut conn, "gl:{ua}:a", "p1").await,
+        Some(format!("{ea}:5"))
+    );
+    assert_eq!(
+        hget(&mut conn, "gl:{ua}:a", "p2").await,
+        Some(format!("{ea}:3"))
+    );
+    assert_eq!(
+        hget(&mut conn, "gl:{ub}:a", "p1").await,
+        Some(format!("{eb}:7"))
+    );
+    assert_eq!(hget(&mut conn, "gl:{ub}:a", "p9").await, None);
+    assert_eq!(hget(&mut conn, "gl:{uc}:a", "p1").await, None);
+
+    // A late flush cannot rewind a position.
+    let written = fcall(&mut conn, &keys[..2], &["1", "p1", &ea, "2"])
+        .await
+        .expect("FCALL");
+    assert_eq!(written, 0);
+    assert_eq!(
+        hget(&mut conn, "gl:{ua}:a", "p1").await,
+        Some(format!("{ea}:5"))
+    );
+
+    // A malformed layout is refused before anything is written.
+    for args in [
+        vec!["2", "p1", ea.as_str(), "9"],
+        vec!["1", "p1", ea.as_str(), "9", "extra"],
+        vec!["x"],
+    ] {
+        let e = fcall(&mut conn, &keys[..2], &args)
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("gapless_ack_users"), "{e}");
+    }
+    assert!(
+        fcall(&mut conn, &keys[..3], &["0"]).await.is_err(),
+        "odd key count"
+    );
+    assert_eq!(
+        hget(&mut conn, "gl:{ua}:a", "p1").await,
+        Some(format!("{ea}:5"))
+    );
+}
