@@ -1071,6 +1071,7 @@ mod tests {
                     cpu_peak_pct: f64::INFINITY,
                 })
                 .collect(),
+            stages: Vec::new(),
             redis_commands: vec![("fcall".to_owned(), 10, 4.5, 0.1)],
             timeline,
         }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, JWT_SECRET};
 use crate::stats::{Percentiles, cpu_seconds, percentiles, rss_kib};
-use report::{ProcessSummary, Report, Storm, Tick};
+use report::{ProcessSummary, Report, Stage, Storm, Tick};
 use worker::TickReport;
 
 /// Connections one edge or load process holds at most by default (20,000 open files here).
@@ -350,6 +350,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     drop(workers);
 
     let redis_commands = command_stats(&target.redis_url).await;
+    let stages = stages(&target).await;
     let live = lock(&live);
     let delivered = live.sum(|w| w.delivered);
     let timeline = timeline
@@ -386,6 +387,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         storm,
         ingest: None,
         processes,
+        stages,
         redis_commands,
         timeline,
     };
@@ -847,6 +849,123 @@ async fn sample_rtt(url: String, live: Shared, stop: CancellationToken) {
     }
 }
 
+/// The delivery path's stages from the services' /metrics histograms (summed over edges).
+async fn stages(target: &Target) -> Vec<Stage> {
+    let http = reqwest::Client::new();
+    let edge_bases: Vec<String> = target
+        .edge_urls
+        .iter()
+        .map(|u| {
+            u.replacen("ws://", "http://", 1)
+                .replacen("wss://", "https://", 1)
+                .trim_end_matches("/v1/ws")
+                .to_owned()
+        })
+        .collect();
+    let fetch = |base: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{base}/metrics")).send().await.ok()?;
+            r.text().await.ok()
+        }
+    };
+    let ingest = fetch(target.ingest_url.clone()).await.unwrap_or_default();
+    let mut edges = String::new();
+    for base in edge_bases {
+        edges.push_str(&fetch(base).await.unwrap_or_default());
+        edges.push('\n');
+    }
+    [
+        (
+            "ingest: batch request (parse, append, publish)",
+            &ingest,
+            "gapless_ingest_request_duration_seconds_bucket",
+            "batch",
+        ),
+        (
+            "ingest: Redis append pipeline",
+            &ingest,
+            "gapless_redis_duration_seconds_bucket",
+            "op=\"append\"",
+        ),
+        (
+            "edge: entry's ingest time to handed to the socket writer",
+            &edges,
+            "gapless_edge_delivery_latency_seconds_bucket",
+            "",
+        ),
+        (
+            "edge: Redis stream reads",
+            &edges,
+            "gapless_redis_duration_seconds_bucket",
+            "op=\"read\"",
+        ),
+        (
+            "edge: Redis ack flushes",
+            &edges,
+            "gapless_redis_duration_seconds_bucket",
+            "op=\"ack\"",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(stage, text, name, label)| {
+        let (count, p50, p99) = bucket_quantiles(text, name, label)?;
+        Some(Stage {
+            stage: stage.to_owned(),
+            count,
+            p50_ms: p50 * 1000.0,
+            p99_ms: p99 * 1000.0,
+        })
+    })
+    .collect()
+}
+
+/// (count, p50, p99) of a Prometheus histogram's buckets in `text` (summed over every
+/// series of `name` whose labels contain `label`), as bucket upper bounds.
+fn bucket_quantiles(text: &str, name: &str, label: &str) -> Option<(u64, f64, f64)> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        if !labels.contains(label) {
+            continue;
+        }
+        let Some(le) = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count: f64 = value.trim().parse().ok()?;
+        match buckets.iter_mut().find(|b| b.0 == le) {
+            Some(b) => b.1 += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 >= q * total)
+            .map_or(f64::INFINITY, |b| b.0)
+    };
+    Some((total as u64, at(0.5), at(0.99)))
+}
+
 /// Redis's `INFO commandstats`: (command, calls, µs per call, total s), busiest first.
 async fn command_stats(url: &str) -> Vec<(String, u64, f64, f64)> {
     let info = async {
@@ -1006,6 +1125,7 @@ fn ingest_report(command: String, ingest: serde_json::Value) -> Report {
         storm: None,
         ingest: Some(ingest),
         processes: Vec::new(),
+        stages: Vec::new(),
         redis_commands: Vec::new(),
         timeline: Vec::new(),
     }
@@ -1067,6 +1187,12 @@ fn print_summary(r: &Report, refused: u64) {
             format!("{name} {calls} calls {per_call:.1} µs each ({total:.1} s)")
         })
         .collect();
+    for s in &r.stages {
+        println!(
+            "  {:<58} p50 <= {:>6.2} ms  p99 <= {:>6.2} ms  ({} observations)",
+            s.stage, s.p50_ms, s.p99_ms, s.count
+        );
+    }
     if !busiest.is_empty() {
         println!("  Redis time: {}", busiest.join("; "));
     }
@@ -1092,6 +1218,17 @@ mod tests {
                 .sum();
             assert!(total >= step && total <= step + procs, "{step}: {total}");
         }
+    }
+
+    #[test]
+    fn prometheus_buckets_give_quantiles() {
+        let text = "x_bucket{op=\"a\",le=\"0.001\"} 50\nx_bucket{op=\"a\",le=\"0.002\"} 99\n\
+                    x_bucket{op=\"a\",le=\"+Inf\"} 100\nx_bucket{op=\"b\",le=\"0.001\"} 7\n";
+        assert_eq!(
+            bucket_quantiles(text, "x_bucket", "op=\"a\""),
+            Some((100, 0.001, 0.002))
+        );
+        assert_eq!(bucket_quantiles(text, "y_bucket", ""), None);
     }
 
     #[test]

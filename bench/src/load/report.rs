@@ -58,6 +58,9 @@ pub struct Report {
     pub ingest: Option<serde_json::Value>,
     /// Every process's peak memory and CPU.
     pub processes: Vec<ProcessSummary>,
+    /// Where the latency goes, from the services' own histograms (/metrics) at the end:
+    /// stage, observations, p50 and p99 as bucket upper bounds in ms.
+    pub stages: Vec<Stage>,
     /// Redis's `INFO commandstats` at the end: (command, calls, µs per call, total s),
     /// busiest first. What Redis spent its time on.
     pub redis_commands: Vec<(String, u64, f64, f64)>,
@@ -119,4 +122,17 @@ pub struct Tick {
     pub processes: Vec<(String, u64, f64)>,
     /// What happened at this point (`ramp 10000`, `edges killed`…), if anything.
     pub event: Option<String>,
+}
+
+/// One stage of the delivery path, from a service's Prometheus histogram.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    /// What it measures.
+    pub stage: String,
+    /// Observations.
+    pub count: u64,
+    /// Median, ms (upper bound of its bucket).
+    pub p50_ms: f64,
+    /// 99th percentile, ms (upper bound of its bucket).
+    pub p99_ms: f64,
 }
