@@ -2,7 +2,7 @@
 //!
 //! It starts the system as processes (or targets a running one), then holds `--connections`
 //! WebSocket devices in load-generator processes ([`worker`]), each connecting from its own
-//! 127.0.0.x, ramping 1K -> N in steps; producers drive the batch ingest API at `--rate`,
+//! 127.0.k.x addresses, ramping 1K -> N in steps; producers drive the batch ingest API at `--rate`,
 //! every payload carrying its send time. Every tick it merges the workers' HDR latency
 //! histograms, samples Redis's round trip and every process's memory and CPU from /proc,
 //! and prints a progress line; at the end it writes `--json` and an HTML report (`--html`).
@@ -72,8 +72,8 @@ pub struct LoadArgs {
     /// Edge processes [default: one per 18,000 connections].
     #[arg(long)]
     edges: Option<usize>,
-    /// Load-generator processes [default: one per 18,000 connections]; each connects from
-    /// its own 127.0.0.x.
+    /// Load-generator processes [default: one per 18,000 connections]; process k connects
+    /// from 127.0.k+1.1, 127.0.k+1.2, … (10,000 connections per address).
     #[arg(long)]
     procs: Option<usize>,
     /// Notifications per second over all producers (steady and storm).
@@ -190,8 +190,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let n = args.connections;
     let edges = args.edges.unwrap_or(n.div_ceil(PER_PROCESS)).max(1);
     let procs = args.procs.unwrap_or(n.div_ceil(PER_PROCESS)).max(1);
-    if procs > 250 {
-        bail!("--procs must be at most 250 (one 127.0.0.x each)");
+    if procs > 250 || n / procs > 250 * worker::PER_SOURCE {
+        bail!("--procs must be at most 250, and each must hold at most 2,500,000 connections");
     }
     let mut target = start_target(&args, edges).await?;
     if args.scenario == Scenario::Storm && target.fleet.is_none() {
@@ -495,8 +495,13 @@ impl Worker {
             .arg(count.to_string())
             .arg("--rate")
             .arg((args.ramp_rate / procs).max(1).to_string())
-            .arg("--source")
-            .arg(format!("127.0.0.{}", 2 + k))
+            .arg("--sources")
+            .arg(
+                (1..=count.div_ceil(worker::PER_SOURCE).max(1))
+                    .map(|m| format!("127.0.{}.{m}", k + 1))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .arg("--jwt-secret")
             .arg(&target.jwt_secret)
             .arg("--device")

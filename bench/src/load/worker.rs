@@ -35,9 +35,11 @@ pub struct WorkerArgs {
     /// Connections opened per second.
     #[arg(long)]
     rate: usize,
-    /// Local address to connect from.
-    #[arg(long)]
-    source: IpAddr,
+    /// Local addresses to connect from; device `j` of this worker uses the `j / 10,000`th.
+    /// (Binding a source address before connecting draws from only half of the ephemeral
+    /// port range: about 14,000 connections per address here.)
+    #[arg(long, value_delimiter = ',', required = true)]
+    sources: Vec<IpAddr>,
     /// HS256 secret the edges accept.
     #[arg(long)]
     jwt_secret: String,
@@ -48,6 +50,9 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 250)]
     tick_ms: u64,
 }
+
+/// Connections per source address.
+pub const PER_SOURCE: usize = 10_000;
 
 /// What a worker reports each tick.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -179,7 +184,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Duration::from_secs(24 * 3600),
                 ),
             );
-            config.local_addr = Some(args.source);
+            let j = devices.len();
+            config.local_addr = Some(args.sources[(j / PER_SOURCE) % args.sources.len()]);
             config.backoff_min = Duration::from_millis(200);
             config.backoff_max = Duration::from_secs(5);
             config.connect_timeout = Duration::from_secs(15);
