@@ -203,9 +203,9 @@ impl Connection {
     }
 }
 
-/// A plain TCP connection to the request's host, from `local` (any free port).
+/// A plain TCP connection to the request's host, from `local` (port 0: any free port).
 async fn connect_from(
-    local: std::net::IpAddr,
+    local: std::net::SocketAddr,
     request: &tokio_tungstenite::tungstenite::handshake::client::Request,
 ) -> Result<MaybeTlsStream<TcpStream>, String> {
     let uri = request.uri();
@@ -225,8 +225,13 @@ async fn connect_from(
         tokio::net::TcpSocket::new_v6()
     }
     .map_err(|e| format!("socket: {e}"))?;
+    if local.port() != 0 {
+        socket
+            .set_reuseaddr(true)
+            .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    }
     socket
-        .bind(std::net::SocketAddr::new(local, 0))
+        .bind(local)
         .map_err(|e| format!("cannot bind {local}: {e}"))?;
     let stream = socket
         .connect(target)

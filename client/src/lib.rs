@@ -52,9 +52,11 @@ pub struct ClientConfig {
     pub heartbeat_grace: Duration,
     /// Time to establish a connection and get `welcome`.
     pub connect_timeout: Duration,
-    /// Local address to connect from (`None`: the system picks). Load generators spread
-    /// over 127.0.0.x this way, so they do not run out of ephemeral ports.
-    pub local_addr: Option<std::net::IpAddr>,
+    /// Local address to connect from (`None`: the system picks). Port 0 lets the system
+    /// pick the port; a fixed port is bound with `SO_REUSEADDR`, so reconnects can reuse it.
+    /// Load generators spread over many loopback addresses and ports this way: the kernel's
+    /// own search for a free port to bind gets slow when thousands are taken.
+    pub local_addr: Option<std::net::SocketAddr>,
 }
 
 impl ClientConfig {

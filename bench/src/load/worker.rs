@@ -35,9 +35,8 @@ pub struct WorkerArgs {
     /// Connections opened per second.
     #[arg(long)]
     rate: usize,
-    /// Local addresses to connect from; device `j` of this worker uses the `j / 10,000`th.
-    /// (Binding a source address before connecting draws from only half of the ephemeral
-    /// port range: about 14,000 connections per address here.)
+    /// Local addresses to connect from; device `j` of this worker uses the `j / 10,000`th,
+    /// from port 10,000 + `j % 10,000`.
     #[arg(long, value_delimiter = ',', required = true)]
     sources: Vec<IpAddr>,
     /// HS256 secret the edges accept.
@@ -53,6 +52,9 @@ pub struct WorkerArgs {
 
 /// Connections per source address.
 pub const PER_SOURCE: usize = 10_000;
+/// Source ports are FIRST_PORT.. FIRST_PORT + PER_SOURCE: below the ephemeral range, so
+/// never one the kernel handed to another socket.
+const FIRST_PORT: u16 = 10_000;
 
 /// What a worker reports each tick.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -184,8 +186,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Duration::from_secs(24 * 3600),
                 ),
             );
+            // Device j binds its own (address, port): no kernel search for a free port.
             let j = devices.len();
-            config.local_addr = Some(args.sources[(j / PER_SOURCE) % args.sources.len()]);
+            let source = args.sources[(j / PER_SOURCE) % args.sources.len()];
+            let port = FIRST_PORT + (j % PER_SOURCE) as u16;
+            config.local_addr = Some(std::net::SocketAddr::new(source, port));
             config.backoff_min = Duration::from_millis(200);
             config.backoff_max = Duration::from_secs(5);
             config.connect_timeout = Duration::from_secs(15);
