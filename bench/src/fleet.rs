@@ -59,13 +59,23 @@ impl Fleet {
         edges: usize,
         edge_env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
+        Self::start_full(appendfsync, edges, edge_env, Vec::new()).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with extra `redis-server` settings.
+    pub async fn start_full(
+        appendfsync: &str,
+        edges: usize,
+        edge_env: Vec<(String, String)>,
+        redis_extra: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("gapless-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let redis = RedisProcess::start(RedisOptions {
             port: free_port()?,
             dir: dir.join("redis"),
             appendfsync: appendfsync.to_owned(),
-            extra: Vec::new(),
+            extra: redis_extra,
         })?;
         let mut conn = store::connect(&RedisConfig::new(&redis.url())?).await?;
         schema::migrate(&mut conn).await?;
@@ -166,6 +176,20 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sets the Redis process's nice value (negative: ahead of the other processes). Returns
+    /// whether the system allowed it (a negative value needs root or CAP_SYS_NICE).
+    pub fn renice_redis(&self, nice: i32) -> bool {
+        let Some(pid) = self.redis.pid() else {
+            return false;
+        };
+        Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// Pids of the running processes, by role.

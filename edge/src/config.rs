@@ -151,7 +151,7 @@ impl Config {
             heartbeat,
             sweep: heartbeat / 2,
             lease: Duration::from_secs(90),
-            ack_flush: Duration::from_secs(1),
+            ack_flush: Duration::from_millis(200),
             outbound_queue: 64,
             slow_consumer: Duration::from_secs(10),
             replay_page: 200,

@@ -70,8 +70,11 @@ impl Registry {
 }
 
 async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: CancellationToken) {
-    let mut refresh = tokio::time::interval(task.lease / 3);
+    // Every user's lease is refreshed once per third of the lease, one hub shard per tick:
+    // 100,000 users are a trickle of writes, not a burst that stalls Redis every period.
+    let mut refresh = tokio::time::interval(task.lease / 3 / Hub::SHARDS as u32);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut slot = 0;
     loop {
         tokio::select! {
             op = rx.recv() => {
@@ -82,7 +85,10 @@ async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: 
                 }
                 apply(&task, ops).await;
             }
-            _ = refresh.tick() => refresh_all(&task).await,
+            _ = refresh.tick() => {
+                slot = (slot + 1) % Hub::SHARDS;
+                refresh_shard(&task, slot).await;
+            }
             () = shutdown.cancelled() => return,
         }
     }
@@ -134,10 +140,10 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
     }
 }
 
-async fn refresh_all(task: &RegistryTask) {
+async fn refresh_shard(task: &RegistryTask, slot: usize) {
     let until = lease_until(task.lease);
     let mut conn = task.conn.clone();
-    let users = task.hub.users();
+    let users = task.hub.shard_users(slot);
     let mut pipe = redis::pipe();
     pipe.cmd("SET")
         .arg(keys::edge_lease(&task.edge_id))
