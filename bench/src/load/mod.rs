@@ -108,6 +108,13 @@ pub struct LoadArgs {
     /// shared cores. Production sizes this to its disk; "64mb" measures the default.
     #[arg(long, default_value = "4gb")]
     aof_rewrite_min_size: String,
+    /// Runtime worker threads of each edge the bench starts (TOKIO_WORKER_THREADS)
+    /// [default: one per core].
+    #[arg(long)]
+    edge_threads: Option<usize>,
+    /// Runtime worker threads of each load process [default: one per core].
+    #[arg(long)]
+    load_threads: Option<usize>,
     /// Edge heartbeat interval, ms, of the edges the bench starts.
     #[arg(long, default_value_t = 30_000)]
     heartbeat_ms: u64,
@@ -428,10 +435,13 @@ async fn start_target(args: &LoadArgs, edges: usize) -> anyhow::Result<Target> {
             redis_url: args.redis.clone().unwrap_or_default(),
         });
     }
-    let env = vec![(
+    let mut env = vec![(
         "GAPLESS_HEARTBEAT_MS".to_owned(),
         args.heartbeat_ms.to_string(),
     )];
+    if let Some(threads) = args.edge_threads {
+        env.push(("TOKIO_WORKER_THREADS".to_owned(), threads.to_string()));
+    }
     let redis = vec![(
         "auto-aof-rewrite-min-size".to_owned(),
         args.aof_rewrite_min_size.clone(),
@@ -527,6 +537,10 @@ impl Worker {
             .arg(&target.jwt_secret)
             .arg("--device")
             .arg(device)
+            .envs(
+                args.load_threads
+                    .map(|t| ("TOKIO_WORKER_THREADS", t.to_string())),
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
