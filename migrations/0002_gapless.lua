@@ -2,7 +2,9 @@
 -- gapless Redis Function library, version 2 (see DESIGN.md §1.1 and §3).
 --
 -- Version 2 adds gapless_ack_users: the ack positions of many users in one call (an edge
--- flushing 10,000 users' acks paid one call per user with gapless_ack).
+-- flushing 10,000 users' acks paid one call per user with gapless_ack); and entries carry
+-- their ingest time in the second part of the id, <seq>-<ms>, instead of a field t (a field
+-- fewer per XADD: about a tenth of the append's cost). Readers accept both forms.
 --
 -- Each numbered file in migrations/ holds the whole library at that version; `gapless
 -- migrate` loads the newest with FUNCTION LOAD REPLACE and records its number at gl:schema.
@@ -19,6 +21,8 @@
 -- matches the stream's last entry. The reply says from which item on the user failed.
 local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
   local now_s = string.format('%d', now)
+  -- Entry ids are <seq>-<ingest ms>: seqs increase, so any second part keeps ids increasing.
+  local id_suffix = '-' .. now_s
   local meta, stream, registry, acks = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
   local epoch_candidate, n, m = args[a], tonumber(args[a + 1]), tonumber(args[a + 2])
   local idem_keys = k + 4 -- keys[idem_keys + j - 1] is the name of idempotency key j
@@ -79,7 +83,7 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
         duplicates[#duplicates + 1] = i
         duplicates[#duplicates + 1] = duplicate_of
       else
-        added = redis.pcall('XADD', stream, (seq + 1) .. '-0', 'p', payload, 't', now_s, 'k', idem)
+        added = redis.pcall('XADD', stream, (seq + 1) .. id_suffix, 'p', payload, 'k', idem)
         if not added.err then
           seq = seq + 1
           stored[ikey] = epoch .. ':' .. seq
@@ -89,7 +93,7 @@ local function append_user(keys, args, k, a, maxlen, ttl, idem_ttl, now)
     else
       -- Lua prints integers below 1e14 exactly (%.14g); concatenation is measurably
       -- cheaper than string.format here.
-      added = redis.pcall('XADD', stream, (seq + 1) .. '-0', 'p', payload, 't', now_s)
+      added = redis.pcall('XADD', stream, (seq + 1) .. id_suffix, 'p', payload)
       if not added.err then
         seq = seq + 1
       end
@@ -142,7 +146,7 @@ end
 --
 -- KEYS, per user in call order:
 --   gl:{u}:m  hash: epoch, seq (last assigned), x (when the expiry was last refreshed, ms)
---   gl:{u}:s  stream, entry ids <seq>-0, fields p (payload), t (ingest ms), k (idem key)
+--   gl:{u}:s  stream, entry ids <seq>-<ingest ms>, fields p (payload), k (idem key)
 --   gl:{u}:r  sorted set: edge id -> lease expiry (ms)
 --   gl:{u}:a  hash: device -> ack position (expiry refreshed with the log)
 --   gl:{u}:i:<key> for each of the user's m idempotency keys, in the order of ARGV

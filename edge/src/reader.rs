@@ -211,7 +211,9 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
                     tracing::warn!(user = %user, id = %id.id, "stream entry with a foreign id skipped");
                     continue;
                 };
-                let ts: u64 = id.get(keys::FIELD_TS).unwrap_or(0);
+                let ts: u64 = keys::entry_ts(&id.id)
+                    .or_else(|| id.get(keys::FIELD_TS))
+                    .unwrap_or(0);
                 let text: String = id.get(keys::FIELD_PAYLOAD).unwrap_or_default();
                 let payload = RawValue::from_string(text).or_else(|e| {
                     // Only a foreign writer can store non-JSON; deliver it as a JSON string

@@ -383,11 +383,8 @@ async fn reset_when_the_gap_was_trimmed() {
         .query_async(&mut sys.redis_conn().await)
         .await
         .expect("XRANGE");
-    let first_seq: u64 = first.ids[0]
-        .id
-        .strip_suffix("-0")
-        .and_then(|s| s.parse().ok())
-        .expect("entry ids are <seq>-0");
+    let first_seq =
+        gapless_shared::keys::parse_entry_id(&first.ids[0].id).expect("entry ids are <seq>-<ms>");
     assert!(
         first_seq > 6,
         "retention trimmed the start (first entry {first_seq})"

@@ -66,9 +66,9 @@ pub async fn read(
     let mut notifications = Vec::with_capacity(range.ids.len());
     for entry in range.ids {
         let corrupt = |what: &str| StoreError::Redis(format!("stream entry {}: {what}", entry.id));
-        let seq = keys::parse_entry_id(&entry.id).ok_or_else(|| corrupt("id is not <seq>-0"))?;
-        let ts: u64 = entry
-            .get(keys::FIELD_TS)
+        let seq = keys::parse_entry_id(&entry.id).ok_or_else(|| corrupt("id is not <seq>-<ms>"))?;
+        let ts: u64 = keys::entry_ts(&entry.id)
+            .or_else(|| entry.get(keys::FIELD_TS))
             .ok_or_else(|| corrupt("no ingest time"))?;
         let payload: String = entry
             .get(keys::FIELD_PAYLOAD)

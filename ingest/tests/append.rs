@@ -88,7 +88,7 @@ async fn concurrent_producers_get_exactly_contiguous_seqs() {
     assert_eq!(
         ingest.xrange_seqs(user).await,
         expected,
-        "the stream holds ids 1-0..8000-0"
+        "the stream holds seqs 1..=8000"
     );
 }
 

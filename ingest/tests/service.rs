@@ -48,6 +48,56 @@ async fn history(ingest: &TestIngest, user: &str, query: &str) -> History {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("history shape ({e}): {text}"))
 }
 
+/// Schema 1 wrote entries as `<seq>-0` with the ingest time in a field `t`; schema 2 writes
+/// `<seq>-<ms>`. A log holding both reads as one, in order, each with its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_entries_of_both_schema_versions() {
+    let ingest = TestIngest::start().await;
+    let mut conn = ingest.redis_conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg("gl:{olduser}:m")
+        .arg("epoch")
+        .arg("e1")
+        .arg("seq")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let _: String = redis::cmd("XADD")
+        .arg("gl:{olduser}:s")
+        .arg("1-0")
+        .arg("p")
+        .arg("\"old\"")
+        .arg("t")
+        .arg(1_700_000_000_000u64)
+        .query_async(&mut conn)
+        .await
+        .expect("XADD");
+    let before = gapless_shared::now_ms();
+    let body = r#"{"user":"olduser","payload":"new"}"#;
+    let (status, answer) = common::json_of(
+        ingest
+            .post("/v1/notifications", "application/json", body)
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        (answer["epoch"].as_str(), answer["seq"].as_u64()),
+        (Some("e1"), Some(2))
+    );
+
+    let all = history(&ingest, "olduser", "").await;
+    let seen: Vec<(u64, &str)> = all
+        .notifications
+        .iter()
+        .map(|e| (e.seq, e.payload.get()))
+        .collect();
+    assert_eq!(seen, [(1, "\"old\""), (2, "\"new\"")]);
+    assert_eq!(all.notifications[0].ts, 1_700_000_000_000);
+    assert!(all.notifications[1].ts >= before.saturating_sub(1_000));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_returns_retained_entries_after_a_seq() {
     let ingest = TestIngest::start().await;

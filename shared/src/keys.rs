@@ -11,7 +11,8 @@ pub const SCHEMA: &str = "gl:schema";
 
 /// Stream entry field holding the notification payload (JSON text).
 pub const FIELD_PAYLOAD: &str = "p";
-/// Stream entry field holding the ingest time, milliseconds since the Unix epoch.
+/// Stream entry field holding the ingest time, milliseconds since the Unix epoch (schema 1;
+/// schema 2 puts it in the entry id, see [`entry_ts`]).
 pub const FIELD_TS: &str = "t";
 /// Stream entry field holding the idempotency key, when the producer gave one.
 pub const FIELD_IDEMPOTENCY_KEY: &str = "k";
@@ -57,18 +58,26 @@ pub fn wake_channel(edge: &str) -> String {
     format!("gl:wake:{{{edge}}}")
 }
 
-/// Stream entry id of a sequence number.
+/// The smallest stream entry id of a sequence number (`<seq>-0`): where a range from that
+/// seq starts.
 pub fn entry_id(seq: u64) -> String {
     format!("{seq}-0")
 }
 
-/// Sequence number of a stream entry id (`<seq>-0`), or `None` if the id is not one of ours.
+/// Sequence number of a stream entry id, or `None` if the id is not one of ours. Entries are
+/// written as `<seq>-<ingest ms>` (schema 2; the second part carries the ingest time, which
+/// saves a field per entry) or `<seq>-0` with the time in field `t` (schema 1).
 pub fn parse_entry_id(id: &str) -> Option<u64> {
     let (seq, rest) = id.split_once('-')?;
-    if rest != "0" {
-        return None;
-    }
+    rest.parse::<u64>().ok()?;
     seq.parse().ok()
+}
+
+/// Ingest time (ms) carried by a stream entry id, if it carries one (`<seq>-<ms>`, not
+/// `<seq>-0`).
+pub fn entry_ts(id: &str) -> Option<u64> {
+    let (_, ms) = id.split_once('-')?;
+    ms.parse().ok().filter(|ms| *ms > 0)
 }
 
 #[cfg(test)]
@@ -99,7 +108,10 @@ mod tests {
     fn entry_ids_round_trip() {
         assert_eq!(entry_id(17), "17-0");
         assert_eq!(parse_entry_id("17-0"), Some(17));
-        assert_eq!(parse_entry_id("17-1"), None);
+        assert_eq!(parse_entry_id("17-1764250000000"), Some(17));
+        assert_eq!(entry_ts("17-1764250000000"), Some(1_764_250_000_000));
+        assert_eq!(entry_ts("17-0"), None);
+        assert_eq!(parse_entry_id("17-x"), None);
         assert_eq!(parse_entry_id("x-0"), None);
         assert_eq!(parse_entry_id("17"), None);
     }

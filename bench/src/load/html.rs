@@ -181,6 +181,9 @@ pub fn render(report: &Report) -> String {
     out.push_str("<h2>Processes</h2>\n");
     processes_table(&mut out, report);
 
+    out.push_str("<h2>Where the time goes</h2>\n");
+    stages_table(&mut out, report);
+
     out.push_str("</body></html>\n");
     out
 }
@@ -906,6 +909,46 @@ fn processes_table(out: &mut String, r: &Report) {
             num(p.peak_rss_kib as f64 / 1024.0, 1),
             num(p.cpu_mean_pct, 1),
             num(p.cpu_peak_pct, 1)
+        );
+    }
+    out.push_str("</tbody></table>\n");
+}
+
+/// The services' own stage histograms and Redis's busiest commands.
+fn stages_table(out: &mut String, r: &Report) {
+    if r.stages.is_empty() && r.redis_commands.is_empty() {
+        out.push_str("<p class=\"nodata\">no data</p>\n");
+        return;
+    }
+    out.push_str(
+        "<table><thead><tr><th>stage (service histogram, bucket upper bounds)</th>\
+         <th>observations</th><th>p50 ms</th><th>p99 ms</th></tr></thead><tbody>\n",
+    );
+    for st in &r.stages {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td></tr>",
+            esc(&st.stage),
+            int(st.count),
+            num(st.p50_ms, 2),
+            num(st.p99_ms, 2)
+        );
+    }
+    out.push_str("</tbody></table>\n");
+    out.push_str(
+        "<table><thead><tr><th>Redis command</th><th>calls</th><th>µs per call</th>\
+         <th>total s</th></tr></thead><tbody>\n",
+    );
+    for (name, calls, per_call, total) in r.redis_commands.iter().take(12) {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td></tr>",
+            esc(name),
+            int(*calls),
+            num(*per_call, 1),
+            num(*total, 2)
         );
     }
     out.push_str("</tbody></table>\n");

@@ -190,7 +190,7 @@ impl TestIngest {
             .iter()
             .map(|e| StoredEntry {
                 seq: keys::parse_entry_id(&e.id)
-                    .unwrap_or_else(|| panic!("entry id {} is not <seq>-0", e.id)),
+                    .unwrap_or_else(|| panic!("entry id {} is not <seq>-<ms>", e.id)),
                 payload: e
                     .get(keys::FIELD_PAYLOAD)
                     .expect("every entry has a payload"),
