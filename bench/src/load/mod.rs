@@ -108,6 +108,10 @@ pub struct LoadArgs {
     /// shared cores. Production sizes this to its disk; "64mb" measures the default.
     #[arg(long, default_value = "4gb")]
     aof_rewrite_min_size: String,
+    /// Further redis-server settings of the Redis the bench starts, `name=value`,
+    /// comma-separated (e.g. `stream-node-max-bytes=1024`).
+    #[arg(long, value_delimiter = ',')]
+    redis_config: Vec<String>,
     /// Runtime worker threads of each edge the bench starts (TOKIO_WORKER_THREADS)
     /// [default: one per core].
     #[arg(long)]
@@ -442,10 +446,16 @@ async fn start_target(args: &LoadArgs, edges: usize) -> anyhow::Result<Target> {
     if let Some(threads) = args.edge_threads {
         env.push(("TOKIO_WORKER_THREADS".to_owned(), threads.to_string()));
     }
-    let redis = vec![(
+    let mut redis = vec![(
         "auto-aof-rewrite-min-size".to_owned(),
         args.aof_rewrite_min_size.clone(),
     )];
+    for setting in &args.redis_config {
+        let (name, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--redis-config {setting:?} is not name=value"))?;
+        redis.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
     let fleet = Fleet::start_full(&args.appendfsync, edges, env, redis).await?;
     if args.redis_nice != 0 && !fleet.renice_redis(args.redis_nice) {
         eprintln!(
