@@ -11,6 +11,28 @@ use gapless_shared::config::RedisConfig;
 use gapless_shared::process::{RedisOptions, RedisProcess};
 use gapless_shared::{schema, store};
 
+/// An existing deployment to aim at instead of starting a fleet (`drill` and `load`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeploymentArgs {
+    /// Target an existing deployment instead of starting one: its ingest URL. Needs
+    /// --api-key, --edge-urls, --jwt-secret and --redis; what needs process control (killing
+    /// and restarting processes, their memory) is then skipped or refused.
+    #[arg(long, requires_all = ["api_key", "edge_urls", "jwt_secret", "redis"])]
+    pub ingest_url: Option<String>,
+    /// API key of the targeted ingest.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// `ws://host:port/v1/ws` of each targeted edge, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub edge_urls: Option<Vec<String>>,
+    /// HS256 secret of the targeted edges' tokens.
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// Redis URL of the targeted deployment (CLIENT KILL, stored acks, round-trip samples).
+    #[arg(long)]
+    pub redis: Option<String>,
+}
+
 /// The HS256 secret the fleet's edges accept.
 pub const JWT_SECRET: &str = "bench-secret";
 

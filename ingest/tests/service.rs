@@ -35,6 +35,18 @@ struct HistoryEntry {
     payload: Box<RawValue>,
 }
 
+/// Appends one notification through the single-append endpoint; returns its answer.
+async fn append_one(ingest: &TestIngest, body: String) -> serde_json::Value {
+    let (status, answer) = common::json_of(
+        ingest
+            .post("/v1/notifications", "application/json", body)
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
 async fn history(ingest: &TestIngest, user: &str, query: &str) -> History {
     let response = ingest
         .http
@@ -74,14 +86,7 @@ async fn history_reads_entries_of_both_schema_versions() {
         .await
         .expect("XADD");
     let before = gapless_shared::now_ms();
-    let body = r#"{"user":"olduser","payload":"new"}"#;
-    let (status, answer) = common::json_of(
-        ingest
-            .post("/v1/notifications", "application/json", body)
-            .await,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer = append_one(&ingest, r#"{"user":"olduser","payload":"new"}"#.to_owned()).await;
     assert_eq!(
         (answer["epoch"].as_str(), answer["seq"].as_u64()),
         (Some("e1"), Some(2))
@@ -112,14 +117,11 @@ async fn history_returns_retained_entries_after_a_seq() {
     let started = gapless_shared::now_ms();
     let mut epoch = String::new();
     for (i, payload) in payloads.iter().enumerate() {
-        let body = format!(r#"{{"user":"{user}","payload":{payload}}}"#);
-        let (status, answer) = common::json_of(
-            ingest
-                .post("/v1/notifications", "application/json", body)
-                .await,
+        let answer = append_one(
+            &ingest,
+            format!(r#"{{"user":"{user}","payload":{payload}}}"#),
         )
         .await;
-        assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer["seq"], i as u64 + 1);
         epoch = answer["epoch"].as_str().expect("epoch").to_owned();
     }

@@ -57,23 +57,10 @@ pub struct DrillArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Target an existing deployment instead of starting one: its ingest URL. Needs
-    /// --api-key, --edge-urls, --jwt-secret and --redis. Faults that need the processes
-    /// (edge kill and drain, Redis kill, edge memory) are then skipped.
-    #[arg(long, requires_all = ["api_key", "edge_urls", "jwt_secret", "redis"])]
-    ingest_url: Option<String>,
-    /// API key of the targeted ingest.
-    #[arg(long)]
-    api_key: Option<String>,
-    /// `ws://host:port/v1/ws` of each targeted edge, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    edge_urls: Option<Vec<String>>,
-    /// HS256 secret of the targeted edges' tokens.
-    #[arg(long)]
-    jwt_secret: Option<String>,
-    /// Redis URL of the targeted deployment (for CLIENT KILL and stored acks).
-    #[arg(long)]
-    redis: Option<String>,
+    /// An existing deployment to drill instead of starting one (faults that need the
+    /// processes, edge kill and drain, Redis kill, edge memory, are then skipped).
+    #[command(flatten)]
+    target: crate::fleet::DeploymentArgs,
 }
 
 /// The system under test: started here (with process control) or targeted.
@@ -205,20 +192,21 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("--devices, --users and --rate must be positive and --edges at least 2");
     }
     let hb = args.heartbeat_ms;
-    let mut target = match &args.ingest_url {
+    let mut target = match &args.target.ingest_url {
         Some(ingest_url) => Target {
             fleet: None,
             ingest_url: ingest_url.clone(),
-            api_key: args.api_key.clone().unwrap_or_default(),
+            api_key: args.target.api_key.clone().unwrap_or_default(),
             edges: args
+                .target
                 .edge_urls
                 .clone()
                 .unwrap_or_default()
                 .into_iter()
                 .map(|u| Ok((host_port(&u)?, u)))
                 .collect::<anyhow::Result<_>>()?,
-            jwt_secret: args.jwt_secret.clone().unwrap_or_default(),
-            redis_url: args.redis.clone().unwrap_or_default(),
+            jwt_secret: args.target.jwt_secret.clone().unwrap_or_default(),
+            redis_url: args.target.redis.clone().unwrap_or_default(),
         },
         None => {
             let fleet = Fleet::start_with(

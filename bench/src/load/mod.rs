@@ -128,22 +128,10 @@ pub struct LoadArgs {
     /// Write a self-contained HTML report with charts here.
     #[arg(long)]
     html: Option<std::path::PathBuf>,
-    /// Target an existing deployment instead of starting one: its ingest URL (needs
-    /// --api-key, --edge-urls, --jwt-secret, --redis). Storm needs process control.
-    #[arg(long, requires_all = ["api_key", "edge_urls", "jwt_secret", "redis"])]
-    ingest_url: Option<String>,
-    /// API key of the targeted ingest.
-    #[arg(long)]
-    api_key: Option<String>,
-    /// `ws://host:port/v1/ws` of each targeted edge, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    edge_urls: Option<Vec<String>>,
-    /// HS256 secret of the targeted edges' tokens.
-    #[arg(long)]
-    jwt_secret: Option<String>,
-    /// Redis URL of the targeted deployment (for the round-trip samples).
-    #[arg(long)]
-    redis: Option<String>,
+    /// An existing deployment to load instead of starting one (not for `storm`, which kills
+    /// and restarts the edges).
+    #[command(flatten)]
+    target: crate::fleet::DeploymentArgs,
     /// Settings of `--scenario ingest`.
     #[command(flatten)]
     ingest: crate::ingest::IngestArgs,
@@ -429,14 +417,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 
 /// Starts the fleet, or describes the targeted deployment.
 async fn start_target(args: &LoadArgs, edges: usize) -> anyhow::Result<Target> {
-    if let Some(ingest_url) = &args.ingest_url {
+    let t = &args.target;
+    if let Some(ingest_url) = &t.ingest_url {
         return Ok(Target {
             fleet: None,
             ingest_url: ingest_url.trim_end_matches('/').to_owned(),
-            api_key: args.api_key.clone().unwrap_or_default(),
-            edge_urls: args.edge_urls.clone().unwrap_or_default(),
-            jwt_secret: args.jwt_secret.clone().unwrap_or_default(),
-            redis_url: args.redis.clone().unwrap_or_default(),
+            api_key: t.api_key.clone().unwrap_or_default(),
+            edge_urls: t.edge_urls.clone().unwrap_or_default(),
+            jwt_secret: t.jwt_secret.clone().unwrap_or_default(),
+            redis_url: t.redis.clone().unwrap_or_default(),
         });
     }
     let mut env = vec![(
