@@ -79,6 +79,10 @@ pub struct LoadArgs {
     /// Notifications per second over all producers (steady and storm).
     #[arg(long, default_value_t = 1_000)]
     rate: u64,
+    /// The producers send one batch every this many ms (the batch holds what the rate
+    /// owes by then: 100 items at 10,000/s and 10 ms).
+    #[arg(long, default_value_t = 10)]
+    batch_every_ms: u64,
     /// Seconds of the measured phase after the ramp (idle: hold; steady: load; storm: load
     /// before and after the kill).
     #[arg(long, default_value_t = 30)]
@@ -269,6 +273,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             target.ingest_url.clone(),
             target.api_key.clone(),
             args.rate,
+            Duration::from_millis(args.batch_every_ms.max(1)),
             addressable.clone(),
             sent.clone(),
             refused.clone(),
@@ -766,11 +771,12 @@ async fn sample_timeline(
 }
 
 /// Appends at `rate` per second through the batch API, addressed across the settled users,
-/// until `stop`. One batch every 10 ms, up to 16 in flight.
+/// until `stop`. One batch every `every`, up to 16 in flight.
 async fn produce(
     ingest_url: String,
     api_key: String,
     rate: u64,
+    every: Duration,
     addressable: Arc<Mutex<Vec<std::ops::Range<usize>>>>,
     sent: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
@@ -779,7 +785,7 @@ async fn produce(
     let http = reqwest::Client::new();
     let url = format!("{ingest_url}/v1/notifications/batch");
     let in_flight = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut owed = 0.0f64;
     loop {
@@ -795,7 +801,7 @@ async fn produce(
         if users == 0 {
             continue;
         }
-        owed += rate as f64 / 100.0;
+        owed += rate as f64 * every.as_secs_f64();
         let count = owed.floor() as usize;
         if count == 0 {
             continue;
