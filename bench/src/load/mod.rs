@@ -270,10 +270,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let producing = CancellationToken::new();
     let producer = if args.rate > 0 && args.scenario != Scenario::Idle {
         Some(tokio::spawn(produce(
-            target.ingest_url.clone(),
-            target.api_key.clone(),
-            args.rate,
-            Duration::from_millis(args.batch_every_ms.max(1)),
+            Producer {
+                ingest_url: target.ingest_url.clone(),
+                api_key: target.api_key.clone(),
+                rate: args.rate,
+                every: Duration::from_millis(args.batch_every_ms.max(1)),
+            },
             addressable.clone(),
             sent.clone(),
             refused.clone(),
@@ -770,13 +772,25 @@ async fn sample_timeline(
     }
 }
 
+/// Where and how fast the producers append.
+struct Producer {
+    ingest_url: String,
+    api_key: String,
+    /// Notifications per second.
+    rate: u64,
+    /// One batch per this interval.
+    every: Duration,
+}
+
 /// Appends at `rate` per second through the batch API, addressed across the settled users,
 /// until `stop`. One batch every `every`, up to 16 in flight.
 async fn produce(
-    ingest_url: String,
-    api_key: String,
-    rate: u64,
-    every: Duration,
+    Producer {
+        ingest_url,
+        api_key,
+        rate,
+        every,
+    }: Producer,
     addressable: Arc<Mutex<Vec<std::ops::Range<usize>>>>,
     sent: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
