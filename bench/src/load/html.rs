@@ -1054,6 +1054,7 @@ mod tests {
                     p999_ms: if idle { 0.0 } else { 20.0 },
                     max_ms: if idle { 0.0 } else { 30.0 },
                     redis_rtt_p99_ms: 0.2,
+                    producer_lag_ms: 0.0,
                     processes: names
                         .iter()
                         .enumerate()

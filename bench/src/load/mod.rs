@@ -718,6 +718,7 @@ async fn sample_timeline(
                 p999_ms: p.p999,
                 max_ms: p.max,
                 redis_rtt_p99_ms: rtt.p99,
+                producer_lag_ms: PRODUCER_LAG_US.swap(0, Ordering::Relaxed) as f64 / 1000.0,
                 processes: procs,
                 event: l.event.take(),
             }
@@ -772,6 +773,9 @@ async fn sample_timeline(
     }
 }
 
+/// Most the producers' timer fired late since the sampler last looked, µs.
+static PRODUCER_LAG_US: AtomicU64 = AtomicU64::new(0);
+
 /// Where and how fast the producers append.
 struct Producer {
     ingest_url: String,
@@ -800,11 +804,18 @@ async fn produce(
     let url = format!("{ingest_url}/v1/notifications/batch");
     let in_flight = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // A producer that was held up sends what it owes in its next batch, as a batching
+    // producer does, not a burst of back-to-back requests (tokio's Burst), which would only
+    // queue in the ingest.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut owed = 0.0f64;
+    let mut accrued_until = Instant::now();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            due = tick.tick() => {
+                let late = due.elapsed().as_micros() as u64;
+                PRODUCER_LAG_US.fetch_max(late, Ordering::Relaxed);
+            }
             () = stop.cancelled() => break,
         }
         let ranges = addressable
@@ -812,10 +823,14 @@ async fn produce(
             .expect("addressable lock is never poisoned")
             .clone();
         let users: usize = ranges.iter().map(std::ops::Range::len).sum();
+        let now = Instant::now();
+        owed += rate as f64 * (now - accrued_until).as_secs_f64();
+        accrued_until = now;
         if users == 0 {
+            // Nobody to address yet: nothing is owed for this time.
+            owed = 0.0;
             continue;
         }
-        owed += rate as f64 * every.as_secs_f64();
         let count = owed.floor() as usize;
         if count == 0 {
             continue;

@@ -118,6 +118,9 @@ pub struct Tick {
     pub max_ms: f64,
     /// Redis PING p99 in this interval, ms.
     pub redis_rtt_p99_ms: f64,
+    /// Most the producers' batch timer fired late in this interval, ms (a stalled producer
+    /// then sends a burst, which queues in the ingest).
+    pub producer_lag_ms: f64,
     /// Per process: (name, RSS KiB, CPU % of a core over the interval).
     pub processes: Vec<(String, u64, f64)>,
     /// What happened at this point (`ramp 10000`, `edges killed`…), if anything.
