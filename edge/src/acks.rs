@@ -21,7 +21,12 @@ const USERS_PER_CALL: usize = 100;
 /// Calls per pipeline.
 const CALLS_PER_PIPELINE: usize = 10;
 
-/// Positions waiting to be written: (user, device) -> (epoch, seq).
+/// How long a start marker lives if its user's log never appears; the first append's expiry
+/// refresh takes the key over once it does.
+const MARKER_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Positions waiting to be written: (user, device) -> (epoch, seq); an empty epoch is a
+/// start marker (see [`AckBook::record_start`]).
 type Pending = HashMap<(UserId, String), (String, u64)>;
 
 /// The shared ack book. Cheap to clone.
@@ -40,6 +45,19 @@ struct Inner {
 }
 
 impl AckBook {
+    /// Records that a device started before its user had any log: stored as `:0` unless the
+    /// device already has a position, it makes a later resume without a position start at the
+    /// first entry of the log that appears, not at that log's live end (the device was there
+    /// before any of it).
+    pub fn record_start(&self, user: &UserId, device: &str) {
+        self.inner
+            .pending
+            .lock()
+            .expect("ack lock is never poisoned")
+            .entry((user.clone(), device.to_owned()))
+            .or_insert_with(|| (String::new(), 0));
+    }
+
     /// Records a device's cumulative ack.
     pub fn record(&self, user: &UserId, device: &str, epoch: &str, seq: u64) {
         let mut pending = self
@@ -89,7 +107,25 @@ impl AckBook {
             return true;
         }
         let mut by_user: HashMap<&UserId, Vec<(&str, &str, u64)>> = HashMap::new();
+        let mut markers = redis::pipe();
         for ((user, device), (epoch, seq)) in &pending {
+            if epoch.is_empty() {
+                // Only where the device has no position yet; a real one always wins.
+                let acks = UserKeys::new(user).acks;
+                markers
+                    .cmd("HSETNX")
+                    .arg(&acks)
+                    .arg(device)
+                    .arg(":0")
+                    .ignore();
+                markers
+                    .cmd("PEXPIRE")
+                    .arg(&acks)
+                    .arg(MARKER_TTL.as_millis() as u64)
+                    .arg("NX")
+                    .ignore();
+                continue;
+            }
             by_user
                 .entry(user)
                 .or_default()
@@ -97,6 +133,14 @@ impl AckBook {
         }
         let users: Vec<_> = by_user.into_iter().collect();
         let mut ok = true;
+        if !markers.is_empty()
+            && let Err(e) =
+                with_timeout(timeout, markers.query_async::<()>(&mut conn.clone())).await
+        {
+            metrics::counter!("gapless_redis_errors_total", "op" => "ack").increment(1);
+            tracing::warn!(error = %e, "start markers not written; retrying");
+            ok = false;
+        }
         for chunk in users.chunks(USERS_PER_CALL * CALLS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for call in chunk.chunks(USERS_PER_CALL) {

@@ -344,8 +344,9 @@ async fn session(
             d.target = position.last_seq;
             d.must_read = true;
             d.replaying = false;
-            if let Some(epoch) = &d.epoch {
-                state.acks.record(&conn.user, &conn.device, epoch, d.sent);
+            match &d.epoch {
+                Some(epoch) => state.acks.record(&conn.user, &conn.device, epoch, d.sent),
+                None => state.acks.record_start(&conn.user, &conn.device),
             }
         }
     }
@@ -499,7 +500,12 @@ fn resume_start(
             Some((e, seq)) => Some((e, seq.max(after))),
             None => position.epoch.clone().map(|e| (e, after)),
         },
-        (None, None) => position.ack.clone(),
+        // A start marker (`:0`, stored when the device connected before any log existed):
+        // the start of the log, whichever one exists now.
+        (None, None) => match position.ack.clone() {
+            Some((e, _)) if e.is_empty() => position.epoch.clone().map(|e| (e, 0)),
+            stored => stored,
+        },
     }
 }
 
@@ -681,6 +687,12 @@ mod tests {
             at("old", 7)
         );
         assert_eq!(resume_start(None, None, &log(Some("e"), None)), None);
+        // A start marker from before any log: the start of the current log, else the live end.
+        assert_eq!(
+            resume_start(None, None, &log(Some("e"), Some(("", 0)))),
+            at("e", 0)
+        );
+        assert_eq!(resume_start(None, None, &log(None, Some(("", 0)))), None);
     }
 
     #[test]

@@ -360,6 +360,31 @@ async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_ent
     c.assert_quiet(Duration::from_millis(300)).await;
 }
 
+/// Found by the drill: a device that connected before its user had any log and was offline
+/// when the log began, then restarted without a position, started at that log's live end and
+/// never got what was appended while it was away.
+#[tokio::test]
+async fn a_device_known_before_the_log_existed_resumes_from_its_first_entry_after_a_restart() {
+    let _shared = share_the_process().await;
+    let sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-a")).await;
+    let c = Client::connect(&edge.ws_url(), "dora", "tv", (None, None)).await;
+    wait_registered(&sys, "dora", "edge-a").await;
+    c.close().await;
+    eventually(
+        "the start marker is stored on disconnect",
+        Duration::from_secs(5),
+        || async { hget(&sys, "gl:{dora}:a", "tv").await.as_deref() == Some(":0") },
+    )
+    .await;
+    for i in 1..=3 {
+        sys.send("dora", json!(i)).await;
+    }
+    let mut c = Client::connect(&edge.ws_url(), "dora", "tv", (None, None)).await;
+    assert_eq!(c.take(3).await, vec![1, 2, 3]);
+    c.assert_quiet(Duration::from_millis(300)).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Resets
 // ---------------------------------------------------------------------------------------
