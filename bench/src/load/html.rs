@@ -822,6 +822,17 @@ fn summary(out: &mut String, r: &Report) {
         &percentiles(&r.latency_ms_all),
         "ingest-to-client, whole run including the ramp",
     );
+    if r.pid1.measured_s > 0 {
+        row(
+            out,
+            "pid1.latency_ms_quiet",
+            &percentiles(&r.pid1.latency_ms_quiet),
+            &format!(
+                "ingest-to-client over the {} of {} measured seconds in which PID 1 (here the VM's agent) used at most 5% of a core, nor in the second before; it was busy in {} seconds of the run",
+                r.pid1.quiet_s, r.pid1.measured_s, r.pid1.busy_s
+            ),
+        );
+    }
     row(
         out,
         "edge_rss_kib_per_idle_conn",
@@ -1015,7 +1026,7 @@ fn esc(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::report::{ProcessSummary, Report, Storm, Tick};
+    use super::super::report::{Pid1, ProcessSummary, Report, Storm, Tick};
     use super::*;
 
     /// Percentiles with every field `v`.
@@ -1092,6 +1103,12 @@ mod tests {
             latency_ms: flat(2.5),
             latency_ms_all: flat(f64::NAN),
             latency_distribution: vec![(0.5, 10), (1.0, 100), (2.0, 500), (5.0, 300), (100.0, 5)],
+            pid1: Pid1 {
+                measured_s: 60,
+                busy_s: 19,
+                quiet_s: 22,
+                latency_ms_quiet: flat(3.0),
+            },
             edge_rss_kib_per_idle_conn: 3.14659,
             edge_rss_kib_before: vec![10_000, 10_000],
             edge_rss_kib_after: vec![25_000, 25_000],

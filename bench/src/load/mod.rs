@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, JWT_SECRET};
 use crate::stats::{Percentiles, cpu_seconds, percentiles, rss_kib};
-use report::{ProcessSummary, Report, Stage, Storm, Tick};
+use report::{Pid1, ProcessSummary, Report, Stage, Storm, Tick};
 use worker::TickReport;
 
 /// Connections one edge or load process holds at most by default (20,000 open files here).
@@ -161,6 +161,12 @@ struct Live {
     phase: Histogram<u64>,
     /// Latencies of the whole run.
     all: Histogram<u64>,
+    /// Latencies of the measured phase's seconds in which PID 1 stayed quiet (and in the
+    /// second before): see [`PID1`].
+    quiet: Histogram<u64>,
+    /// Seconds of the measured phase, and how many of them went into `quiet`.
+    measured_ticks: u64,
+    quiet_ticks: u64,
     /// Recording into `phase`.
     measuring: bool,
     /// Redis round trips since the last tick, ms.
@@ -217,6 +223,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         interval: worker::histogram(),
         phase: worker::histogram(),
         all: worker::histogram(),
+        quiet: worker::histogram(),
+        measured_ticks: 0,
+        quiet_ticks: 0,
         measuring: false,
         rtt_interval: Vec::new(),
         rtt_all: Vec::new(),
@@ -250,13 +259,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let timeline = Arc::new(Mutex::new(Vec::<Tick>::new()));
     let processes = process_list(&target, &workers);
     let fleet_pids = processes.fleet.clone();
-    let sent = Arc::new(AtomicU64::new(0));
+    let meters = Arc::new(ProducerMeters::default());
     let sampler = tokio::spawn(sample_timeline(
         started,
         live.clone(),
         timeline.clone(),
         processes,
-        sent.clone(),
+        meters.clone(),
         stop.clone(),
         n,
     ));
@@ -266,7 +275,6 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
 
     // Producers address only devices that have settled after connecting.
     let addressable = Arc::new(Mutex::new(Vec::<std::ops::Range<usize>>::new()));
-    let refused = Arc::new(AtomicU64::new(0));
     let producing = CancellationToken::new();
     let producer = if args.rate > 0 && args.scenario != Scenario::Idle {
         Some(tokio::spawn(produce(
@@ -277,8 +285,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
                 every: Duration::from_millis(args.batch_every_ms.max(1)),
             },
             addressable.clone(),
-            sent.clone(),
-            refused.clone(),
+            meters.clone(),
             producing.clone(),
         )))
     } else {
@@ -341,7 +348,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         }
         Scenario::Storm => {
             sleep_checking(Duration::from_secs(args.duration / 2), &mut workers).await?;
-            storm = Some(run_storm(&mut target, &live, &sent, &fleet_pids, n as u64).await?);
+            storm = Some(run_storm(&mut target, &live, &meters.sent, &fleet_pids, n as u64).await?);
             sleep_checking(Duration::from_secs(args.duration / 2), &mut workers).await?;
         }
         Scenario::Ingest => unreachable!("handled above"),
@@ -355,7 +362,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         p.await?;
     }
     lock(&live).mark("producers stopped".into());
-    let total = sent.load(Ordering::Relaxed);
+    let total = meters.sent.load(Ordering::Relaxed);
     let drain = Instant::now() + Duration::from_secs(30);
     while lock(&live).sum(|w| w.delivered) < total && Instant::now() < drain {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -395,6 +402,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         latency_ms: hist_percentiles(&live.phase),
         latency_ms_all: hist_percentiles(&live.all),
         latency_distribution: distribution(&live.phase),
+        pid1: Pid1 {
+            measured_s: live.measured_ticks,
+            busy_s: timeline
+                .iter()
+                .filter(|t| {
+                    t.processes
+                        .iter()
+                        .any(|(name, _, pct)| name == PID1 && *pct > PID1_BUSY_PCT)
+                })
+                .count() as u64,
+            quiet_s: live.quiet_ticks,
+            latency_ms_quiet: hist_percentiles(&live.quiet),
+        },
         edge_rss_kib_per_idle_conn: per_idle_conn,
         edge_rss_kib_before: edge_before,
         edge_rss_kib_after: edge_after,
@@ -409,7 +429,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         timeline,
     };
     drop(live);
-    print_summary(&report, refused.load(Ordering::Relaxed));
+    print_summary(&report, meters.refused.load(Ordering::Relaxed));
     write_outputs(&args.json, &args.html, &report)?;
     if report.lost > 0 || report.gaps > 0 || report.resets > 0 {
         bail!(
@@ -644,6 +664,7 @@ fn process_list(target: &Target, workers: &[Worker]) -> ProcessList {
         .filter_map(|w| w.child.id().map(|p| (w.name.clone(), p)))
         .collect();
     fixed.push(("bench".into(), std::process::id()));
+    fixed.push((PID1.into(), 1));
     ProcessList {
         fleet: Arc::new(Mutex::new(
             target.fleet.as_ref().map(Fleet::pids).unwrap_or_default(),
@@ -658,7 +679,7 @@ async fn sample_timeline(
     live: Shared,
     timeline: Arc<Mutex<Vec<Tick>>>,
     processes: ProcessList,
-    sent: Arc<AtomicU64>,
+    meters: Arc<ProducerMeters>,
     stop: CancellationToken,
     n: usize,
 ) -> Vec<ProcessSummary> {
@@ -666,6 +687,7 @@ async fn sample_timeline(
     let mut cpu_last: BTreeMap<(String, u32), f64> = BTreeMap::new();
     let mut summary: BTreeMap<String, (u64, f64, f64, u32)> = BTreeMap::new();
     let mut last = Instant::now();
+    let mut pid1_was_busy = false;
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.tick().await;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -703,29 +725,40 @@ async fn sample_timeline(
             s.3 += 1;
             procs.push((name, rss, (pct * 10.0).round() / 10.0));
         }
+        let pid1_busy = procs
+            .iter()
+            .any(|(name, _, pct)| name == PID1 && *pct > PID1_BUSY_PCT);
         let tick = {
             let mut l = lock(&live);
             let p = hist_percentiles(&l.interval);
+            if l.measuring {
+                l.measured_ticks += 1;
+                if !pid1_busy && !pid1_was_busy {
+                    l.quiet_ticks += 1;
+                    let Live {
+                        quiet, interval, ..
+                    } = &mut *l;
+                    // Same bounds: adding cannot fail.
+                    let _ = quiet.add(&*interval);
+                }
+            }
+            pid1_was_busy = pid1_busy;
             l.interval.reset();
             let rtt = percentiles(std::mem::take(&mut l.rtt_interval));
             Tick {
                 t: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
                 connections: l.sum(|w| w.open),
-                sent: 0,
+                sent: meters.sent.load(Ordering::Relaxed),
                 delivered: l.sum(|w| w.delivered),
                 p50_ms: p.p50,
                 p99_ms: p.p99,
                 p999_ms: p.p999,
                 max_ms: p.max,
                 redis_rtt_p99_ms: rtt.p99,
-                producer_lag_ms: PRODUCER_LAG_US.swap(0, Ordering::Relaxed) as f64 / 1000.0,
+                producer_lag_ms: meters.lag_us.swap(0, Ordering::Relaxed) as f64 / 1000.0,
                 processes: procs,
                 event: l.event.take(),
             }
-        };
-        let tick = Tick {
-            sent: sent.load(Ordering::Relaxed),
-            ..tick
         };
         let edges_mib: u64 = tick
             .processes
@@ -773,8 +806,26 @@ async fn sample_timeline(
     }
 }
 
-/// Most the producers' timer fired late since the sampler last looked, µs.
-static PRODUCER_LAG_US: AtomicU64 = AtomicU64::new(0);
+/// What the producers count, read by the sampler and the report.
+#[derive(Default)]
+struct ProducerMeters {
+    /// Notifications the ingest acknowledged.
+    sent: AtomicU64,
+    /// Notifications it refused, or whose request failed.
+    refused: AtomicU64,
+    /// Most the producers' batch timer fired late since the sampler last looked, µs.
+    lag_us: AtomicU64,
+}
+
+/// PID 1's name among the sampled processes. On this project's VM, PID 1 is the sandbox's
+/// agent (`/process_api`, nice -10), which walks every open file descriptor of every process
+/// about every 3.1 s: at 200,000 sockets that is ~170 ms of a core in the kernel, during
+/// which the system under test has one core instead of two (BENCHMARKS.md). On an ordinary
+/// host PID 1 is init and stays quiet.
+const PID1: &str = "pid 1";
+
+/// CPU (% of a core over a second) above which PID 1 counts as busy in that second.
+const PID1_BUSY_PCT: f64 = 5.0;
 
 /// Where and how fast the producers append.
 struct Producer {
@@ -796,8 +847,7 @@ async fn produce(
         every,
     }: Producer,
     addressable: Arc<Mutex<Vec<std::ops::Range<usize>>>>,
-    sent: Arc<AtomicU64>,
-    refused: Arc<AtomicU64>,
+    meters: Arc<ProducerMeters>,
     stop: CancellationToken,
 ) {
     let http = reqwest::Client::new();
@@ -814,7 +864,7 @@ async fn produce(
         tokio::select! {
             due = tick.tick() => {
                 let late = due.elapsed().as_micros() as u64;
-                PRODUCER_LAG_US.fetch_max(late, Ordering::Relaxed);
+                meters.lag_us.fetch_max(late, Ordering::Relaxed);
             }
             () = stop.cancelled() => break,
         }
@@ -862,7 +912,7 @@ async fn produce(
             break;
         };
         let (http, url, key) = (http.clone(), url.clone(), api_key.clone());
-        let (sent, refused) = (sent.clone(), refused.clone());
+        let meters = meters.clone();
         tokio::spawn(async move {
             let answer = async {
                 let r = http
@@ -878,11 +928,13 @@ async fn produce(
                 Ok(v) => {
                     let results = v["results"].as_array().cloned().unwrap_or_default();
                     let ok = results.iter().filter(|r| r["seq"].is_u64()).count() as u64;
-                    sent.fetch_add(ok, Ordering::Relaxed);
-                    refused.fetch_add(count as u64 - ok, Ordering::Relaxed);
+                    meters.sent.fetch_add(ok, Ordering::Relaxed);
+                    meters
+                        .refused
+                        .fetch_add(count as u64 - ok, Ordering::Relaxed);
                 }
                 Err(_) => {
-                    refused.fetch_add(count as u64, Ordering::Relaxed);
+                    meters.refused.fetch_add(count as u64, Ordering::Relaxed);
                 }
             }
             drop(permit);
@@ -1190,6 +1242,12 @@ fn ingest_report(command: String, ingest: serde_json::Value) -> Report {
         latency_ms: percentiles(Vec::new()),
         latency_ms_all: percentiles(Vec::new()),
         latency_distribution: Vec::new(),
+        pid1: Pid1 {
+            measured_s: 0,
+            busy_s: 0,
+            quiet_s: 0,
+            latency_ms_quiet: percentiles(Vec::new()),
+        },
         edge_rss_kib_per_idle_conn: 0.0,
         edge_rss_kib_before: Vec::new(),
         edge_rss_kib_after: Vec::new(),
@@ -1240,6 +1298,11 @@ fn print_summary(r: &Report, refused: u64) {
         println!(
             "  latency ms (ingest to client, measured phase): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        let (q, quiet) = (&r.pid1, &r.pid1.latency_ms_quiet);
+        println!(
+            "  PID 1 busy (> {PID1_BUSY_PCT}% of a core) in {} of the run's seconds; over the {} of {} measured seconds it was quiet in (and the second before): p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            q.busy_s, q.quiet_s, q.measured_s, quiet.p50, quiet.p99, quiet.p999, quiet.max
         );
     }
     let rtt = &r.redis_rtt_ms;

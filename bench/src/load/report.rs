@@ -40,6 +40,9 @@ pub struct Report {
     pub latency_ms_all: Percentiles,
     /// Latency distribution of the measured phase: (upper bound ms, count) buckets.
     pub latency_distribution: Vec<(f64, u64)>,
+    /// PID 1's activity and the latency of the seconds it left alone (see `PID1` in the
+    /// load module): a figure beside `latency_ms`, never instead of it.
+    pub pid1: Pid1,
     /// Edge resident memory per connection after the ramp: (after - before) / connections.
     pub edge_rss_kib_per_idle_conn: f64,
     /// Each edge's RSS before the ramp, KiB.
@@ -125,6 +128,19 @@ pub struct Tick {
     pub processes: Vec<(String, u64, f64)>,
     /// What happened at this point (`ramp 10000`, `edges killed`…), if anything.
     pub event: Option<String>,
+}
+
+/// PID 1 (on this project's VM, the sandbox's agent) during the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pid1 {
+    /// Seconds of the measured phase.
+    pub measured_s: u64,
+    /// Seconds of the whole run in which PID 1 used more than 5% of a core.
+    pub busy_s: u64,
+    /// Measured seconds in which it did not, nor in the second before.
+    pub quiet_s: u64,
+    /// Ingest-to-client latency over those quiet seconds.
+    pub latency_ms_quiet: Percentiles,
 }
 
 /// One stage of the delivery path, from a service's Prometheus histogram.
