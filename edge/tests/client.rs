@@ -161,20 +161,8 @@ async fn a_frozen_client_dropped_by_heartbeat_resumes_with_everything() {
     );
     assert_eq!(collect(&mut client, 1).await, vec![1]);
     // Frozen: the flood fills the socket; the edge stops hearing pongs.
-    let pad = "x".repeat(16 << 10);
-    let items: Vec<serde_json::Value> = (0..300)
-        .map(|_| serde_json::json!({"user": "frank", "payload": {"pad": pad}}))
-        .collect();
     for _ in 0..4 {
-        sys.http
-            .post(format!("{}/v1/notifications/batch", sys.ingest_url))
-            .bearer_auth(common::API_KEY)
-            .json(&items)
-            .send()
-            .await
-            .expect("ingest answers")
-            .error_for_status()
-            .expect("200");
+        sys.send_padded_batch("frank", 300, 16 << 10).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Thawed.

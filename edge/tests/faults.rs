@@ -314,34 +314,6 @@ async fn send_retrying(sys: &System, user: &str, key: &str, within: Duration) ->
     }
 }
 
-/// Appends `n` notifications of `pad` bytes of padding each, in one batch; returns the last
-/// seq.
-async fn send_padded_batch(sys: &System, user: &str, n: usize, pad: usize) -> u64 {
-    let padding = "x".repeat(pad);
-    let items: Vec<serde_json::Value> = (0..n)
-        .map(|i| serde_json::json!({"user": user, "payload": {"i": i, "pad": padding}}))
-        .collect();
-    let r: serde_json::Value = sys
-        .http
-        .post(format!("{}/v1/notifications/batch", sys.ingest_url))
-        .bearer_auth(common::API_KEY)
-        .json(&items)
-        .send()
-        .await
-        .expect("ingest answers")
-        .error_for_status()
-        .expect("200")
-        .json()
-        .await
-        .expect("json");
-    let results = r["results"].as_array().expect("results");
-    assert_eq!(results.len(), n);
-    results
-        .last()
-        .and_then(|x| x["seq"].as_u64())
-        .expect("a seq")
-}
-
 #[tokio::test]
 async fn a_lost_wakeup_still_reaches_a_connected_device_within_one_heartbeat() {
     let sys = System::start().await;
@@ -502,7 +474,7 @@ async fn a_client_that_stops_reading_is_closed_and_later_resumes_with_everything
     // From here on the client reads nothing; 32 MiB more than any socket buffer holds.
     let mut last = 0;
     for _ in 0..4 {
-        last = send_padded_batch(&sys, "slow", N / 4, PAD).await;
+        last = sys.send_padded_batch("slow", N / 4, PAD).await;
     }
     assert_eq!(last, N as u64 + 1);
 

@@ -132,8 +132,18 @@ impl System {
 
     /// Appends `n` notifications in one batch; returns the last seq.
     pub async fn send_batch(&self, user: &str, n: usize) -> u64 {
+        self.send_padded_batch(user, n, 0).await
+    }
+
+    /// Appends `n` notifications with `pad` bytes of padding each (none when 0), in one batch;
+    /// returns the last seq.
+    pub async fn send_padded_batch(&self, user: &str, n: usize, pad: usize) -> u64 {
+        let padding = "x".repeat(pad);
         let items: Vec<serde_json::Value> = (0..n)
-            .map(|i| serde_json::json!({"user": user, "payload": {"i": i}}))
+            .map(|i| match pad {
+                0 => serde_json::json!({"user": user, "payload": {"i": i}}),
+                _ => serde_json::json!({"user": user, "payload": {"i": i, "pad": padding}}),
+            })
             .collect();
         let r: serde_json::Value = self
             .http
@@ -149,6 +159,7 @@ impl System {
             .await
             .expect("json");
         let results = r["results"].as_array().expect("results");
+        assert_eq!(results.len(), n);
         results
             .last()
             .and_then(|x| x["seq"].as_u64())
