@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
-use gapless_shared::keys::UserKeys;
+use gapless_shared::keys;
 use gapless_shared::schema::FN_ACK_USERS;
 use gapless_shared::store::with_timeout;
 use redis::aio::ConnectionManager;
@@ -111,7 +111,7 @@ impl AckBook {
         for ((user, device), (epoch, seq)) in &pending {
             if epoch.is_empty() {
                 // Only where the device has no position yet; a real one always wins.
-                let acks = UserKeys::new(user).acks;
+                let acks = keys::acks(user);
                 markers
                     .cmd("HSETNX")
                     .arg(&acks)
@@ -144,17 +144,16 @@ impl AckBook {
         for chunk in users.chunks(USERS_PER_CALL * CALLS_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for call in chunk.chunks(USERS_PER_CALL) {
-                let mut keys = Vec::with_capacity(2 * call.len());
+                let mut names = Vec::with_capacity(2 * call.len());
                 for (user, _) in call {
-                    let k = UserKeys::new(user);
-                    keys.push(k.meta);
-                    keys.push(k.acks);
+                    names.push(keys::meta(user));
+                    names.push(keys::acks(user));
                 }
                 let cmd = pipe
                     .cmd("FCALL")
                     .arg(FN_ACK_USERS)
-                    .arg(keys.len())
-                    .arg(keys);
+                    .arg(names.len())
+                    .arg(names);
                 for (_, positions) in call {
                     cmd.arg(positions.len());
                     for (device, epoch, seq) in positions {

@@ -80,6 +80,34 @@ pub struct EdgeState {
     draining: AtomicBool,
     /// Shared Redis connection (readiness, drain).
     conn: ConnectionManager,
+    /// The metrics counted on every delivery and ack.
+    pub(crate) hot: HotMetrics,
+}
+
+/// Handles of the metrics counted on every delivery and ack, registered once: `counter!`
+/// and `histogram!` build their key and look it up in the registry on every call.
+pub(crate) struct HotMetrics {
+    /// `gapless_edge_delivered_total{path="live"}`.
+    pub delivered_live: metrics::Counter,
+    /// `gapless_edge_delivered_total{path="replay"}`.
+    pub delivered_replay: metrics::Counter,
+    /// `gapless_edge_delivery_latency_seconds`: the entry's ingest time to its hand-over to
+    /// the socket writer.
+    pub delivery_latency: metrics::Histogram,
+    /// `gapless_edge_acks_total`.
+    pub acks: metrics::Counter,
+}
+
+impl HotMetrics {
+    /// Registers the handles with the installed recorder.
+    fn register() -> Self {
+        Self {
+            delivered_live: metrics::counter!("gapless_edge_delivered_total", "path" => "live"),
+            delivered_replay: metrics::counter!("gapless_edge_delivered_total", "path" => "replay"),
+            delivery_latency: metrics::histogram!("gapless_edge_delivery_latency_seconds"),
+            acks: metrics::counter!("gapless_edge_acks_total"),
+        }
+    }
 }
 
 /// Why the edge could not run.
@@ -155,6 +183,9 @@ pub async fn run(
     tokio::spawn(heartbeat::run(hub.clone(), config.heartbeat, tasks.clone()));
     tokio::spawn(gapless_shared::telemetry::upkeep(tasks.clone()));
 
+    // Install the recorder before the first connection, so none goes uncounted, and before
+    // the hot metrics' handles are registered with it.
+    gapless_shared::telemetry::prometheus();
     let state = Arc::new(EdgeState {
         config: config.clone(),
         hub: hub.clone(),
@@ -164,9 +195,8 @@ pub async fn run(
         verifier,
         draining: AtomicBool::new(false),
         conn: conn.clone(),
+        hot: HotMetrics::register(),
     });
-    // Install the recorder before the first connection, so none goes uncounted.
-    gapless_shared::telemetry::prometheus();
     let sessions = TaskTracker::new();
     let router = Router::new()
         .route("/v1/ws", get(upgrade))

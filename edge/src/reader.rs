@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
-use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::keys;
 use gapless_shared::store::{StoreError, with_timeout};
 use redis::Value;
 use redis::aio::ConnectionManager;
@@ -134,18 +134,22 @@ async fn execute(mut conn: ConnectionManager, timeout: Duration, batch: Vec<Requ
     for req in &batch {
         match &req.op {
             ReadOp::Position { user, device } => {
-                let k = UserKeys::new(user);
-                pipe.cmd("HMGET").arg(&k.meta).arg("epoch").arg("seq");
-                pipe.cmd("HGET").arg(&k.acks).arg(device);
+                pipe.cmd("HMGET")
+                    .arg(keys::meta(user))
+                    .arg("epoch")
+                    .arg("seq");
+                pipe.cmd("HGET").arg(keys::acks(user)).arg(device);
             }
             ReadOp::Range { user, from, count } => {
                 // The log's state first, then the entries: appends may run between the two,
                 // so only in this order does "last_seq > from but no entry from `from` on"
                 // prove that entries were trimmed, rather than appended in between.
-                let k = UserKeys::new(user);
-                pipe.cmd("HMGET").arg(&k.meta).arg("epoch").arg("seq");
+                pipe.cmd("HMGET")
+                    .arg(keys::meta(user))
+                    .arg("epoch")
+                    .arg("seq");
                 pipe.cmd("XRANGE")
-                    .arg(&k.stream)
+                    .arg(keys::stream(user))
                     .arg(keys::entry_id(*from))
                     .arg("+")
                     .arg("COUNT")

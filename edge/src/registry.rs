@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
-use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::keys;
 use gapless_shared::store::with_timeout;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
@@ -99,15 +99,15 @@ fn lease_until(lease: Duration) -> u64 {
 }
 
 fn add_cmds(pipe: &mut redis::Pipeline, task: &RegistryTask, user: &UserId, until: u64) {
-    let k = UserKeys::new(user);
+    let registry = keys::registry(user);
     pipe.cmd("ZADD")
-        .arg(&k.registry)
+        .arg(&registry)
         .arg(until)
         .arg(&task.edge_id)
         .ignore();
     // The set outlives no lease by much: a crashed edge's entries vanish with it.
     pipe.cmd("PEXPIRE")
-        .arg(&k.registry)
+        .arg(&registry)
         .arg(2 * task.lease.as_millis() as u64)
         .ignore();
 }
@@ -124,7 +124,7 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
             }
             Op::Remove(user) => {
                 pipe.cmd("ZREM")
-                    .arg(UserKeys::new(&user).registry)
+                    .arg(keys::registry(&user))
                     .arg(&task.edge_id)
                     .ignore();
             }
@@ -175,7 +175,7 @@ pub async fn leave(conn: &ConnectionManager, edge_id: &str, timeout: Duration, u
     for chunk in users.chunks(REFRESH_CHUNK) {
         for user in chunk {
             pipe.cmd("ZREM")
-                .arg(UserKeys::new(user).registry)
+                .arg(keys::registry(user))
                 .arg(edge_id)
                 .ignore();
         }

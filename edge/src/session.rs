@@ -423,11 +423,11 @@ async fn session(
                 match &msg {
                     ServerMessage::Notification(n) => {
                         d.sent = n.seq;
-                        let path = if d.replaying { "replay" } else { "live" };
-                        metrics::counter!("gapless_edge_delivered_total", "path" => path).increment(1);
+                        let hot = &state.hot;
+                        let delivered = if d.replaying { &hot.delivered_replay } else { &hot.delivered_live };
+                        delivered.increment(1);
                         let latency = gapless_shared::now_ms().saturating_sub(n.ts);
-                        metrics::histogram!("gapless_edge_delivery_latency_seconds")
-                            .record(latency as f64 / 1000.0);
+                        hot.delivery_latency.record(latency as f64 / 1000.0);
                     }
                     ServerMessage::Reset { first_seq, reason, .. } => {
                         // Nothing before first_seq can be acked in the numbering that follows.
@@ -522,7 +522,7 @@ fn ack(state: &EdgeState, conn: &Conn, d: &mut Delivery, seq: u64) -> Result<(),
         ));
     }
     d.tolerate_stale_ack = false;
-    metrics::counter!("gapless_edge_acks_total").increment(1);
+    state.hot.acks.increment(1);
     if seq > d.acked {
         d.acked = seq;
         if let Some(epoch) = &d.epoch {

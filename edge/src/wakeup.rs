@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gapless_shared::ids::UserId;
-use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::keys;
 use gapless_shared::store::with_timeout;
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::aio::ConnectionManager;
@@ -32,12 +32,17 @@ pub fn dispatch(hub: &Hub, bytes: &[u8]) {
         }
     };
     metrics::counter!("gapless_edge_wakeups_total", "result" => "ok").increment(1);
-    for item in wakeup.items() {
+    for item in wakeup.into_items() {
         let Ok(user) = UserId::parse(&item.user) else {
             continue;
         };
-        for conn in hub.conns_of(&user) {
-            conn.hint(item.clone());
+        // Usually one connection per user: it gets the item itself, not a copy.
+        let conns = hub.conns_of(&user);
+        if let Some((last, others)) = conns.split_last() {
+            for conn in others {
+                conn.hint(item.clone());
+            }
+            last.hint(item);
         }
     }
 }
@@ -120,7 +125,7 @@ pub async fn sweep(conn: &ConnectionManager, hub: &Hub, users: &[UserId], timeou
         let mut pipe = redis::pipe();
         for user in chunk {
             pipe.cmd("HMGET")
-                .arg(UserKeys::new(user).meta)
+                .arg(keys::meta(user))
                 .arg("epoch")
                 .arg("seq");
         }

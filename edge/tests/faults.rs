@@ -736,3 +736,39 @@ async fn a_device_without_a_position_gets_everything_appended_after_it_registere
     assert_eq!(c.take(2).await, vec![first, second]);
     c.assert_quiet(Duration::from_millis(300)).await;
 }
+
+/// The edge's per-delivery metrics are pre-registered handles (not a `counter!` per event):
+/// they must be the recorder's, counting, not no-ops registered before it was installed.
+#[tokio::test]
+async fn the_edge_counts_deliveries_acks_and_their_latency() {
+    let sys = System::start().await;
+    let edge = EdgeProcess::start(&sys, "edge-count", &[]).await;
+    let (mut c, _) = connect_with_log(&sys, &edge.ws_url(), "counted", "phone", "edge-count").await;
+    for i in 0..3 {
+        sys.send("counted", serde_json::json!(i)).await;
+    }
+    assert_eq!(c.take(3).await, vec![2, 3, 4]);
+    let text = eventually_metrics(&sys, &edge, "gapless_edge_acks_total", 4.0).await;
+    let delivered = metric(&text, "gapless_edge_delivered_total{path=\"live\"}")
+        + metric(&text, "gapless_edge_delivered_total{path=\"replay\"}");
+    assert!(delivered >= 4.0, "delivered_total {delivered}:\n{text}");
+    let timed = metric(&text, "gapless_edge_delivery_latency_seconds_count");
+    assert!(timed >= 4.0, "delivery_latency_seconds_count {timed}");
+}
+
+/// The edge's metrics once `name` has reached `at_least` (the ack is counted when the edge
+/// reads it, a moment after the client sent it).
+async fn eventually_metrics(sys: &System, edge: &EdgeProcess, name: &str, at_least: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = edge.metrics(&sys.http).await;
+        if metric(&text, name) >= at_least {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed below {at_least}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -22,7 +22,7 @@ pub const FIELD_IDEMPOTENCY_KEY: &str = "k";
 pub struct UserKeys {
     /// `gl:{user}:m`: hash with `epoch` and `seq` (last assigned).
     pub meta: String,
-    /// `gl:{user}:s`: the user's stream, entry ids `<seq>-0`.
+    /// `gl:{user}:s`: the user's stream, entry ids `<seq>-<ingest ms>` (schema 1: `<seq>-0`).
     pub stream: String,
     /// `gl:{user}:r`: sorted set of edge ids holding a connection, score = lease expiry (ms).
     pub registry: String,
@@ -33,12 +33,11 @@ pub struct UserKeys {
 impl UserKeys {
     /// The keys of `user`.
     pub fn new(user: &UserId) -> Self {
-        let u = user.as_str();
         Self {
-            meta: format!("gl:{{{u}}}:m"),
-            stream: format!("gl:{{{u}}}:s"),
-            registry: format!("gl:{{{u}}}:r"),
-            acks: format!("gl:{{{u}}}:a"),
+            meta: meta(user),
+            stream: stream(user),
+            registry: registry(user),
+            acks: acks(user),
         }
     }
 
@@ -46,6 +45,26 @@ impl UserKeys {
     pub fn idempotency(user: &UserId, key: &str) -> String {
         format!("gl:{{{}}}:i:{key}", user.as_str())
     }
+}
+
+/// `gl:{user}:m` alone, for a hot path that needs only it (see [`UserKeys`]).
+pub fn meta(user: &UserId) -> String {
+    format!("gl:{{{}}}:m", user.as_str())
+}
+
+/// `gl:{user}:s` alone.
+pub fn stream(user: &UserId) -> String {
+    format!("gl:{{{}}}:s", user.as_str())
+}
+
+/// `gl:{user}:r` alone.
+pub fn registry(user: &UserId) -> String {
+    format!("gl:{{{}}}:r", user.as_str())
+}
+
+/// `gl:{user}:a` alone.
+pub fn acks(user: &UserId) -> String {
+    format!("gl:{{{}}}:a", user.as_str())
 }
 
 /// `gl:edge:<edge id>`: the edge's liveness lease.

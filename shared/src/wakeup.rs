@@ -45,6 +45,13 @@ impl Wakeup {
             Wakeup::V1(items) => items,
         }
     }
+
+    /// The entries of the message, owned.
+    pub fn into_items(self) -> Vec<WakeItem> {
+        match self {
+            Wakeup::V1(items) => items,
+        }
+    }
 }
 
 #[cfg(test)]
