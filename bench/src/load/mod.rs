@@ -404,14 +404,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         latency_distribution: distribution(&live.phase),
         pid1: Pid1 {
             measured_s: live.measured_ticks,
-            busy_s: timeline
-                .iter()
-                .filter(|t| {
-                    t.processes
-                        .iter()
-                        .any(|(name, _, pct)| name == PID1 && *pct > PID1_BUSY_PCT)
-                })
-                .count() as u64,
+            busy_s: timeline.iter().filter(|t| pid1_busy(&t.processes)).count() as u64,
             quiet_s: live.quiet_ticks,
             latency_ms_quiet: hist_percentiles(&live.quiet),
         },
@@ -725,9 +718,7 @@ async fn sample_timeline(
             s.3 += 1;
             procs.push((name, rss, (pct * 10.0).round() / 10.0));
         }
-        let pid1_busy = procs
-            .iter()
-            .any(|(name, _, pct)| name == PID1 && *pct > PID1_BUSY_PCT);
+        let pid1_busy = pid1_busy(&procs);
         let tick = {
             let mut l = lock(&live);
             let p = hist_percentiles(&l.interval);
@@ -826,6 +817,13 @@ const PID1: &str = "pid 1";
 
 /// CPU (% of a core over a second) above which PID 1 counts as busy in that second.
 const PID1_BUSY_PCT: f64 = 5.0;
+
+/// Whether PID 1 was busy in a tick whose per-process samples are `processes`.
+fn pid1_busy(processes: &[(String, u64, f64)]) -> bool {
+    processes
+        .iter()
+        .any(|(name, _, pct)| name == PID1 && *pct > PID1_BUSY_PCT)
+}
 
 /// Where and how fast the producers append.
 struct Producer {
