@@ -11,6 +11,7 @@ pub mod append;
 pub mod config;
 pub mod error;
 pub mod history;
+pub mod native;
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// Dedicated Redis connections for the append's transactions (requests beyond wait).
+const TRANSACTION_CONNECTIONS: usize = 16;
+
 /// Serves the ingest API on `listener` until `shutdown` is cancelled, then lets in-flight
 /// requests finish for at most the configured grace period.
 ///
@@ -46,8 +50,15 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut conn = store::connect(&config.redis).await?;
     let version = schema::check(&mut conn).await?;
+    let pool = native::Pool::new(
+        config.redis.url.as_str(),
+        config.redis.connect_timeout,
+        config.redis.command_timeout,
+        TRANSACTION_CONNECTIONS,
+    )?;
     let appender = append::Appender::new(
         conn,
+        pool,
         config.redis.command_timeout,
         config.retention,
         config.wakeup_payload_max,

@@ -6,6 +6,12 @@ use clap::Parser;
 use gapless_ingest::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: the append builds and parses a Redis command and a
+/// reply per notification, and glibc's malloc and free were a fifth of the ingest's CPU
+/// (BENCHMARKS.md, tuning log). The edge keeps glibc: mimalloc costs it idle memory.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     gapless_shared::telemetry::init_tracing();

@@ -620,3 +620,147 @@ async fn one_users_refused_write_does_not_sink_other_users() {
         assert_appended(&results[i], user, 1);
     }
 }
+
+/// `calls` of `command` in Redis's INFO commandstats (0 when never called).
+async fn command_calls(ingest: &TestIngest, command: &str) -> u64 {
+    let mut conn = ingest.redis_conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO works");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
+    let ingest = TestIngest::start().await;
+    let users = ["n1", "n2", "n3"];
+    let batch = |from: u64| {
+        json!(
+            (0..30)
+                .map(|i| json!({ "user": users[i % 3], "payload": { "i": from + i as u64 } }))
+                .collect::<Vec<_>>()
+        )
+    };
+
+    let (fcalls, execs) = (
+        command_calls(&ingest, "fcall").await,
+        command_calls(&ingest, "exec").await,
+    );
+    let (status, body) = ingest.post_json("/v1/notifications/batch", &batch(0)).await;
+    let first = results_of(status, &body);
+    assert!(
+        command_calls(&ingest, "fcall").await > fcalls,
+        "new logs are created by the Function"
+    );
+    assert_eq!(
+        command_calls(&ingest, "exec").await,
+        execs,
+        "no transaction committed"
+    );
+
+    let fcalls = command_calls(&ingest, "fcall").await;
+    let unwatches = command_calls(&ingest, "unwatch").await;
+    let (status, body) = ingest
+        .post_json("/v1/notifications/batch", &batch(30))
+        .await;
+    let second = results_of(status, &body);
+    assert_eq!(
+        command_calls(&ingest, "fcall").await,
+        fcalls,
+        "existing logs without idempotency keys do not call the Function"
+    );
+    assert!(
+        command_calls(&ingest, "exec").await > execs,
+        "they commit a transaction"
+    );
+    assert_eq!(
+        command_calls(&ingest, "unwatch").await,
+        unwatches,
+        "every read led to a transaction"
+    );
+
+    for (i, result) in first.iter().chain(&second).enumerate() {
+        assert_appended(result, users[i % 3], (i / 3) as u64 + 1);
+        assert_eq!(result["epoch"], first[i % 3]["epoch"], "one epoch per user");
+    }
+    for (u, user) in users.iter().enumerate() {
+        let stored = ingest.stored(user).await;
+        assert_eq!(
+            stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>(),
+            "{user}: seqs 1..=20 in the stream"
+        );
+        let payloads: Vec<u64> = stored
+            .iter()
+            .map(|e| {
+                serde_json::from_str::<Value>(&e.payload).expect("JSON")["i"]
+                    .as_u64()
+                    .expect("i")
+            })
+            .collect();
+        let sent: Vec<u64> = (0..60).filter(|i| i % 3 == u as u64).collect();
+        assert_eq!(payloads, sent, "{user}: the payloads in request order");
+        let mut conn = ingest.redis_conn().await;
+        let seq: u64 = redis::cmd("HGET")
+            .arg(user_keys(user).meta)
+            .arg("seq")
+            .query_async(&mut conn)
+            .await
+            .expect("HGET works");
+        assert_eq!(seq, 20, "{user}: the recorded seq is the stream's last");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_existing_log_fails_alone_beside_native_appends() {
+    let ingest = TestIngest::start().await;
+    for user in ["before", "victim", "after"] {
+        assert_appended(&ingest.append(user, json!(0)).await, user, 1);
+    }
+    let mut conn = ingest.redis_conn().await;
+    let victim = user_keys("victim");
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&victim.stream)
+        .ignore()
+        .cmd("SET")
+        .arg(&victim.stream)
+        .arg("not a stream")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("corrupting works");
+
+    let (status, body) = ingest
+        .post_json(
+            "/v1/notifications/batch",
+            &json!([
+                { "user": "before", "payload": 1 },
+                { "user": "victim", "payload": 2 },
+                { "user": "after", "payload": 3 },
+                { "user": "victim", "payload": 4 },
+            ]),
+        )
+        .await;
+    let results = results_of(status, &body);
+    assert_eq!(error_code(&results[1]), "store_error", "{body}");
+    assert_eq!(error_code(&results[3]), "store_error", "{body}");
+    assert_appended(&results[0], "before", 2);
+    assert_appended(&results[2], "after", 2);
+    for user in ["before", "after"] {
+        assert_eq!(ingest.xrange_seqs(user).await, [1, 2], "{user}: {body}");
+    }
+    let seq: u64 = redis::cmd("HGET")
+        .arg(&victim.meta)
+        .arg("seq")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET works");
+    assert_eq!(seq, 1, "the victim's recorded seq did not move");
+}
