@@ -70,6 +70,8 @@ pub struct Appender {
     retention: Retention,
     /// Largest payload riding along in a wakeup.
     wakeup_payload_max: usize,
+    /// Fewest items of one user for the native path.
+    native_min_items: usize,
 }
 
 impl Appender {
@@ -80,6 +82,7 @@ impl Appender {
         timeout: Duration,
         retention: Retention,
         wakeup_payload_max: usize,
+        native_min_items: usize,
     ) -> Self {
         Self {
             conn,
@@ -87,6 +90,7 @@ impl Appender {
             timeout,
             retention,
             wakeup_payload_max,
+            native_min_items,
         }
     }
 
@@ -97,9 +101,11 @@ impl Appender {
 
     /// Appends `items`, answering one result per item in order.
     ///
-    /// Users without idempotency keys whose log exists go through native commands in a
-    /// transaction ([`native`]); the others, and any the transaction hands back, through the
-    /// `gapless_append` Function. Each user's items take one path, in request order.
+    /// A user with at least `native_min_items` items and no idempotency key, whose log
+    /// exists, goes through native commands in a transaction ([`native`]): cheaper per entry,
+    /// dearer per user (a `WATCH`, reads and a second round trip). The others, and any the
+    /// transaction hands back, go through the `gapless_append` Function. Each user's items
+    /// take one path, in request order.
     ///
     /// `Err` means Redis could not be used at all: nothing is reported as written (some
     /// items may have been, which an idempotency key makes safe to retry). A per-item `Err`
@@ -111,9 +117,11 @@ impl Appender {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let (fast, mut slow): (Vec<_>, Vec<_>) = group_by_user(items)
-            .into_iter()
-            .partition(|group| group.iter().all(|&i| items[i].idempotency_key.is_none()));
+        let (fast, mut slow): (Vec<_>, Vec<_>) =
+            group_by_user(items).into_iter().partition(|group| {
+                group.len() >= self.native_min_items
+                    && group.iter().all(|&i| items[i].idempotency_key.is_none())
+            });
         let mut settled: Vec<(Vec<usize>, UserReply, u64)> = Vec::new();
 
         let chunks = pack_whole(fast);

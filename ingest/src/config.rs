@@ -65,6 +65,12 @@ pub struct Args {
     /// How long in-flight requests may finish after a shutdown signal, ms [default: 10000].
     #[arg(long, env = "GAPLESS_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// A user with at least this many items in one request, none with an idempotency key,
+    /// is appended with native commands in a transaction; fewer go through the Redis
+    /// Function, which costs more per entry and less per user [default: 4]. A value above
+    /// --max-batch-items sends every append through the Function.
+    #[arg(long, env = "GAPLESS_NATIVE_MIN_ITEMS")]
+    pub native_min_items: Option<usize>,
 }
 
 impl Args {
@@ -96,6 +102,7 @@ impl Args {
                 .wakeup_payload_max_bytes
                 .or(other.wakeup_payload_max_bytes),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
+            native_min_items: self.native_min_items.or(other.native_min_items),
         }
     }
 }
@@ -162,6 +169,8 @@ pub struct Config {
     pub wakeup_payload_max: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// Fewest items of one user in a request for the native path (see [`crate::native`]).
+    pub native_min_items: usize,
 }
 
 impl Config {
@@ -175,6 +184,7 @@ impl Config {
             retention: Retention::default(),
             wakeup_payload_max: 4096,
             shutdown_grace: Duration::from_secs(10),
+            native_min_items: 4,
         }
     }
 
@@ -233,6 +243,9 @@ impl Config {
         }
         if let Some(ms) = args.shutdown_grace_ms {
             config.shutdown_grace = Duration::from_millis(ms);
+        }
+        if let Some(n) = args.native_min_items {
+            config.native_min_items = positive_usize("--native-min-items", n)?;
         }
         Ok(config)
     }

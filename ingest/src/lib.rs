@@ -62,6 +62,7 @@ pub async fn run(
         config.redis.command_timeout,
         config.retention,
         config.wakeup_payload_max,
+        config.native_min_items,
     );
     let state = Arc::new(api::AppState {
         appender,

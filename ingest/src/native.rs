@@ -175,8 +175,13 @@ pub async fn append(
             Ok(None) => {
                 metrics::counter!("gapless_ingest_append_conflicts_total").increment(1);
             }
-            // The connection's state is unknown (a WATCH may be pending): drop it.
-            Err(e) => return Err(e),
+            // The connection's state is unknown (a WATCH may be pending): drop it. The idle
+            // ones most likely failed alike (Redis restarted): drop them too, rather than
+            // failing one request for each.
+            Err(e) => {
+                pool.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                return Err(e);
+            }
         }
     }
     pool.give_back(conn);

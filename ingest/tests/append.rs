@@ -51,9 +51,23 @@ fn results_of(status: StatusCode, body: &Value) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_producers_get_exactly_contiguous_seqs() {
+    // Single appends go through the Function.
+    contiguous_under_concurrency(TestIngest::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_native_transactions_get_exactly_contiguous_seqs() {
+    // Every append of the existing log through a transaction: producers keep invalidating
+    // each other's WATCH, and retries must neither lose nor repeat a seq.
+    contiguous_under_concurrency(TestIngest::start_with(&[], |c| c.native_min_items = 1).await)
+        .await;
+}
+
+/// 8 producers x 1,000 appends to one user get exactly seqs 1..=8000.
+async fn contiguous_under_concurrency(ingest: TestIngest) {
     const PRODUCERS: u64 = 8;
     const EACH: u64 = 1_000;
-    let ingest = std::sync::Arc::new(TestIngest::start().await);
+    let ingest = std::sync::Arc::new(ingest);
     let user = "contended";
 
     let mut tasks = Vec::new();
@@ -638,7 +652,7 @@ async fn command_calls(ingest: &TestIngest, command: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
-    let ingest = TestIngest::start().await;
+    let ingest = TestIngest::start().await; // native from 4 items of a user
     let users = ["n1", "n2", "n3"];
     let batch = |from: u64| {
         json!(
@@ -685,6 +699,22 @@ async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
         "every read led to a transaction"
     );
 
+    // A user with fewer items than the threshold goes through the Function.
+    let (fcalls, execs) = (
+        command_calls(&ingest, "fcall").await,
+        command_calls(&ingest, "exec").await,
+    );
+    assert_appended(&ingest.append("n1", json!({ "i": 60 })).await, "n1", 21);
+    assert!(
+        command_calls(&ingest, "fcall").await > fcalls,
+        "one item: the Function"
+    );
+    assert_eq!(
+        command_calls(&ingest, "exec").await,
+        execs,
+        "one item: no transaction"
+    );
+
     for (i, result) in first.iter().chain(&second).enumerate() {
         assert_appended(result, users[i % 3], (i / 3) as u64 + 1);
         assert_eq!(result["epoch"], first[i % 3]["epoch"], "one epoch per user");
@@ -693,8 +723,8 @@ async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
         let stored = ingest.stored(user).await;
         assert_eq!(
             stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            (1..=20).collect::<Vec<_>>(),
-            "{user}: seqs 1..=20 in the stream"
+            (1..=if u == 0 { 21 } else { 20 }).collect::<Vec<_>>(),
+            "{user}: seqs 1..=20 (n1: 21) in the stream"
         );
         let payloads: Vec<u64> = stored
             .iter()
@@ -704,7 +734,7 @@ async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
                     .expect("i")
             })
             .collect();
-        let sent: Vec<u64> = (0..60).filter(|i| i % 3 == u as u64).collect();
+        let sent: Vec<u64> = (0..=60).filter(|i| i % 3 == u as u64).collect();
         assert_eq!(payloads, sent, "{user}: the payloads in request order");
         let mut conn = ingest.redis_conn().await;
         let seq: u64 = redis::cmd("HGET")
@@ -713,13 +743,17 @@ async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
             .query_async(&mut conn)
             .await
             .expect("HGET works");
-        assert_eq!(seq, 20, "{user}: the recorded seq is the stream's last");
+        assert_eq!(
+            seq,
+            stored.len() as u64,
+            "{user}: the recorded seq is the stream's last"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_existing_log_fails_alone_beside_native_appends() {
-    let ingest = TestIngest::start().await;
+    let ingest = TestIngest::start_with(&[], |c| c.native_min_items = 1).await;
     for user in ["before", "victim", "after"] {
         assert_appended(&ingest.append(user, json!(0)).await, user, 1);
     }

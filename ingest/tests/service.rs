@@ -410,3 +410,112 @@ async fn redis_killed_mid_run_gives_503_and_loses_no_acknowledged_write() {
         "no retried notification was stored twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_native_transactions_loses_no_acknowledged_write() {
+    let mut ingest = TestIngest::start_with(&[], |c| {
+        c.redis.command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let user = "crash-native";
+    // The log exists, and batches of 5 items without idempotency keys take transactions.
+    let _ = append_one(
+        &ingest,
+        json!({ "user": user, "payload": { "n": 0 } }).to_string(),
+    )
+    .await;
+    let http = ingest.http.clone();
+    let url = ingest.url("/v1/notifications/batch");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+
+    // Acknowledged (seq, n) pairs; a refused batch is sent again (duplicates are allowed
+    // without idempotency keys, losses never).
+    let producer = tokio::spawn({
+        let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+        async move {
+            let mut acknowledged: Vec<(u64, u64)> = Vec::new();
+            let mut n = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                let items: Vec<_> = (n..n + 5)
+                    .map(|n| json!({ "user": user, "payload": { "n": n } }))
+                    .collect();
+                let response = http
+                    .post(&url)
+                    .bearer_auth(common::API_KEY)
+                    .json(&items)
+                    .send()
+                    .await
+                    .expect("the ingest itself stays up");
+                let status = response.status();
+                let (_, answer) = common::json_of(response).await;
+                match status {
+                    StatusCode::OK => {
+                        let results = answer["results"].as_array().expect("results");
+                        for (i, r) in results.iter().enumerate() {
+                            if let Some(seq) = r["seq"].as_u64() {
+                                acknowledged.push((seq, n + i as u64));
+                            }
+                        }
+                        if results.iter().all(|r| r["seq"].is_u64()) {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                            n += 5;
+                        } else {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected answer {other}: {answer}"),
+                }
+            }
+            acknowledged
+        }
+    });
+
+    let at_least =
+        |counter: Arc<AtomicU64>, n: u64| async move { counter.load(Ordering::Relaxed) >= n };
+    eventually("the producer gets going", || at_least(acked.clone(), 30)).await;
+    ingest.redis.kill();
+    eventually("batches are refused", || at_least(refused.clone(), 3)).await;
+    tokio::task::block_in_place(|| ingest.redis.restart()).expect("Redis restarts from its AOF");
+    let at_restart = acked.load(Ordering::Relaxed);
+    eventually("the ingest recovers by itself", || {
+        at_least(acked.clone(), at_restart + 30)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = producer.await.expect("the producer does not panic");
+
+    let stored = ingest.stored(user).await;
+    let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "seqs in the stream are contiguous from 1"
+    );
+    for (seq, n) in &acknowledged {
+        let entry = stored
+            .get(*seq as usize - 1)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} was lost"));
+        let payload: serde_json::Value = serde_json::from_str(&entry.payload).expect("JSON");
+        assert_eq!(
+            payload["n"], *n,
+            "seq {seq} holds the notification it was acknowledged for"
+        );
+    }
+    let mut conn = ingest.redis_conn().await;
+    let recorded: u64 = redis::cmd("HGET")
+        .arg(common::user_keys(user).meta)
+        .arg("seq")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET works");
+    assert_eq!(
+        recorded,
+        seqs.len() as u64,
+        "the recorded seq is the stream's last"
+    );
+}

@@ -1007,10 +1007,16 @@ async fn stages(target: &Target) -> Vec<Stage> {
             "batch",
         ),
         (
-            "ingest: Redis append pipeline",
+            "ingest: Redis append pipeline (Function calls)",
             &ingest,
             "gapless_redis_duration_seconds_bucket",
             "op=\"append\"",
+        ),
+        (
+            "ingest: Redis append transactions (native)",
+            &ingest,
+            "gapless_redis_duration_seconds_bucket",
+            "op=\"append_native\"",
         ),
         (
             "edge: entry's ingest time to handed to the socket writer",
