@@ -224,24 +224,12 @@ async fn attempt(
             replies.len()
         )));
     }
+    // The count was checked; a missing reply would read as nil, which is never plain.
     let mut replies = replies.into_iter();
-    if let Some(Err(e)) = replies.next() {
-        return Err(StoreError::from_redis(e));
-    }
-    let mut states = Vec::with_capacity(users.len());
-    for _ in users {
-        let (Some(meta), Some(kind), Some(leases)) =
-            (replies.next(), replies.next(), replies.next())
-        else {
-            unreachable!("the reply count was checked");
-        };
-        states.push((meta, kind, leases));
-    }
-    let now = match replies.next() {
-        Some(Ok(time)) => parse_time(time)?,
-        Some(Err(e)) => return Err(StoreError::from_redis(e)),
-        None => unreachable!("the reply count was checked"),
-    };
+    let mut next = move || replies.next().unwrap_or(Ok(Value::Nil));
+    next().map_err(StoreError::from_redis)?; // WATCH
+    let states: Vec<_> = users.iter().map(|_| (next(), next(), next())).collect();
+    let now = parse_time(next().map_err(StoreError::from_redis)?)?;
     let plain: Vec<Option<Plain>> = states
         .into_iter()
         .map(|(meta, kind, leases)| plain_state(meta, kind, leases, now))
@@ -333,6 +321,7 @@ async fn attempt(
                 "EXEC answered {other:?} for {total} commands"
             )));
         }
+        None => return Err(StoreError::Redis("EXEC answered nothing".into())),
         // EXECABORT (a command refused while queueing, e.g. out of memory): nothing ran.
         Some(Err(e)) => {
             let error = e.to_string();
@@ -354,7 +343,6 @@ async fn attempt(
                     .collect(),
             ));
         }
-        None => unreachable!("the reply count was checked"),
     };
 
     let mut results = exec.into_iter();
