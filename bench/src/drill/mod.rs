@@ -304,7 +304,11 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     let stop_producers = CancellationToken::new();
     let producer_users: Vec<String> = users[..args.users - 1].to_vec();
     let mut producers = Vec::new();
-    for (name, mode, share) in [("batch", Mode::Batch, 0.8), ("single", Mode::Single, 0.2)] {
+    for (name, mode, share) in [
+        ("batch", Mode::Batch, 0.6),
+        ("bulk", Mode::Bulk, 0.2),
+        ("single", Mode::Single, 0.2),
+    ] {
         let p = Producer {
             name: format!("{name}-{}", std::process::id()),
             ingest_url: target.ingest_url.clone(),

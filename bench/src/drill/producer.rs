@@ -1,6 +1,10 @@
-//! Producers: append at a steady rate with an idempotency key on every notification, retrying
-//! on 503, timeouts and refused connections with the same keys, so a retry never duplicates.
-//! Every acknowledged (user, epoch, seq) goes to the ledger the checker reads.
+//! Producers: append at a steady rate, retrying on 503, timeouts and refused connections
+//! until acknowledged. Batch and single producers put an idempotency key on every
+//! notification, so a retry never duplicates; the bulk producer sends runs of items per user
+//! without keys, which the ingest appends through native transactions (README, "Redis
+//! layout"), and its retries may store a notification twice, at different seqs (allowed:
+//! each seq is delivered once). Every acknowledged (user, epoch, seq) goes to the ledger the
+//! checker reads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +36,12 @@ pub enum Mode {
     Batch,
     /// One request per notification.
     Single,
+    /// Batches every 100 ms of runs of [`BULK_RUN`] items per user, without idempotency keys.
+    Bulk,
 }
+
+/// Items per user in a bulk batch: at least the ingest's default `--native-min-items`.
+pub const BULK_RUN: usize = 4;
 
 /// A producer's settings.
 pub struct Producer {
@@ -64,28 +73,41 @@ impl Producer {
             .expect("a plain HTTP client builds");
         let mut stats = ProducerStats::default();
         let mut counter = 0u64;
+        // Bulk: whole runs per batch, every 100 ms or, at low rates, less often.
+        let runs = ((self.rate / 10.0 / BULK_RUN as f64).round() as usize).max(1);
         let tick = match self.mode {
             Mode::Batch => Duration::from_millis(100),
+            Mode::Bulk => Duration::from_secs_f64((runs * BULK_RUN) as f64 / self.rate.max(0.1)),
             Mode::Single => Duration::from_secs_f64(1.0 / self.rate.max(0.1)),
         };
         let per_tick = match self.mode {
             Mode::Batch => (self.rate / 10.0).max(1.0) as usize,
+            Mode::Bulk => runs * BULK_RUN,
             Mode::Single => 1,
         };
         let mut next = Instant::now();
         while !stop.is_cancelled() {
             next += tick;
             let mut items = Vec::with_capacity(per_tick);
-            for _ in 0..per_tick {
+            let mut user = &self.users[0];
+            for i in 0..per_tick {
                 counter += 1;
-                let user = &self.users[rand::thread_rng().gen_range(0..self.users.len())];
+                if !matches!(self.mode, Mode::Bulk) || i % BULK_RUN == 0 {
+                    user = &self.users[rand::thread_rng().gen_range(0..self.users.len())];
+                }
                 let key = format!("{}-{counter}", self.name);
                 let sent_ms = start.elapsed().as_millis() as u64;
-                items.push(json!({
-                    "user": user,
-                    "payload": {"k": key, "sent_ms": sent_ms},
-                    "idempotency_key": key,
-                }));
+                items.push(match self.mode {
+                    Mode::Bulk => json!({
+                        "user": user,
+                        "payload": {"k": key, "sent_ms": sent_ms},
+                    }),
+                    Mode::Batch | Mode::Single => json!({
+                        "user": user,
+                        "payload": {"k": key, "sent_ms": sent_ms},
+                        "idempotency_key": key,
+                    }),
+                });
             }
             // Retry what is not acknowledged, with the same keys, until it is (or the drill
             // ends: then the items were never acknowledged and the checker expects nothing).
@@ -147,7 +169,7 @@ impl Producer {
             ))
         };
         match self.mode {
-            Mode::Batch => {
+            Mode::Batch | Mode::Bulk => {
                 let body = self.post(http, "/v1/notifications/batch", items).await?;
                 let results = body["results"].as_array().ok_or(())?;
                 if results.len() != items.len() {
