@@ -592,21 +592,16 @@ async fn one_users_refused_write_does_not_sink_other_users() {
     let ingest = TestIngest::start().await;
     let mut conn = ingest.redis_conn().await;
     let victim = user_keys("victim");
-    let _: () = redis::pipe()
-        .cmd("HSET")
+    let _: () = redis::cmd("HSET")
         .arg(&victim.meta)
         .arg("epoch")
         .arg("e0")
         .arg("seq")
         .arg(0)
-        .ignore()
-        .cmd("SET")
-        .arg(&victim.stream)
-        .arg("not a stream")
-        .ignore()
         .query_async(&mut conn)
         .await
-        .expect("corrupting works");
+        .expect("HSET works");
+    replace_stream_with_a_string(&ingest, "victim").await;
 
     let (status, body) = ingest
         .post_json(
@@ -633,6 +628,23 @@ async fn one_users_refused_write_does_not_sink_other_users() {
         );
         assert_appended(&results[i], user, 1);
     }
+}
+
+/// Replaces `user`'s stream with a string, as a foreign writer could: every write to it fails.
+async fn replace_stream_with_a_string(ingest: &TestIngest, user: &str) {
+    let mut conn = ingest.redis_conn().await;
+    let stream = user_keys(user).stream;
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&stream)
+        .ignore()
+        .cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("corrupting works");
 }
 
 /// `calls` of `command` in Redis's INFO commandstats (0 when never called).
@@ -736,15 +748,8 @@ async fn existing_logs_take_native_transactions_and_new_ones_the_function() {
             .collect();
         let sent: Vec<u64> = (0..=60).filter(|i| i % 3 == u as u64).collect();
         assert_eq!(payloads, sent, "{user}: the payloads in request order");
-        let mut conn = ingest.redis_conn().await;
-        let seq: u64 = redis::cmd("HGET")
-            .arg(user_keys(user).meta)
-            .arg("seq")
-            .query_async(&mut conn)
-            .await
-            .expect("HGET works");
         assert_eq!(
-            seq,
+            ingest.recorded_seq(user).await,
             stored.len() as u64,
             "{user}: the recorded seq is the stream's last"
         );
@@ -757,19 +762,7 @@ async fn a_corrupted_existing_log_fails_alone_beside_native_appends() {
     for user in ["before", "victim", "after"] {
         assert_appended(&ingest.append(user, json!(0)).await, user, 1);
     }
-    let mut conn = ingest.redis_conn().await;
-    let victim = user_keys("victim");
-    let _: () = redis::pipe()
-        .cmd("DEL")
-        .arg(&victim.stream)
-        .ignore()
-        .cmd("SET")
-        .arg(&victim.stream)
-        .arg("not a stream")
-        .ignore()
-        .query_async(&mut conn)
-        .await
-        .expect("corrupting works");
+    replace_stream_with_a_string(&ingest, "victim").await;
 
     let (status, body) = ingest
         .post_json(
@@ -790,11 +783,9 @@ async fn a_corrupted_existing_log_fails_alone_beside_native_appends() {
     for user in ["before", "after"] {
         assert_eq!(ingest.xrange_seqs(user).await, [1, 2], "{user}: {body}");
     }
-    let seq: u64 = redis::cmd("HGET")
-        .arg(&victim.meta)
-        .arg("seq")
-        .query_async(&mut conn)
-        .await
-        .expect("HGET works");
-    assert_eq!(seq, 1, "the victim's recorded seq did not move");
+    assert_eq!(
+        ingest.recorded_seq("victim").await,
+        1,
+        "the victim's recorded seq did not move"
+    );
 }

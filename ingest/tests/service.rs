@@ -506,15 +506,8 @@ async fn redis_killed_under_native_transactions_loses_no_acknowledged_write() {
             "seq {seq} holds the notification it was acknowledged for"
         );
     }
-    let mut conn = ingest.redis_conn().await;
-    let recorded: u64 = redis::cmd("HGET")
-        .arg(common::user_keys(user).meta)
-        .arg("seq")
-        .query_async(&mut conn)
-        .await
-        .expect("HGET works");
     assert_eq!(
-        recorded,
+        ingest.recorded_seq(user).await,
         seqs.len() as u64,
         "the recorded seq is the stream's last"
     );

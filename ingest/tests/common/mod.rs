@@ -234,6 +234,17 @@ impl TestIngest {
         n == 1
     }
 
+    /// The seq recorded in `user`'s log state (`seq` of `gl:{u}:m`).
+    pub async fn recorded_seq(&self, user: &str) -> u64 {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("HGET")
+            .arg(user_keys(user).meta)
+            .arg("seq")
+            .query_async(&mut conn)
+            .await
+            .expect("HGET works")
+    }
+
     /// Whether `user` has a stream at all.
     pub async fn stream_exists(&self, user: &str) -> bool {
         self.exists(&user_keys(user).stream).await
