@@ -147,24 +147,13 @@ impl Appender {
                 for (group, outcome) in chunk.into_iter().zip(outcome) {
                     match outcome {
                         native::Outcome::Function => slow.push(group),
-                        native::Outcome::Appended {
-                            epoch,
-                            last_seq,
-                            ts,
-                            edges,
-                        } => settled.push((group, UserReply::appended(epoch, last_seq, edges), ts)),
-                        native::Outcome::Failed {
-                            epoch,
-                            last_seq,
-                            ts,
-                            edges,
-                            at,
-                            error,
-                        } => {
-                            let mut reply = UserReply::appended(epoch, last_seq, edges);
-                            reply.failed_at = at as u64 + 1;
-                            reply.failure = error;
-                            settled.push((group, reply, ts));
+                        native::Outcome::Written(w) => {
+                            let mut reply = UserReply::appended(w.epoch, w.last_seq, w.edges);
+                            if let Some((at, error)) = w.failure {
+                                reply.failed_at = at as u64 + 1;
+                                reply.failure = error;
+                            }
+                            settled.push((group, reply, w.ts));
                         }
                     }
                 }

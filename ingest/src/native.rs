@@ -38,7 +38,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
-use gapless_shared::keys;
+use gapless_shared::keys::UserKeys;
 use gapless_shared::store::{StoreError, with_timeout};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult, Value};
@@ -105,35 +105,27 @@ impl Pool {
 /// What became of one user's items on this path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Appended with consecutive seqs ending at `last_seq`, at ingest time `ts` (ms).
-    Appended {
-        /// Epoch of the user's log.
-        epoch: String,
-        /// Seq of the last item.
-        last_seq: u64,
-        /// Ingest time of the entries, ms.
-        ts: u64,
-        /// The user's live edges, to wake.
-        edges: Vec<String>,
-    },
-    /// Items from index `at` (from 0) on were refused by Redis with `error`; the earlier
-    /// ones were appended with consecutive seqs ending at `last_seq`.
-    Failed {
-        /// Epoch of the user's log.
-        epoch: String,
-        /// Seq of the last appended item (the log's last seq).
-        last_seq: u64,
-        /// Ingest time of the appended entries, ms.
-        ts: u64,
-        /// The user's live edges, to wake.
-        edges: Vec<String>,
-        /// Index of the first refused item.
-        at: usize,
-        /// Redis's error.
-        error: String,
-    },
+    /// The transaction ran for this user.
+    Written(Written),
     /// Not handled here: the Function must append this user.
     Function,
+}
+
+/// A user's items as the transaction wrote them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Epoch of the user's log.
+    pub epoch: String,
+    /// Seq of the last appended item (the log's last seq); appended items got consecutive
+    /// seqs ending here.
+    pub last_seq: u64,
+    /// Ingest time of the entries, ms.
+    pub ts: u64,
+    /// The user's live edges, to wake.
+    pub edges: Vec<String>,
+    /// `(index from 0, error)` of the first item Redis refused; it and the later items
+    /// count as not appended.
+    pub failure: Option<(usize, String)>,
 }
 
 /// One user of a chunk: the payloads of its items, in order.
@@ -166,8 +158,10 @@ pub async fn append(
         .await
         .map_err(|_| StoreError::Unavailable("transaction pool closed".into()))?;
     let mut conn = pool.take().await?;
+    // Each user's key names, built once for every read and write of every attempt.
+    let keys: Vec<UserKeys> = users.iter().map(|u| UserKeys::new(u.user)).collect();
     for _ in 0..ATTEMPTS {
-        match attempt(&mut conn, pool.timeout, retention, users).await {
+        match attempt(&mut conn, pool.timeout, retention, users, &keys).await {
             Ok(Some(outcomes)) => {
                 pool.give_back(conn);
                 return Ok(outcomes);
@@ -194,22 +188,23 @@ async fn attempt(
     timeout: Duration,
     retention: &Retention,
     users: &[UserItems<'_>],
+    keys: &[UserKeys],
 ) -> Result<Option<Vec<Outcome>>, StoreError> {
     let mut read = redis::pipe();
     read.ignore_errors();
     let watch = read.cmd("WATCH");
-    for u in users {
-        watch.arg(keys::meta(u.user)).arg(keys::registry(u.user));
+    for k in keys {
+        watch.arg(&k.meta).arg(&k.registry);
     }
-    for u in users {
+    for k in keys {
         read.cmd("HMGET")
-            .arg(keys::meta(u.user))
+            .arg(&k.meta)
             .arg("epoch")
             .arg("seq")
             .arg("x");
-        read.cmd("TYPE").arg(keys::stream(u.user));
+        read.cmd("TYPE").arg(&k.stream);
         read.cmd("ZRANGE")
-            .arg(keys::registry(u.user))
+            .arg(&k.registry)
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES");
@@ -249,12 +244,12 @@ async fn attempt(
     // Per fast user: how many commands it queued, its XADDs first.
     let mut queued = Vec::with_capacity(users.len());
     let mut id = String::new();
-    for (u, state) in users.iter().zip(&plain) {
+    for ((u, k), state) in users.iter().zip(keys).zip(&plain) {
         let Some(state) = state else {
             queued.push(0);
             continue;
         };
-        let (meta, stream) = (keys::meta(u.user), keys::stream(u.user));
+        let (meta, stream) = (&k.meta, &k.stream);
         for (seq, payload) in (state.seq + 1..).zip(&u.payloads) {
             id.clear();
             let _ = write!(id, "{seq}-{now}");
@@ -262,7 +257,7 @@ async fn attempt(
             let mut xadd =
                 redis::Cmd::with_capacity(5, 8 + stream.len() + id.len() + payload.len());
             xadd.arg("XADD")
-                .arg(&stream)
+                .arg(stream)
                 .arg(id.as_str())
                 .arg("p")
                 .arg(*payload);
@@ -272,7 +267,7 @@ async fn attempt(
         let mut n = u.payloads.len();
         if last_seq > retention.max_len {
             tx.cmd("XTRIM")
-                .arg(&stream)
+                .arg(stream)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(retention.max_len);
@@ -281,23 +276,21 @@ async fn attempt(
         // The Function's expiry rule: refresh when 1% of the inactivity expiry has passed.
         if now.saturating_sub(state.refreshed) >= ttl / 100 {
             tx.cmd("HSET")
-                .arg(&meta)
+                .arg(meta)
                 .arg("seq")
                 .arg(last_seq)
                 .arg("x")
                 .arg(&now_s);
-            for key in [&meta, &stream, &keys::acks(u.user)] {
+            for key in [meta, stream, &k.acks] {
                 tx.cmd("PEXPIRE").arg(key).arg(ttl);
             }
             n += 4;
         } else {
-            tx.cmd("HSET").arg(&meta).arg("seq").arg(last_seq);
+            tx.cmd("HSET").arg(meta).arg("seq").arg(last_seq);
             n += 1;
         }
         if !state.expired.is_empty() {
-            tx.cmd("ZREM")
-                .arg(keys::registry(u.user))
-                .arg(&state.expired);
+            tx.cmd("ZREM").arg(&k.registry).arg(&state.expired);
             n += 1;
         }
         queued.push(n);
@@ -330,14 +323,13 @@ async fn attempt(
                     .iter()
                     .zip(plain)
                     .map(|(_, state)| match state {
-                        Some(state) => Outcome::Failed {
+                        Some(state) => Outcome::Written(Written {
                             epoch: state.epoch,
                             last_seq: state.seq,
                             ts: now,
                             edges: state.live,
-                            at: 0,
-                            error: error.clone(),
-                        },
+                            failure: Some((0, error.clone())),
+                        }),
                         None => Outcome::Function,
                     })
                     .collect(),
@@ -359,26 +351,18 @@ async fn attempt(
             .iter()
             .take(u.payloads.len())
             .position(|v| matches!(v, Value::ServerError(_)));
-        outcomes.push(match refused {
-            None => Outcome::Appended {
-                epoch: state.epoch,
-                last_seq: state.seq + u.payloads.len() as u64,
-                ts: now,
-                edges: state.live,
-            },
-            Some(at) => {
-                let error = format!("{:?}", mine[at]);
-                tracing::error!(user = %u.user.as_str(), at, %error, "native XADD refused inside a transaction");
-                Outcome::Failed {
-                    epoch: state.epoch,
-                    last_seq: state.seq + at as u64,
-                    ts: now,
-                    edges: state.live,
-                    at,
-                    error,
-                }
-            }
+        let failure = refused.map(|at| {
+            let error = format!("{:?}", mine[at]);
+            tracing::error!(user = %u.user.as_str(), at, %error, "native XADD refused inside a transaction");
+            (at, error)
         });
+        outcomes.push(Outcome::Written(Written {
+            epoch: state.epoch,
+            last_seq: state.seq + refused.unwrap_or(u.payloads.len()) as u64,
+            ts: now,
+            edges: state.live,
+            failure,
+        }));
     }
     Ok(Some(outcomes))
 }
