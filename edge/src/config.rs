@@ -57,7 +57,7 @@ pub struct Args {
     /// Lease of this edge's registry entries, ms; refreshed every third of it [default: 90000].
     #[arg(long, env = "GAPLESS_LEASE_MS")]
     pub lease_ms: Option<u64>,
-    /// How often ack positions are written to Redis, ms [default: 1000].
+    /// How often ack positions are written to Redis, ms [default: 200].
     #[arg(long, env = "GAPLESS_ACK_FLUSH_MS")]
     pub ack_flush_ms: Option<u64>,
     /// Frames queued per connection before the connection waits for its socket [default: 64].

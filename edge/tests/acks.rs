@@ -105,3 +105,76 @@ async fn positions_of_several_users_are_written_in_one_call_and_never_move_back(
         Some(format!("{ea}:5"))
     );
 }
+
+#[tokio::test]
+async fn a_new_epoch_replaces_old_positions_and_a_late_flush_of_the_old_epoch_cannot() {
+    let sys = System::start().await;
+    let (old, _) = sys.send("ue", serde_json::json!(1)).await;
+    let mut conn = sys.redis_conn().await;
+    let keys = ["gl:{ue}:m", "gl:{ue}:a"];
+    assert_eq!(
+        fcall(&mut conn, &keys, &["1", "p1", &old, "4"])
+            .await
+            .expect("FCALL"),
+        1
+    );
+
+    // The log is lost and starts over under a new epoch.
+    let _: () = redis::cmd("DEL")
+        .arg("gl:{ue}:m")
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let (new, seq) = sys.send("ue", serde_json::json!(2)).await;
+    assert_ne!(new, old);
+    assert_eq!(seq, 1);
+    // A start marker, as an edge writes for a device that came before any log.
+    let _: () = redis::cmd("HSET")
+        .arg("gl:{ue}:a")
+        .arg("p4")
+        .arg(":0")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+
+    // p1's stored position is of the old epoch: one of the new epoch replaces it, though
+    // its seq is lower; p4's marker gives way to a real position.
+    let written = fcall(&mut conn, &keys, &["2", "p1", &new, "1", "p4", &new, "1"])
+        .await
+        .expect("FCALL");
+    assert_eq!(written, 2);
+    assert_eq!(
+        hget(&mut conn, "gl:{ue}:a", "p1").await,
+        Some(format!("{new}:1"))
+    );
+    assert_eq!(
+        hget(&mut conn, "gl:{ue}:a", "p4").await,
+        Some(format!("{new}:1"))
+    );
+
+    // A late flush of the old epoch, however far ahead, replaces nothing and creates nothing.
+    let written = fcall(&mut conn, &keys, &["2", "p1", &old, "9", "p3", &old, "9"])
+        .await
+        .expect("FCALL");
+    assert_eq!(written, 0);
+    assert_eq!(
+        hget(&mut conn, "gl:{ue}:a", "p1").await,
+        Some(format!("{new}:1"))
+    );
+    assert_eq!(hget(&mut conn, "gl:{ue}:a", "p3").await, None);
+
+    // gapless_ack, the one-user form, follows the same rules.
+    let written: i64 = redis::cmd("FCALL")
+        .arg("gapless_ack")
+        .arg(2)
+        .arg(&keys)
+        .arg(&["p1", &old, "10", "p1", &new, "1", "p1", &new, "3"])
+        .query_async(&mut conn)
+        .await
+        .expect("FCALL gapless_ack");
+    assert_eq!(written, 1);
+    assert_eq!(
+        hget(&mut conn, "gl:{ue}:a", "p1").await,
+        Some(format!("{new}:3"))
+    );
+}

@@ -13,6 +13,7 @@ use crate::store::StoreError;
 pub const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../../migrations/0001_gapless.lua")),
     (2, include_str!("../../migrations/0002_gapless.lua")),
+    (3, include_str!("../../migrations/0003_gapless.lua")),
 ];
 
 /// The version this build needs and applies.
