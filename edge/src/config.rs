@@ -46,8 +46,8 @@ pub struct Args {
     /// PEM file of the RS256 or ES256 public key that device tokens are signed with.
     #[arg(long, env = "GAPLESS_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
-    /// Interval of server pings, ms; a client silent for two intervals is dropped
-    /// [default: 30000].
+    /// Heartbeat interval, ms: a client hears a frame (a ping if nothing else) at least this
+    /// often, and one silent for two intervals is dropped [default: 30000].
     #[arg(long, env = "GAPLESS_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
     /// Interval of the sweep that finds entries whose wakeup was lost, ms

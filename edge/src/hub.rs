@@ -66,6 +66,10 @@ pub struct Conn {
     pub codec: Codec,
     /// Last time a frame arrived from the client, on the [`monotonic_ms`] clock.
     pub last_seen: AtomicU64,
+    /// Last time frames were written to the client (or a ping queued for it), on the
+    /// [`monotonic_ms`] clock: the heartbeat pings only connections quiet for most of an
+    /// interval.
+    pub last_sent: AtomicU64,
     /// Frames to the connection's writer task, for others than the session (pings). Weak:
     /// the session holds the only strong sender, so when the session ends the channel
     /// closes, the writer drains what is queued and closes the socket. (A strong sender here
@@ -97,6 +101,7 @@ impl Conn {
             device,
             codec,
             last_seen: AtomicU64::new(monotonic_ms()),
+            last_sent: AtomicU64::new(monotonic_ms()),
             outbound,
             hints: Mutex::new(Hints::default()),
             wake: Notify::new(),
@@ -165,6 +170,11 @@ impl Conn {
     /// Records that the client was heard from.
     pub fn touch(&self) {
         self.last_seen.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Records that frames went to the client.
+    pub fn mark_sent(&self) {
+        self.last_sent.store(monotonic_ms(), Ordering::Relaxed);
     }
 }
 

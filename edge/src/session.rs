@@ -582,7 +582,7 @@ async fn write_loop(
             next = rx.try_recv().ok();
         }
         match tokio::time::timeout(slow, sink.flush()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => conn.mark_sent(),
             Ok(Err(_)) => {
                 conn.request_close(CloseReason::WriteFailed);
                 break;
