@@ -281,9 +281,9 @@ end
 -- KEYS[1] gl:{u}:m (for the current epoch), KEYS[2] gl:{u}:a (device -> <epoch>:<seq>)
 -- ARGV: triples of device, epoch, seq
 --
--- A position is written only in the log's current epoch and ahead of what is stored for the
--- device (see ack_user): an edge flushing late (the device has moved on to another edge
--- since) cannot rewind it. Returns the number of positions written.
+-- A device's position changes epoch only to the log's current one and never moves back
+-- within its epoch (see ack_user): an edge flushing late (the device has moved on to another
+-- edge since) cannot rewind it. Returns the number of positions written.
 local function ack(keys, args)
   local meta, acks = keys[1], keys[2]
   if not meta or not acks or #args % 3 ~= 0 then

@@ -171,10 +171,15 @@ mod tests {
             // Is sent frames but says nothing.
             listening.mark_sent();
         }
-        // 91 s of virtual time: the silent client passed two intervals and its shard's turn
-        // came after that; the others were heard from (the listening one by answering).
+        // 91 s of virtual time: the silent client and the listening one (pinged, but nothing
+        // answers here) passed two intervals unheard and their shards' turns came after
+        // that; the others were heard from.
         assert_eq!(
             silent.close_requested(),
+            Some(CloseReason::HeartbeatTimeout)
+        );
+        assert_eq!(
+            listening.close_requested(),
             Some(CloseReason::HeartbeatTimeout)
         );
         assert_eq!(busy.close_requested(), None);
@@ -183,7 +188,7 @@ mod tests {
         // Sent nothing for 26.25 s, then again 26.25 s after each ping: three in 91 s.
         let talking_pings = pings(&mut talking_rx);
         assert!((3..=4).contains(&talking_pings), "{talking_pings}");
-        // Heard nothing: pinged, so that an answer can keep it.
+        // Heard nothing: pinged, so that an answer could have kept it.
         assert!(pings(&mut listening_rx) >= 1);
         shutdown.cancel();
     }
