@@ -34,7 +34,7 @@ pub struct DeploymentArgs {
 }
 
 /// The HS256 secret the fleet's edges accept.
-pub const JWT_SECRET: &str = "bench-secret";
+pub const JWT_SECRET: &str = "bench-secret-of-thirty-two-bytes";
 
 /// One edge process.
 pub struct EdgeProcess {

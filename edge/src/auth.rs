@@ -1,7 +1,10 @@
 //! Device authentication (DESIGN.md §5): a JWT whose `sub` is the user, checked with a pinned
-//! algorithm and a required `exp`. The device comes from the `device` claim or the query.
+//! algorithm, a required `exp`, `nbf` and `iat` when present (with a small leeway for clock
+//! skew), and `aud`/`iss` when configured. The device comes from the `device` claim or the
+//! query.
 
 use std::fmt;
+use std::time::Duration;
 
 use gapless_shared::config::Secret;
 use gapless_shared::ids::UserId;
@@ -44,6 +47,39 @@ pub enum AuthError {
     /// The configured public key is not an RSA or EC PEM.
     #[error("the public key is neither an RSA nor an EC PEM key")]
     BadKey,
+    /// The configured HS256 secret is too short to resist guessing.
+    #[error(
+        "the HS256 secret is {0} bytes; it must be at least {MIN_HS256_SECRET} (generate one with \
+         `openssl rand -hex 32`)"
+    )]
+    WeakSecret(usize),
+    /// `iat` lies in the future beyond the leeway.
+    #[error("invalid token: issued in the future (`iat`)")]
+    IssuedInFuture,
+}
+
+/// Shortest HS256 secret accepted: 256 bits, the hash's own size (RFC 7518 §3.2).
+pub const MIN_HS256_SECRET: usize = 32;
+
+/// Claim checks beyond the signature and `exp`.
+#[derive(Debug, Clone)]
+pub struct TokenRules {
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// `aud` required to contain this value, when set.
+    pub audience: Option<String>,
+    /// `iss` required to equal this value, when set.
+    pub issuer: Option<String>,
+}
+
+impl Default for TokenRules {
+    fn default() -> Self {
+        Self {
+            leeway: Duration::from_secs(5),
+            audience: None,
+            issuer: None,
+        }
+    }
 }
 
 /// The claims gapless reads.
@@ -56,24 +92,43 @@ pub struct Claims {
     /// The device, optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Not valid before, seconds since the Unix epoch; checked when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at, seconds since the Unix epoch; a time in the future is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 /// Checks tokens with one pinned algorithm.
 pub struct Verifier {
     /// The configured key.
     key: DecodingKey,
-    /// One pinned algorithm, `exp` and `sub` required, no leeway.
+    /// One pinned algorithm, `exp` and `sub` required, `nbf` checked, `aud`/`iss` when set.
     validation: Validation,
+    /// Tolerated clock skew, seconds (for `iat`, which `jsonwebtoken` does not check).
+    leeway_s: u64,
 }
 
 impl Verifier {
-    /// A verifier for `key`; the algorithm follows from the key type and nothing else.
+    /// A verifier for `key` with the default [`TokenRules`].
     pub fn new(key: &JwtKey) -> Result<Self, AuthError> {
+        Self::with_rules(key, &TokenRules::default())
+    }
+
+    /// A verifier for `key`; the algorithm follows from the key type and nothing else.
+    pub fn with_rules(key: &JwtKey, rules: &TokenRules) -> Result<Self, AuthError> {
         let (key, algorithm) = match key {
-            JwtKey::Hs256(secret) => (
-                DecodingKey::from_secret(secret.expose().as_bytes()),
-                Algorithm::HS256,
-            ),
+            JwtKey::Hs256(secret) => {
+                let len = secret.expose().len();
+                if len < MIN_HS256_SECRET {
+                    return Err(AuthError::WeakSecret(len));
+                }
+                (
+                    DecodingKey::from_secret(secret.expose().as_bytes()),
+                    Algorithm::HS256,
+                )
+            }
             JwtKey::PublicPem(pem) => {
                 if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
                     (k, Algorithm::RS256)
@@ -85,15 +140,39 @@ impl Verifier {
             }
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
         validation.validate_exp = true;
-        validation.leeway = 0;
-        Ok(Self { key, validation })
+        validation.validate_nbf = true;
+        validation.leeway = rules.leeway.as_secs();
+        match &rules.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &rules.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Self {
+            key,
+            validation,
+            leeway_s: rules.leeway.as_secs(),
+        })
     }
 
     /// The user and the device claim of a valid token.
     pub fn verify(&self, token: &str) -> Result<(UserId, Option<String>), AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        if data
+            .claims
+            .iat
+            .is_some_and(|iat| iat > gapless_shared::now_ms() / 1000 + self.leeway_s)
+        {
+            return Err(AuthError::IssuedInFuture);
+        }
         let user = UserId::parse(&data.claims.sub).map_err(AuthError::BadSubject)?;
         Ok((user, data.claims.device))
     }
@@ -106,10 +185,13 @@ pub fn mint_hs256(
     device: Option<&str>,
     ttl: std::time::Duration,
 ) -> String {
+    let now = gapless_shared::now_ms() / 1000;
     let claims = Claims {
         sub: user.to_owned(),
-        exp: (gapless_shared::now_ms() / 1000) + ttl.as_secs(),
+        exp: now + ttl.as_secs(),
         device: device.map(str::to_owned),
+        nbf: None,
+        iat: Some(now),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -124,13 +206,24 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    const K: &str = "0123456789abcdef0123456789abcdef";
+
     fn verifier() -> Verifier {
-        Verifier::new(&JwtKey::Hs256(Secret::new("k"))).expect("valid key")
+        Verifier::new(&JwtKey::Hs256(Secret::new(K))).expect("valid key")
+    }
+
+    fn sign(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(K.as_bytes()),
+        )
+        .expect("sign")
     }
 
     #[test]
     fn accepts_a_valid_token() {
-        let t = mint_hs256("k", "alice", Some("phone"), Duration::from_secs(60));
+        let t = mint_hs256(K, "alice", Some("phone"), Duration::from_secs(60));
         let (user, device) = verifier().verify(&t).expect("valid");
         assert_eq!(user.as_str(), "alice");
         assert_eq!(device.as_deref(), Some("phone"));
@@ -139,19 +232,15 @@ mod tests {
     #[test]
     fn refuses_forged_expired_and_unsigned_tokens() {
         let v = verifier();
-        let forged = mint_hs256("other", "alice", None, Duration::from_secs(60));
+        let forged = mint_hs256(
+            "another-secret-of-32-bytes-at-least",
+            "alice",
+            None,
+            Duration::from_secs(60),
+        );
         assert!(v.verify(&forged).is_err());
-        let claims = Claims {
-            sub: "alice".into(),
-            exp: gapless_shared::now_ms() / 1000 - 10,
-            device: None,
-        };
-        let expired = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(b"k"),
-        )
-        .expect("sign");
+        let now = gapless_shared::now_ms() / 1000;
+        let expired = sign(&serde_json::json!({"sub": "alice", "exp": now - 10}));
         assert!(v.verify(&expired).is_err());
         // alg: none, hand-made: header {"alg":"none","typ":"JWT"}.
         let none = format!(
@@ -160,8 +249,57 @@ mod tests {
         );
         assert!(v.verify(&none).is_err());
         assert!(v.verify("not a token").is_err());
-        let bad_sub = mint_hs256("k", "a b", None, Duration::from_secs(60));
+        let bad_sub = mint_hs256(K, "a b", None, Duration::from_secs(60));
         assert!(matches!(v.verify(&bad_sub), Err(AuthError::BadSubject(_))));
+    }
+
+    #[test]
+    fn nbf_and_iat_are_checked_with_a_small_leeway() {
+        let v = verifier();
+        let now = gapless_shared::now_ms() / 1000;
+        let at = |nbf: u64, iat: u64| {
+            sign(&serde_json::json!({"sub": "alice", "exp": now + 600, "nbf": nbf, "iat": iat}))
+        };
+        assert!(v.verify(&at(now, now)).is_ok());
+        assert!(v.verify(&at(now + 2, now + 2)).is_ok(), "within the leeway");
+        let early = v.verify(&at(now + 120, now)).expect_err("not yet valid");
+        assert!(early.to_string().contains("invalid token"), "{early}");
+        assert!(matches!(
+            v.verify(&at(now, now + 120)),
+            Err(AuthError::IssuedInFuture)
+        ));
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_when_configured() {
+        let rules = TokenRules {
+            audience: Some("gapless".into()),
+            issuer: Some("https://auth.example".into()),
+            ..TokenRules::default()
+        };
+        let v = Verifier::with_rules(&JwtKey::Hs256(Secret::new(K)), &rules).expect("key");
+        let exp = gapless_shared::now_ms() / 1000 + 600;
+        let good = sign(&serde_json::json!({
+            "sub": "alice", "exp": exp, "aud": "gapless", "iss": "https://auth.example"
+        }));
+        assert!(v.verify(&good).is_ok());
+        for bad in [
+            serde_json::json!({"sub": "alice", "exp": exp, "iss": "https://auth.example"}),
+            serde_json::json!({"sub": "alice", "exp": exp, "aud": "other", "iss": "https://auth.example"}),
+            serde_json::json!({"sub": "alice", "exp": exp, "aud": "gapless", "iss": "https://evil"}),
+        ] {
+            assert!(v.verify(&sign(&bad)).is_err(), "{bad}");
+        }
+        // Unconfigured, a token's `aud` is not held against it.
+        let with_aud = sign(&serde_json::json!({"sub": "alice", "exp": exp, "aud": "x"}));
+        assert!(verifier().verify(&with_aud).is_ok());
+    }
+
+    #[test]
+    fn short_hs256_secrets_are_refused() {
+        let err = Verifier::new(&JwtKey::Hs256(Secret::new("k"))).err();
+        assert!(matches!(err, Some(AuthError::WeakSecret(1))), "{err:?}");
+        assert!(err.expect("an error").to_string().contains("at least 32"));
     }
 
     /// Runs the openssl CLI (keys for the public-key tests are made fresh each run).
@@ -218,6 +356,8 @@ mod tests {
             sub: "alice".into(),
             exp: gapless_shared::now_ms() / 1000 + 60,
             device: None,
+            nbf: None,
+            iat: None,
         };
         let sign = |alg: Algorithm, key: &EncodingKey| {
             jsonwebtoken::encode(&Header::new(alg), &claims, key).expect("sign")

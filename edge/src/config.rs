@@ -9,7 +9,7 @@ use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
 use serde::Deserialize;
 
-use crate::auth::{JwtKey, Verifier};
+use crate::auth::{JwtKey, TokenRules, Verifier};
 
 /// Command-line flags and environment of `gapless-edge`; the same names (snake_case) are
 /// the keys of the TOML file.
@@ -46,6 +46,15 @@ pub struct Args {
     /// PEM file of the RS256 or ES256 public key that device tokens are signed with.
     #[arg(long, env = "GAPLESS_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+    /// `aud` a device token must carry [default: not checked].
+    #[arg(long, env = "GAPLESS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// `iss` a device token must carry [default: not checked].
+    #[arg(long, env = "GAPLESS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Clock skew tolerated on a token's `exp`, `nbf` and `iat`, ms [default: 5000].
+    #[arg(long, env = "GAPLESS_JWT_LEEWAY_MS")]
+    pub jwt_leeway_ms: Option<u64>,
     /// Heartbeat interval, ms: a client hears a frame (a ping if nothing else) at least this
     /// often, and one silent for two intervals is dropped [default: 30000].
     #[arg(long, env = "GAPLESS_HEARTBEAT_MS")]
@@ -93,6 +102,9 @@ impl Args {
             edge_id: self.edge_id.or(file.edge_id),
             jwt_secret: self.jwt_secret.or(file.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
+            jwt_audience: self.jwt_audience.or(file.jwt_audience),
+            jwt_issuer: self.jwt_issuer.or(file.jwt_issuer),
+            jwt_leeway_ms: self.jwt_leeway_ms.or(file.jwt_leeway_ms),
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
             sweep_ms: self.sweep_ms.or(file.sweep_ms),
             lease_ms: self.lease_ms.or(file.lease_ms),
@@ -117,6 +129,8 @@ pub struct Config {
     pub edge_id: String,
     /// How device tokens are checked.
     pub jwt: JwtKey,
+    /// Claim checks of device tokens beyond the signature.
+    pub jwt_rules: TokenRules,
     /// Server ping interval; silence for twice this drops a client.
     pub heartbeat: Duration,
     /// Interval of the lost-wakeup sweep.
@@ -148,6 +162,7 @@ impl Config {
             redis,
             edge_id,
             jwt,
+            jwt_rules: TokenRules::default(),
             heartbeat,
             sweep: heartbeat / 2,
             lease: Duration::from_secs(90),
@@ -205,7 +220,19 @@ impl Config {
                 ));
             }
         };
-        Verifier::new(&jwt).map_err(|e| invalid("--jwt-public-key", &e.to_string()))?;
+        let key_setting = match jwt {
+            JwtKey::Hs256(_) => "--jwt-secret",
+            JwtKey::PublicPem(_) => "--jwt-public-key",
+        };
+        let mut jwt_rules = TokenRules {
+            audience: args.jwt_audience,
+            issuer: args.jwt_issuer,
+            ..TokenRules::default()
+        };
+        if let Some(ms) = args.jwt_leeway_ms {
+            jwt_rules.leeway = Duration::from_millis(ms);
+        }
+        Verifier::with_rules(&jwt, &jwt_rules).map_err(|e| invalid(key_setting, &e.to_string()))?;
         let edge_id = match args.edge_id {
             Some(id) => id,
             None => default_edge_id(),
@@ -217,6 +244,7 @@ impl Config {
             ));
         }
         let mut config = Config::new(redis, edge_id, jwt);
+        config.jwt_rules = jwt_rules;
         if let Some(listen) = args.listen {
             config.listen = listen;
         }
@@ -282,6 +310,8 @@ fn default_edge_id() -> String {
 mod tests {
     use super::*;
 
+    const SECRET: &str = "s3cret-s3cret-s3cret-s3cret-s3cret";
+
     fn parse(args: &[&str]) -> Args {
         Args::try_parse_from(std::iter::once("gapless-edge").chain(args.iter().copied()))
             .expect("valid flags")
@@ -295,18 +325,29 @@ mod tests {
 
     #[test]
     fn defaults_and_secret_masking() {
-        let config =
-            Config::from_args(parse(&["--jwt-secret", "s3cret", "--heartbeat-ms", "1000"]))
-                .expect("valid");
+        let config = Config::from_args(parse(&["--jwt-secret", SECRET, "--heartbeat-ms", "1000"]))
+            .expect("valid");
         assert_eq!(config.heartbeat, Duration::from_secs(1));
         assert_eq!(config.sweep, Duration::from_millis(500));
         assert!(!config.edge_id.is_empty());
-        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(!format!("{config:?}").contains(SECRET));
     }
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(Config::from_args(parse(&["--jwt-secret", "s", "--heartbeat-ms", "0"])).is_err());
-        assert!(Config::from_args(parse(&["--jwt-secret", "s", "--edge-id", "a b"])).is_err());
+        assert!(
+            Config::from_args(parse(&["--jwt-secret", SECRET, "--heartbeat-ms", "0"])).is_err()
+        );
+        assert!(Config::from_args(parse(&["--jwt-secret", SECRET, "--edge-id", "a b"])).is_err());
+    }
+
+    #[test]
+    fn a_short_hs256_secret_is_refused_at_start() {
+        let err = Config::from_args(parse(&["--jwt-secret", "k"])).expect_err("too short");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("--jwt-secret") && shown.contains("at least 32"),
+            "{shown}"
+        );
     }
 }

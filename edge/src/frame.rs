@@ -14,6 +14,8 @@ pub const CLOSE_UNSUPPORTED: u16 = 1003;
 pub const CLOSE_INVALID: u16 = 1007;
 /// Close code: policy violation (unexpected message, no resume in time, silence).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: a frame larger than the edge accepts.
+pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: server error.
 pub const CLOSE_INTERNAL: u16 = 1011;
 /// Close code: the edge is restarting or draining; reconnect.

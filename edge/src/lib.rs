@@ -53,7 +53,7 @@ use crate::reader::Reader;
 use crate::registry::{Registry, RegistryTask};
 
 /// Largest frame a client may send: clients send acks, pongs and one resume.
-const MAX_CLIENT_FRAME: usize = 4 << 10;
+pub(crate) const MAX_CLIENT_FRAME: usize = 4 << 10;
 /// Read buffer of a connection, allocated up front: small, since client frames are (acks,
 /// pongs, one resume). tungstenite grows it for a larger frame, up to [`MAX_CLIENT_FRAME`].
 /// Measured with `gapless-bench idle --connections 10000`: an idle connection costs 10.4 KiB
@@ -140,7 +140,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut conn = store::connect(&config.redis).await?;
     schema::check(&mut conn).await?;
-    let verifier = Verifier::new(&config.jwt)?;
+    let verifier = Verifier::with_rules(&config.jwt, &config.jwt_rules)?;
     let pubsub_client = redis::Client::open(config.redis.url.as_str())?;
 
     // Background tasks stop on `tasks`, which is cancelled after the drain, not before.

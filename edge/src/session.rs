@@ -384,7 +384,11 @@ async fn session(
                 d.apply_hints(hints.items, hints.overflowed, reading.is_some());
             }
             frame = stream.next() => {
-                let Some(Ok(msg)) = frame else { return End::ClientGone };
+                let msg = match frame {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => return read_failed(e),
+                    None => return End::ClientGone,
+                };
                 conn.touch();
                 match conn.codec.decode(&msg) {
                     Ok(None) => {}
@@ -538,8 +542,10 @@ async fn next_message(
     stream: &mut SplitStream<WebSocket>,
 ) -> Result<ClientMessage, End> {
     loop {
-        let Some(Ok(msg)) = stream.next().await else {
-            return Err(End::ClientGone);
+        let msg = match stream.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return Err(read_failed(e)),
+            None => return Err(End::ClientGone),
         };
         conn.touch();
         match conn.codec.decode(&msg) {
@@ -548,6 +554,21 @@ async fn next_message(
             Ok(None) => {}
             Err(v) => return Err(End::Violation(v)),
         }
+    }
+}
+
+/// Why reading the socket failed: a frame over the size limit is the client's fault and
+/// closes with 1009 and a reason; anything else is a socket that is gone.
+fn read_failed(error: axum::Error) -> End {
+    match error.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => End::Violation(Violation::new(
+            frame::CLOSE_TOO_BIG,
+            format!(
+                "frame larger than {} bytes; clients send acks and pongs",
+                crate::MAX_CLIENT_FRAME
+            ),
+        )),
+        _ => End::ClientGone,
     }
 }
 

@@ -554,6 +554,8 @@ fn signed(alg: Algorithm, secret: &str, exp: u64) -> String {
         sub: "alice".into(),
         exp,
         device: Some("phone".into()),
+        nbf: None,
+        iat: None,
     };
     jsonwebtoken::encode(
         &Header::new(alg),
@@ -779,6 +781,19 @@ async fn malformed_or_unexpected_frames_close_with_their_code() {
         .await
         .expect("send");
     assert_closed_with(&mut c, 1003, "text frame on gapless.v1.postcard").await;
+
+    // A frame over the edge's 4 KiB bound, before and after the resume: 1009 with a reason,
+    // not an empty close.
+    for size in [5_000, 1 << 20] {
+        let mut c = resumed().await;
+        let _ = c.ws.send(Message::Text("x".repeat(size).into())).await;
+        assert_closed_with(&mut c, 1009, "an oversized frame after resume").await;
+    }
+    let mut c = Client::open(&url, &token("alice", Some("phone")), false)
+        .await
+        .expect("connects");
+    let _ = c.ws.send(Message::Binary(vec![0; 1 << 20].into())).await;
+    assert_closed_with(&mut c, 1009, "an oversized frame before resume").await;
 
     let mut c = resumed().await;
     c.send(&ClientMessage::Resume {

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::{PostcardError, postcard_whole};
+
 /// One notification to append, as a producer sends it in a postcard batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostcardItem {
@@ -30,8 +32,8 @@ impl PostcardBatch {
     }
 
     /// Decodes a batch body.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        postcard::from_bytes(bytes)
+    pub fn decode(bytes: &[u8]) -> Result<Self, PostcardError> {
+        postcard_whole(bytes)
     }
 }
 
@@ -48,5 +50,11 @@ mod tests {
         }]);
         assert_eq!(PostcardBatch::decode(&b.encode()).expect("decode"), b);
         assert!(PostcardBatch::decode(&[0x00, 0x05]).is_err());
+        let mut trailing = b.encode();
+        trailing.push(0);
+        assert!(matches!(
+            PostcardBatch::decode(&trailing),
+            Err(PostcardError::Trailing(1))
+        ));
     }
 }

@@ -53,13 +53,18 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration file is not valid TOML for this binary.
-    #[error("invalid config file {path}: {source}")]
+    /// The configuration file is not valid TOML for this binary. The message names the line
+    /// and the key but never shows a value: the file holds API keys and token secrets.
+    #[error("invalid config file {}: {reason}", place(path, *line, key.as_deref()))]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: Box<toml::de::Error>,
+        /// 1-based line of the error, when the parser knows it.
+        line: Option<usize>,
+        /// The key on that line, when it has one.
+        key: Option<String>,
+        /// The parser's message with every quoted value masked.
+        reason: String,
     },
     /// A setting has a value that cannot work.
     #[error("invalid setting `{setting}`: {reason}")]
@@ -77,10 +82,64 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let key = line
+            .and_then(|n| text.lines().nth(n - 1))
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| {
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .map(str::to_owned);
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            key,
+            reason: mask_quoted(e.message()),
+        }
     })
+}
+
+/// `path`, `path line 3`, or `path line 3 (key `jwt_secret`)`.
+fn place(path: &Path, line: Option<usize>, key: Option<&str>) -> String {
+    match (line, key) {
+        (Some(n), Some(k)) => format!("{}, line {n} (key `{k}`)", path.display()),
+        (Some(n), None) => format!("{}, line {n}", path.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// Replaces what a message quotes with `"..."` or `'...'` by `***`: TOML parse messages quote
+/// the value they refused, which may be a secret. Key names (quoted with backticks) stay.
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push_str("***");
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '\'' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    if open.is_some() {
+        out.push_str("***");
+    }
+    // One line: the parser's multi-line rendering is gone with the source line it quoted.
+    out.replace('\n', "; ")
 }
 
 /// How to reach Redis.
@@ -174,6 +233,45 @@ mod tests {
     fn bad_redis_urls_are_refused() {
         assert!(RedisConfig::new("http://x").is_err());
         assert!(RedisConfig::new("redis://a:1,redis://b:2").is_err());
+    }
+
+    #[test]
+    fn config_file_errors_name_line_and_key_but_never_a_value() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct File {
+            jwt_secret: Option<String>,
+            heartbeat_ms: Option<u64>,
+        }
+        let dir = std::env::temp_dir().join(format!("gapless-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cases = [
+            (
+                "heartbeat_ms = 1\njwt_secret = \"hunter2-secret\nx = 1\n",
+                2,
+                "jwt_secret",
+            ),
+            ("\n\nheartbeat_ms = \"hunter2-secret\"\n", 3, "heartbeat_ms"),
+            ("jwt_secret = hunter2-secret\n", 1, "jwt_secret"),
+            (
+                "jwt_secret = 'hunter2-secret'\nheartbeat_ms = 'hunter2-secret'\n",
+                2,
+                "heartbeat_ms",
+            ),
+        ];
+        for (i, (text, line, key)) in cases.into_iter().enumerate() {
+            let path = dir.join(format!("{i}.toml"));
+            std::fs::write(&path, text).expect("write");
+            let shown = read_file::<File>(&path).expect_err("invalid").to_string();
+            assert!(
+                !shown.contains("hunter2"),
+                "case {i} shows the secret: {shown}"
+            );
+            assert!(shown.contains(&format!("line {line}")), "case {i}: {shown}");
+            assert!(shown.contains(&format!("`{key}`")), "case {i}: {shown}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

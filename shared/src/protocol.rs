@@ -162,10 +162,32 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     /// Not a valid postcard frame.
     #[error("invalid postcard message: {0}")]
-    Postcard(#[from] postcard::Error),
+    Postcard(#[from] PostcardError),
     /// A postcard notification whose payload is not JSON text.
     #[error("notification payload is not JSON: {0}")]
     Payload(serde_json::Error),
+}
+
+/// A postcard message that does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcardError {
+    /// The bytes are not the message.
+    #[error(transparent)]
+    Decode(#[from] postcard::Error),
+    /// The message decoded but bytes follow it: a frame is exactly one message.
+    #[error("{0} bytes after the end of the message")]
+    Trailing(usize),
+}
+
+/// Decodes exactly one postcard message from `bytes`: unlike `postcard::from_bytes`, bytes
+/// left after the message are an error, so two encodings never decode to one message.
+pub fn postcard_whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, PostcardError> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(PostcardError::Trailing(rest.len()))
+    }
 }
 
 /// Encodes a message as a JSON text frame.
@@ -262,7 +284,7 @@ impl ClientMessage {
 
     /// Decodes a postcard binary frame.
     pub fn from_postcard(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let ClientWire::V1(v1) = postcard::from_bytes(bytes)?;
+        let ClientWire::V1(v1) = postcard_whole(bytes)?;
         Ok(match v1 {
             ClientV1::Resume { epoch, after } => ClientMessage::Resume { epoch, after },
             ClientV1::Ack { seq } => ClientMessage::Ack { seq },
@@ -308,7 +330,7 @@ impl ServerMessage {
 
     /// Decodes a postcard binary frame.
     pub fn from_postcard(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let ServerWire::V1(v1) = postcard::from_bytes(bytes)?;
+        let ServerWire::V1(v1) = postcard_whole(bytes)?;
         Ok(match v1 {
             ServerV1::Welcome {
                 user,
@@ -440,6 +462,23 @@ mod tests {
                 after: None
             }
         );
+    }
+
+    #[test]
+    fn postcard_frames_with_trailing_bytes_are_refused() {
+        for msg in client_messages() {
+            let mut bytes = msg.to_postcard();
+            bytes.push(0);
+            assert!(matches!(
+                ClientMessage::from_postcard(&bytes),
+                Err(DecodeError::Postcard(PostcardError::Trailing(1)))
+            ));
+        }
+        for msg in server_messages() {
+            let mut bytes = msg.to_postcard();
+            bytes.extend_from_slice(&[1, 2]);
+            assert!(ServerMessage::from_postcard(&bytes).is_err());
+        }
     }
 
     #[test]

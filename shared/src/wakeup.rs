@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::{PostcardError, postcard_whole};
+
 /// One appended entry an edge may want to deliver.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WakeItem {
@@ -35,8 +37,8 @@ impl Wakeup {
     }
 
     /// Decodes a message.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        postcard::from_bytes(bytes)
+    pub fn decode(bytes: &[u8]) -> Result<Self, PostcardError> {
+        postcard_whole(bytes)
     }
 
     /// The entries of the message.
@@ -78,5 +80,11 @@ mod tests {
         ]);
         assert_eq!(Wakeup::decode(&w.encode()).expect("decode"), w);
         assert!(Wakeup::decode(&[0x07]).is_err());
+        let mut trailing = w.encode();
+        trailing.extend_from_slice(b"xyz");
+        assert!(matches!(
+            Wakeup::decode(&trailing),
+            Err(PostcardError::Trailing(3))
+        ));
     }
 }

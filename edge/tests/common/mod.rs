@@ -18,7 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-pub const SECRET: &str = "test-secret";
+/// HS256 secret of the test edges (32 bytes, the shortest an edge accepts).
+pub const SECRET: &str = "test-secret-of-thirty-two-bytes!";
 pub const API_KEY: &str = "test-key";
 
 /// A whole system: Redis, one ingest, edges added on demand.
