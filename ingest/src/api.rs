@@ -1,29 +1,27 @@
-//! The HTTP API of DESIGN.md §4: routes, authentication, body parsing and limits.
+//! The HTTP API of DESIGN.md §4: routes, authentication, and the handlers; bodies are
+//! read and decoded by [`crate::body`].
 //!
 //! Every error is a status with the JSON body of [`ApiError`]; axum's own plain-text
 //! rejections are mapped before they reach a client.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
-use gapless_shared::batch::PostcardBatch;
 use gapless_shared::config::Secret;
-use gapless_shared::ids::{UserId, validate_idempotency_key};
+use gapless_shared::ids::UserId;
 use gapless_shared::schema;
 use gapless_shared::store::StoreError;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::append::{Appended, Appender, NewNotification};
+use crate::body::{self, BodyBudget};
 use crate::config::{Config, Limits};
 use crate::error::{ApiError, ErrorBody};
 use crate::history;
@@ -34,6 +32,8 @@ pub struct AppState {
     pub appender: Appender,
     /// Limits of requests.
     pub limits: Limits,
+    /// Request body bytes all requests may hold at once.
+    pub body_budget: BodyBudget,
     /// Accepted API keys.
     pub api_keys: Vec<Secret>,
     /// Bound of one Redis call (for history and readiness).
@@ -42,16 +42,10 @@ pub struct AppState {
 
 /// The ingest's router.
 pub fn router(state: Arc<AppState>, config: &Config) -> Router {
-    let limits = config.limits;
+    let _ = config;
     let v1 = Router::new()
-        .route(
-            "/v1/notifications",
-            post(append_one).layer(DefaultBodyLimit::max(limits.body_bytes)),
-        )
-        .route(
-            "/v1/notifications/batch",
-            post(append_batch).layer(DefaultBodyLimit::max(limits.batch_bytes)),
-        )
+        .route("/v1/notifications", post(append_one))
+        .route("/v1/notifications/batch", post(append_batch))
         .route("/v1/users/{user}/notifications", get(read_history))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -134,109 +128,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The media type of a request, lowercased, without parameters.
-fn media_type(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next()?.trim().to_ascii_lowercase())
-}
-
-/// The body, or 413 / 400 as JSON.
-fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(
-                "body_too_large",
-                format!("the request body is larger than {limit} bytes"),
-            )
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })
-}
-
-/// One notification as a producer writes it in JSON.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ItemIn<'a> {
-    /// Borrowed unless the JSON string holds escapes.
-    #[serde(borrow)]
-    user: Cow<'a, str>,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-    #[serde(default, borrow)]
-    idempotency_key: Option<Cow<'a, str>>,
-}
-
-/// Checks the parts of one item; the error carries the status a single append answers.
-fn validate<'a>(
-    user: &str,
-    payload: &'a str,
-    idempotency_key: Option<Cow<'a, str>>,
-    limits: &Limits,
-) -> Result<NewNotification<'a>, ApiError> {
-    let user =
-        UserId::parse(user).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))?;
-    if payload.len() > limits.payload_bytes {
-        return Err(ApiError::too_large(
-            "payload_too_large",
-            format!(
-                "the payload is {} bytes, the limit is {}",
-                payload.len(),
-                limits.payload_bytes
-            ),
-        ));
-    }
-    if let Some(key) = &idempotency_key {
-        validate_idempotency_key(key)
-            .map_err(|e| ApiError::bad_request("invalid_idempotency_key", e.to_string()))?;
-    }
-    Ok(NewNotification {
-        user,
-        payload,
-        idempotency_key,
-    })
-}
-
-/// Parses one JSON item: malformed JSON is 400, the wrong shape 422.
-fn parse_json_item<'a>(text: &'a str, limits: &Limits) -> Result<NewNotification<'a>, ApiError> {
-    let item: ItemIn<'a> = serde_json::from_str(text).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            ApiError::bad_request("invalid_json", e.to_string())
-        } else {
-            ApiError::unprocessable(
-                "invalid_notification",
-                format!("expected {{\"user\", \"payload\", \"idempotency_key\"?}}: {e}"),
-            )
-        }
-    })?;
-    validate(&item.user, item.payload.get(), item.idempotency_key, limits)
-}
-
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    match media_type(headers).as_deref() {
-        Some("application/json") => Ok(()),
-        other => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "expected Content-Type application/json, got {}",
-                other.unwrap_or("none")
-            ),
-        )),
-    }
-}
-
 /// `POST /v1/notifications`.
 async fn append_one(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<Appended>, ApiError> {
-    require_json(&headers)?;
-    let body = body_or_error(body, state.limits.body_bytes)?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}")))?;
-    let item = parse_json_item(text, &state.limits)?;
+    let (parts, body) = request.into_parts();
+    body::require_json(&parts.headers)?;
+    let body = body::read(
+        &parts.headers,
+        body,
+        state.limits.body_bytes,
+        &state.body_budget,
+    )
+    .await?;
+    let item = body::decode_one(&body.bytes, &state.limits)?;
     let mut results = state.appender.append(std::slice::from_ref(&item)).await?;
     let result = results
         .pop()
@@ -257,92 +163,18 @@ enum ItemResult {
 /// `POST /v1/notifications/batch`: JSON array, NDJSON or postcard; one result per item.
 async fn append_batch(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let limits = state.limits;
-    let kind = media_type(&headers);
-    let kind = match kind.as_deref() {
-        Some(k @ ("application/json" | "application/x-ndjson" | "application/x-postcard")) => {
-            k.to_owned()
-        }
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                format!(
-                    "expected Content-Type application/json, application/x-ndjson or \
-                     application/x-postcard, got {}",
-                    other.unwrap_or("none")
-                ),
-            ));
-        }
-    };
-    let body = body_or_error(body, limits.batch_bytes)?;
-    let postcard;
-    let mut parsed: Vec<Result<NewNotification<'_>, ApiError>> = Vec::new();
-    let too_many = |n: usize| {
-        ApiError::too_large(
-            "too_many_items",
-            format!(
-                "the batch holds {n} items, the limit is {}",
-                limits.batch_items
-            ),
-        )
-    };
-    match kind.as_str() {
-        "application/x-postcard" => {
-            postcard = PostcardBatch::decode(&body).map_err(|e| {
-                ApiError::bad_request("invalid_postcard", format!("not a postcard batch: {e}"))
-            })?;
-            let PostcardBatch::V1(items) = &postcard;
-            if items.len() > limits.batch_items {
-                return Err(too_many(items.len()));
-            }
-            for item in items {
-                parsed.push(
-                    serde_json::from_str::<&RawValue>(&item.payload)
-                        .map_err(|e| {
-                            ApiError::bad_request(
-                                "invalid_json",
-                                format!("payload is not JSON: {e}"),
-                            )
-                        })
-                        .and_then(|_| {
-                            validate(
-                                &item.user,
-                                &item.payload,
-                                item.idempotency_key.as_deref().map(Cow::Borrowed),
-                                &limits,
-                            )
-                        }),
-                );
-            }
-        }
-        _ => {
-            let text = std::str::from_utf8(&body).map_err(|e| {
-                ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}"))
-            })?;
-            if kind == "application/json" {
-                let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
-                    ApiError::bad_request(
-                        "invalid_json",
-                        format!("expected a JSON array of notifications: {e}"),
-                    )
-                })?;
-                if items.len() > limits.batch_items {
-                    return Err(too_many(items.len()));
-                }
-                parsed.extend(items.iter().map(|raw| parse_json_item(raw.get(), &limits)));
-            } else {
-                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-                if lines.len() > limits.batch_items {
-                    return Err(too_many(lines.len()));
-                }
-                parsed.extend(lines.iter().map(|line| parse_json_item(line, &limits)));
-            }
-        }
-    }
+    let (parts, body) = request.into_parts();
+    let format = body::Format::of(&parts.headers)?;
+    let body = body::read(
+        &parts.headers,
+        body,
+        state.limits.batch_bytes,
+        &state.body_budget,
+    )
+    .await?;
+    let parsed = body::decode_batch(format, &body.bytes, &state.limits)?;
     metrics::histogram!("gapless_ingest_batch_items").record(parsed.len() as f64);
 
     let valid: Vec<NewNotification<'_>> = parsed

@@ -50,6 +50,14 @@ pub struct Args {
     /// Largest payload of one notification (its JSON text), bytes [default: 64 KiB].
     #[arg(long, env = "GAPLESS_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+    /// Deepest nesting of arrays and objects in a payload; deeper is a 422 `payload_too_deep`
+    /// [default: 64].
+    #[arg(long, env = "GAPLESS_MAX_PAYLOAD_DEPTH")]
+    pub max_payload_depth: Option<usize>,
+    /// Request body bytes the ingest holds at once across all requests; a body that does not
+    /// fit is answered 503 with Retry-After [default: 128 MiB].
+    #[arg(long, env = "GAPLESS_MAX_INFLIGHT_BODY_BYTES")]
+    pub max_inflight_body_bytes: Option<usize>,
     /// Entries kept per user (approximate, `MAXLEN ~`) [default: 10000].
     #[arg(long, env = "GAPLESS_RETENTION_MAX_LEN")]
     pub retention_max_len: Option<u64>,
@@ -95,6 +103,10 @@ impl Args {
             max_batch_bytes: self.max_batch_bytes.or(other.max_batch_bytes),
             max_batch_items: self.max_batch_items.or(other.max_batch_items),
             max_payload_bytes: self.max_payload_bytes.or(other.max_payload_bytes),
+            max_payload_depth: self.max_payload_depth.or(other.max_payload_depth),
+            max_inflight_body_bytes: self
+                .max_inflight_body_bytes
+                .or(other.max_inflight_body_bytes),
             retention_max_len: self.retention_max_len.or(other.retention_max_len),
             retention_ttl_ms: self.retention_ttl_ms.or(other.retention_ttl_ms),
             idempotency_ttl_ms: self.idempotency_ttl_ms.or(other.idempotency_ttl_ms),
@@ -118,6 +130,10 @@ pub struct Limits {
     pub batch_items: usize,
     /// Largest payload (JSON text) of one notification.
     pub payload_bytes: usize,
+    /// Deepest nesting of arrays and objects in a payload.
+    pub payload_depth: usize,
+    /// Body bytes held at once by all requests together.
+    pub inflight_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -127,6 +143,8 @@ impl Default for Limits {
             batch_bytes: 16 << 20,
             batch_items: 10_000,
             payload_bytes: 64 << 10,
+            payload_depth: 64,
+            inflight_body_bytes: 128 << 20,
         }
     }
 }
@@ -227,6 +245,20 @@ impl Config {
         }
         if let Some(n) = args.max_payload_bytes {
             l.payload_bytes = positive_usize("--max-payload-bytes", n)?;
+        }
+        if let Some(n) = args.max_payload_depth {
+            l.payload_depth = positive_usize("--max-payload-depth", n)?;
+        }
+        if let Some(n) = args.max_inflight_body_bytes {
+            l.inflight_body_bytes = positive_usize("--max-inflight-body-bytes", n)?;
+        }
+        if l.inflight_body_bytes < l.batch_bytes.max(l.body_bytes) {
+            return Err(ConfigError::Invalid {
+                setting: "--max-inflight-body-bytes",
+                reason: "must be at least --max-batch-bytes and --max-body-bytes, or no \
+                         request of the largest size could ever be read"
+                    .into(),
+            });
         }
         let r = &mut config.retention;
         if let Some(n) = args.retention_max_len {

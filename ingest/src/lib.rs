@@ -1,6 +1,7 @@
 //! gapless-ingest: the producer-facing HTTP API (DESIGN.md §4).
 //!
-//! A notification enters at [`api`] (auth, parsing, limits), is appended by [`append`]
+//! A notification enters at [`api`] (routes, auth), its body is read and decoded with the
+//! limits by [`body`], it is appended by [`append`]
 //! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
 //! be read back through [`history`]. [`config`] holds the settings and [`error`] the JSON
 //! error answers. [`run`] serves it all until the shutdown token fires.
@@ -8,6 +9,7 @@
 
 pub mod api;
 pub mod append;
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod history;
@@ -67,6 +69,7 @@ pub async fn run(
     let state = Arc::new(api::AppState {
         appender,
         limits: config.limits,
+        body_budget: body::BodyBudget::new(config.limits.inflight_body_bytes),
         api_keys: config.api_keys.clone(),
         redis_timeout: config.redis.command_timeout,
     });
