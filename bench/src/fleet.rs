@@ -151,6 +151,10 @@ impl Fleet {
             .env("GAPLESS_JWT_SECRET", JWT_SECRET)
             .env("GAPLESS_EDGE_ID", &edge.id)
             .env("GAPLESS_LOG", "warn")
+            // A load process opens up to 10,000 connections from one address at once: the
+            // burst an edge behind a load balancer sees, so the per-address share of the
+            // unauthenticated budget is the whole budget here.
+            .env("GAPLESS_MAX_PENDING_PER_SOURCE", "1024")
             .envs(self.edge_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stderr(log_file(&self.dir, &edge.id)?)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use serde::Deserialize;
 
 use crate::auth::{JwtKey, TokenRules, Verifier};
@@ -85,6 +86,10 @@ pub struct Args {
     /// Longest a shutdown may take in all, ms [default: 15000].
     #[arg(long, env = "GAPLESS_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Connection budgets and timeouts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub listener: ListenerArgs,
 }
 
 impl Args {
@@ -114,6 +119,7 @@ impl Args {
             replay_page: self.replay_page.or(file.replay_page),
             drain_window_ms: self.drain_window_ms.or(file.drain_window_ms),
             shutdown_grace_ms: self.shutdown_grace_ms.or(file.shutdown_grace_ms),
+            listener: self.listener.or(file.listener),
         })
     }
 }
@@ -151,6 +157,8 @@ pub struct Config {
     pub drain_window: Duration,
     /// Bound of the whole shutdown.
     pub shutdown_grace: Duration,
+    /// Connection budgets and timeouts.
+    pub listener: ListenerConfig,
 }
 
 impl Config {
@@ -173,6 +181,7 @@ impl Config {
             resume_timeout: Duration::from_secs(10),
             drain_window: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
+            listener: ListenerConfig::new(),
         }
     }
 
@@ -245,6 +254,7 @@ impl Config {
         }
         let mut config = Config::new(redis, edge_id, jwt);
         config.jwt_rules = jwt_rules;
+        config.listener = args.listener.into_config()?;
         if let Some(listen) = args.listen {
             config.listen = listen;
         }

@@ -27,12 +27,13 @@ use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Extension, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use gapless_shared::ids::UserId;
+use gapless_shared::listener::Admission;
 use gapless_shared::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD};
 use gapless_shared::schema::{self, SchemaError};
 use gapless_shared::store::{self, StoreError};
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutLayer;
 
 pub use config::Config;
 
@@ -203,13 +205,22 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.listener.request_timeout,
+        ))
+        .layer(axum::middleware::map_response(explain_timeout))
         .with_state((state.clone(), sessions.clone()));
     tracing::info!(addr = %listener.local_addr()?, edge = %config.edge_id, "edge listening");
 
-    let stop_accepting = shutdown.clone();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
-        .await;
+    let served = gapless_shared::listener::serve(
+        listener,
+        router,
+        config.listener.clone(),
+        shutdown.clone(),
+    )
+    .await;
     state.draining.store(true, Ordering::SeqCst);
     let drained = tokio::time::timeout(config.shutdown_grace, drain(&state, &sessions)).await;
     if drained.is_err() {
@@ -271,17 +282,45 @@ struct WsQuery {
 }
 
 fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    (
+    let mut response = (
         status,
         Json(serde_json::json!({"error": {"code": code, "message": message}})),
     )
-        .into_response()
+        .into_response();
+    if matches!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// A refusal of an unauthenticated or unauthorised client, counted by reason.
+fn refuse_auth(status: StatusCode, code: &'static str, message: &str) -> Response {
+    metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
+    refuse(status, code, message)
+}
+
+/// Gives the timeout layer's bare 408 a JSON error body.
+async fn explain_timeout(response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        return refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took longer than the edge allows",
+        );
+    }
+    response
 }
 
 /// `GET /v1/ws`: authenticates, then upgrades. Nothing of any stream is sent to a client
 /// that is not authenticated.
 async fn upgrade(
     State((state, sessions)): State<AppState>,
+    admission: Option<Extension<Admission>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -294,7 +333,7 @@ async fn upgrade(
         );
     }
     let Ok(Query(query)) = query else {
-        return refuse(
+        return refuse_auth(
             StatusCode::BAD_REQUEST,
             "invalid_query",
             "malformed query string",
@@ -308,7 +347,7 @@ async fn upgrade(
         .map(|(_, t)| t.trim().to_owned())
         .or(query.token);
     let Some(token) = token else {
-        return refuse(
+        return refuse_auth(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             &auth::AuthError::Missing.to_string(),
@@ -316,10 +355,7 @@ async fn upgrade(
     };
     let (user, claimed_device) = match state.verifier.verify(&token) {
         Ok(v) => v,
-        Err(e) => {
-            metrics::counter!("gapless_edge_auth_failures_total").increment(1);
-            return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
-        }
+        Err(e) => return refuse_auth(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
     // The token's device claim wins over the query: a device bound into a token cannot be
     // swapped by whoever holds the URL.
@@ -327,7 +363,7 @@ async fn upgrade(
         Some(d) => match UserId::parse(&d) {
             Ok(_) => d,
             Err(e) => {
-                return refuse(
+                return refuse_auth(
                     StatusCode::BAD_REQUEST,
                     "invalid_device",
                     &auth::AuthError::BadDevice(e).to_string(),
@@ -346,6 +382,22 @@ async fn upgrade(
             );
         }
     };
+    // A verified client: its connection leaves the unauthenticated budget for the
+    // established one, and the session holds its place there until it ends.
+    let admission = admission.map(|Extension(a)| a);
+    if let Some(a) = &admission
+        && a.establish().is_err()
+    {
+        let mut answer = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this edge holds as many connections as it may; retry shortly or connect to another",
+        );
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return answer;
+    }
     let ws = ws
         .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD])
         .read_buffer_size(READ_BUFFER)
@@ -355,7 +407,10 @@ async fn upgrade(
         .max_frame_size(MAX_CLIENT_FRAME);
     let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     ws.on_upgrade(move |socket| {
-        sessions.track_future(session::run(state, socket, user, device, codec))
+        sessions.track_future(async move {
+            let _place = admission;
+            session::run(state, socket, user, device, codec).await;
+        })
     })
 }
 

@@ -9,16 +9,18 @@ use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gapless_shared::config::Secret;
 use gapless_shared::ids::UserId;
+use gapless_shared::listener::Admission;
 use gapless_shared::schema;
 use gapless_shared::store::StoreError;
 use serde::{Deserialize, Serialize};
+use tower_http::timeout::TimeoutLayer;
 
 use crate::append::{Appended, Appender, NewNotification};
 use crate::body::{self, BodyBudget};
@@ -42,7 +44,6 @@ pub struct AppState {
 
 /// The ingest's router.
 pub fn router(state: Arc<AppState>, config: &Config) -> Router {
-    let _ = config;
     let v1 = Router::new()
         .route("/v1/notifications", post(append_one))
         .route("/v1/notifications/batch", post(append_batch))
@@ -63,8 +64,30 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.listener.request_timeout,
+        ))
+        .layer(middleware::map_response(explain_timeout))
         .layer(middleware::from_fn(observe))
         .with_state(state)
+}
+
+/// Gives the timeout layer's bare 408 the JSON error body every other answer has.
+async fn explain_timeout(response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        let mut answer = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request, body included, took longer than the ingest allows",
+        )
+        .into_response();
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return answer;
+    }
+    response
 }
 
 /// Counts and times every request by route and status.
@@ -119,6 +142,21 @@ async fn authenticate(
     {
         return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "unknown API key")
             .into_response();
+    }
+    // A producer with a valid key: its connection leaves the unauthenticated budget.
+    if let Some(admission) = request.extensions().get::<Admission>()
+        && admission.establish().is_err()
+    {
+        let mut answer = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the ingest holds as many connections as it may; retry shortly",
+        )
+        .into_response();
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return answer;
     }
     next.run(request).await
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use serde::Deserialize;
 
 /// Command-line flags and environment of `gapless-ingest`; the same names (snake_case) are
@@ -79,6 +80,10 @@ pub struct Args {
     /// --max-batch-items sends every append through the Function.
     #[arg(long, env = "GAPLESS_NATIVE_MIN_ITEMS")]
     pub native_min_items: Option<usize>,
+    /// Connection budgets and timeouts.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub listener: ListenerArgs,
 }
 
 impl Args {
@@ -115,6 +120,7 @@ impl Args {
                 .or(other.wakeup_payload_max_bytes),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             native_min_items: self.native_min_items.or(other.native_min_items),
+            listener: self.listener.or(other.listener),
         }
     }
 }
@@ -189,6 +195,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Fewest items of one user in a request for the native path (see [`crate::native`]).
     pub native_min_items: usize,
+    /// Connection budgets and timeouts.
+    pub listener: ListenerConfig,
 }
 
 impl Config {
@@ -203,6 +211,7 @@ impl Config {
             wakeup_payload_max: 4096,
             shutdown_grace: Duration::from_secs(10),
             native_min_items: 4,
+            listener: ListenerConfig::new(),
         }
     }
 
@@ -230,6 +239,7 @@ impl Config {
             });
         }
         let mut config = Config::new(redis, api_keys);
+        config.listener = args.listener.into_config()?;
         if let Some(listen) = args.listen {
             config.listen = listen;
         }

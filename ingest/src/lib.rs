@@ -79,13 +79,15 @@ pub async fn run(
     let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
 
-    let graceful = shutdown.clone();
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-        graceful.cancelled().await;
-    });
+    let serve = gapless_shared::listener::serve(
+        listener,
+        router,
+        config.listener.clone(),
+        shutdown.clone(),
+    );
     let grace = config.shutdown_grace;
     let result = tokio::select! {
-        result = serve.into_future() => result.map_err(RunError::Io),
+        result = serve => result.map_err(RunError::Io),
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still running after the grace period; stopping");
             Ok(())

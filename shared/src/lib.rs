@@ -8,6 +8,7 @@
 //! - [`store`]: the Redis connection and the timeout around every call;
 //! - [`wakeup`]: the ingest -> edge wakeup message;
 //! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
+//! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
 //! - [`config`]: masked secrets, Redis settings, the TOML file layer;
 //! - [`telemetry`]: the process's Prometheus recorder;
 //! - [`process`]: a local `redis-server` (for `gapless dev` and tests);
@@ -18,6 +19,7 @@ pub mod batch;
 pub mod config;
 pub mod ids;
 pub mod keys;
+pub mod listener;
 pub mod process;
 pub mod protocol;
 pub mod schema;

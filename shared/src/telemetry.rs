@@ -5,6 +5,7 @@
 //! once here and shared.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -75,5 +76,56 @@ pub async fn upkeep(shutdown: tokio_util::sync::CancellationToken) {
             _ = tick.tick() => prometheus().run_upkeep(),
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// At most one log line per [`LogThrottle::INTERVAL`] for one kind of event (a flood must
+/// not flood the log too), each saying how many it stood for.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    /// When the last line was written, ms since the Unix epoch (0: never).
+    last_ms: AtomicU64,
+    /// Events since then that wrote nothing.
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    /// The shortest time between two lines.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Calls `log` with the number of events suppressed since the last line, unless a line
+    /// was written less than [`Self::INTERVAL`] ago.
+    pub fn warn(&self, log: impl FnOnce(u64)) {
+        let now = crate::now_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= Self::INTERVAL.as_millis() as u64;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            log(self.suppressed.swap(0, Ordering::AcqRel));
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_writes_one_line_per_interval_and_counts_the_rest() {
+        let t = LogThrottle::default();
+        let mut lines = Vec::new();
+        for _ in 0..5 {
+            t.warn(|suppressed| lines.push(suppressed));
+        }
+        assert_eq!(lines, [0]);
+        t.last_ms.store(1, Ordering::Relaxed); // long ago
+        t.warn(|suppressed| lines.push(suppressed));
+        assert_eq!(lines, [0, 4]);
     }
 }
