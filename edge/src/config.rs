@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
+use gapless_shared::rate::Rate;
 use serde::Deserialize;
 
 use crate::auth::{JwtKey, TokenRules, Verifier};
@@ -86,6 +87,23 @@ pub struct Args {
     /// Longest a shutdown may take in all, ms [default: 15000].
     #[arg(long, env = "GAPLESS_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Failed authentications per second per source address before it is answered 429; 0
+    /// turns the limit off [default: 10, with a burst of five seconds' worth].
+    #[arg(long, env = "GAPLESS_AUTH_FAILURES_PER_S")]
+    pub auth_failures_per_s: Option<u32>,
+    /// Connection attempts per second per user; past it the upgrade is answered 429; 0
+    /// turns the limit off [default: 10, with a burst of three seconds' worth].
+    #[arg(long, env = "GAPLESS_USER_CONNECTS_PER_S")]
+    pub user_connects_per_s: Option<u32>,
+    /// Connections of one user at this edge; past it a new one is refused with 429 (the
+    /// user's other devices keep theirs) [default: 32].
+    #[arg(long, env = "GAPLESS_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Connections of one device at this edge; past it the oldest is closed with 4001 (a
+    /// device that reconnects must get in while its old connection still looks alive)
+    /// [default: 2].
+    #[arg(long, env = "GAPLESS_MAX_CONNECTIONS_PER_DEVICE")]
+    pub max_connections_per_device: Option<usize>,
     /// Connection budgets and timeouts.
     #[command(flatten)]
     #[serde(flatten)]
@@ -119,6 +137,14 @@ impl Args {
             replay_page: self.replay_page.or(file.replay_page),
             drain_window_ms: self.drain_window_ms.or(file.drain_window_ms),
             shutdown_grace_ms: self.shutdown_grace_ms.or(file.shutdown_grace_ms),
+            auth_failures_per_s: self.auth_failures_per_s.or(file.auth_failures_per_s),
+            user_connects_per_s: self.user_connects_per_s.or(file.user_connects_per_s),
+            max_connections_per_user: self
+                .max_connections_per_user
+                .or(file.max_connections_per_user),
+            max_connections_per_device: self
+                .max_connections_per_device
+                .or(file.max_connections_per_device),
             listener: self.listener.or(file.listener),
         })
     }
@@ -159,6 +185,14 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connection budgets and timeouts.
     pub listener: ListenerConfig,
+    /// Failed authentications per source address.
+    pub auth_failures: Rate,
+    /// Connection attempts per user.
+    pub user_connects: Rate,
+    /// Connections of one user here (a new one past it is refused).
+    pub max_connections_per_user: usize,
+    /// Connections of one device here (the oldest past it is closed).
+    pub max_connections_per_device: usize,
 }
 
 impl Config {
@@ -182,6 +216,10 @@ impl Config {
             drain_window: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
             listener: ListenerConfig::new(),
+            auth_failures: Rate::new(10, 5),
+            user_connects: Rate::new(10, 3),
+            max_connections_per_user: 32,
+            max_connections_per_device: 2,
         }
     }
 
@@ -255,6 +293,32 @@ impl Config {
         let mut config = Config::new(redis, edge_id, jwt);
         config.jwt_rules = jwt_rules;
         config.listener = args.listener.into_config()?;
+        if let Some(n) = args.auth_failures_per_s {
+            config.auth_failures = Rate::new(n, 5);
+        }
+        if let Some(n) = args.user_connects_per_s {
+            config.user_connects = Rate::new(n, 3);
+        }
+        match args.max_connections_per_user {
+            Some(0) => {
+                return Err(invalid(
+                    "--max-connections-per-user",
+                    "must be greater than 0",
+                ));
+            }
+            Some(n) => config.max_connections_per_user = n,
+            None => {}
+        }
+        match args.max_connections_per_device {
+            Some(0) => {
+                return Err(invalid(
+                    "--max-connections-per-device",
+                    "must be greater than 0",
+                ));
+            }
+            Some(n) => config.max_connections_per_device = n,
+            None => {}
+        }
         if let Some(listen) = args.listen {
             config.listen = listen;
         }

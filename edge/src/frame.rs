@@ -22,6 +22,9 @@ pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_RESTART: u16 = 1012;
 /// Close code: try again later (slow consumer).
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
+/// Close code (application range): a newer connection of the same device replaced this one.
+/// A client closed with it should not reconnect on its own: the device is live elsewhere.
+pub const CLOSE_REPLACED: u16 = 4001;
 
 /// The encoding a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,6 +30,8 @@ pub enum CloseReason {
     Draining(u64),
     /// Writing to the socket failed.
     WriteFailed,
+    /// A newer connection of the same device took its place (the device's cap).
+    Replaced,
 }
 
 impl CloseReason {
@@ -40,6 +42,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Draining(_) => "draining",
             CloseReason::WriteFailed => "write_failed",
+            CloseReason::Replaced => "replaced",
         }
     }
 }
@@ -193,10 +196,37 @@ type Shard = Mutex<HashMap<UserId, Vec<Arc<Conn>>>>;
 pub struct Hub {
     /// Connections by user, spread over [`Hub::SHARDS`] locks.
     shards: Vec<Shard>,
+    /// Sessions per user from the upgrade to their end (a session is in `shards` only once
+    /// it has resumed), for the per-user cap; sharded like `shards`.
+    sessions: Vec<Mutex<HashMap<UserId, usize>>>,
     /// Picks a user's shard.
     hasher: RandomState,
     /// Next connection id.
     next_id: AtomicU64,
+    /// Most connections of one device; adding one more closes the oldest.
+    max_per_device: usize,
+}
+
+/// A session's place in its user's cap (see [`Hub::reserve`]); released on drop.
+pub struct Reservation {
+    /// The hub whose count holds the place.
+    hub: Arc<Hub>,
+    /// The user.
+    user: UserId,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut sessions = self.hub.sessions[self.hub.shard_index(&self.user)]
+            .lock()
+            .expect("hub lock is never poisoned");
+        if let Some(n) = sessions.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                sessions.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Default for Hub {
@@ -210,13 +240,38 @@ impl Hub {
     /// heartbeats and sweeps turn (one shard per tick, so no tick touches every connection).
     pub const SHARDS: usize = 64;
 
-    /// An empty hub.
+    /// An empty hub without a per-device cap.
     pub fn new() -> Self {
+        Self::with_device_cap(usize::MAX)
+    }
+
+    /// An empty hub holding at most `max_per_device` connections of one device.
+    pub fn with_device_cap(max_per_device: usize) -> Self {
         Self {
             shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+            sessions: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
+            max_per_device: max_per_device.max(1),
         }
+    }
+
+    /// Takes a place among `user`'s sessions here, unless it already has `max`: then the new
+    /// session is refused (a user's devices are independent, so a new one must not close
+    /// another's connection; one device's excess is handled by [`Hub::add`]).
+    pub fn reserve(self: &Arc<Self>, user: &UserId, max: usize) -> Option<Reservation> {
+        let mut sessions = self.sessions[self.shard_index(user)]
+            .lock()
+            .expect("hub lock is never poisoned");
+        let n = sessions.entry(user.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Reservation {
+            hub: self.clone(),
+            user: user.clone(),
+        })
     }
 
     /// A fresh connection id.
@@ -224,19 +279,38 @@ impl Hub {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn shard(&self, user: &UserId) -> &Shard {
-        &self.shards[(self.hasher.hash_one(user) as usize) % Self::SHARDS]
+    fn shard_index(&self, user: &UserId) -> usize {
+        (self.hasher.hash_one(user) as usize) % Self::SHARDS
     }
 
-    /// Adds a connection; true when it is the user's first here.
+    fn shard(&self, user: &UserId) -> &Shard {
+        &self.shards[self.shard_index(user)]
+    }
+
+    /// Adds a connection; true when it is the user's first here. When its device already
+    /// has the most connections allowed, the oldest of them are asked to close
+    /// ([`CloseReason::Replaced`]): a device that reconnects (a network switch) must get in
+    /// even while its old connection still looks alive.
     pub fn add(&self, conn: Arc<Conn>) -> bool {
-        let mut shard = self
-            .shard(&conn.user)
-            .lock()
-            .expect("hub lock is never poisoned");
-        let conns = shard.entry(conn.user.clone()).or_default();
-        conns.push(conn);
-        conns.len() == 1
+        let mut replaced = Vec::new();
+        let first = {
+            let mut shard = self
+                .shard(&conn.user)
+                .lock()
+                .expect("hub lock is never poisoned");
+            let conns = shard.entry(conn.user.clone()).or_default();
+            let mut same: Vec<&Arc<Conn>> =
+                conns.iter().filter(|c| c.device == conn.device).collect();
+            same.sort_by_key(|c| c.id);
+            let excess = (same.len() + 1).saturating_sub(self.max_per_device);
+            replaced.extend(same.into_iter().take(excess).cloned());
+            conns.push(conn);
+            conns.len() == 1
+        };
+        for old in replaced {
+            old.request_close(CloseReason::Replaced);
+        }
+        first
     }
 
     /// Removes a connection; true when it was the user's last here.

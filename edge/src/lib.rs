@@ -21,6 +21,7 @@ pub mod registry;
 pub mod session;
 pub mod wakeup;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,6 +36,7 @@ use axum::{Json, Router};
 use gapless_shared::ids::UserId;
 use gapless_shared::listener::Admission;
 use gapless_shared::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD};
+use gapless_shared::rate::{AuthFailures, KeyedLimit, retry_after_secs};
 use gapless_shared::schema::{self, SchemaError};
 use gapless_shared::store::{self, StoreError};
 use redis::aio::ConnectionManager;
@@ -78,6 +80,10 @@ pub struct EdgeState {
     pub acks: AckBook,
     /// Token checks.
     verifier: Verifier,
+    /// Failed authentications per source address.
+    auth_failures: AuthFailures<IpAddr>,
+    /// Connection attempts per user.
+    user_connects: KeyedLimit<UserId>,
     /// Set when draining: new connections are refused.
     draining: AtomicBool,
     /// Shared Redis connection (readiness, drain).
@@ -147,7 +153,7 @@ pub async fn run(
 
     // Background tasks stop on `tasks`, which is cancelled after the drain, not before.
     let tasks = CancellationToken::new();
-    let hub = Arc::new(Hub::new());
+    let hub = Arc::new(Hub::with_device_cap(config.max_connections_per_device));
     let reader = Reader::spawn(conn.clone(), config.redis.command_timeout, tasks.clone());
     let registry = Registry::spawn(
         RegistryTask {
@@ -195,10 +201,13 @@ pub async fn run(
         registry,
         acks: acks.clone(),
         verifier,
+        auth_failures: AuthFailures::new(config.auth_failures),
+        user_connects: KeyedLimit::new(config.user_connects),
         draining: AtomicBool::new(false),
         conn: conn.clone(),
         hot: HotMetrics::register(),
     });
+    tokio::spawn(forget_idle_loop(state.clone(), tasks.clone()));
     let sessions = TaskTracker::new();
     let router = Router::new()
         .route("/v1/ws", get(upgrade))
@@ -298,12 +307,6 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
     response
 }
 
-/// A refusal of an unauthenticated or unauthorised client, counted by reason.
-fn refuse_auth(status: StatusCode, code: &'static str, message: &str) -> Response {
-    metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
-    refuse(status, code, message)
-}
-
 /// Gives the timeout layer's bare 408 a JSON error body.
 async fn explain_timeout(response: Response) -> Response {
     if response.status() == StatusCode::REQUEST_TIMEOUT {
@@ -332,8 +335,32 @@ async fn upgrade(
             "this edge is draining; connect to another",
         );
     }
+    let admission = admission.map(|Extension(a)| a);
+    let source = admission.as_ref().map(Admission::source);
+    // An address over its failure rate is refused before its token is looked at.
+    if let Some(ip) = source
+        && let Err(wait) = state.auth_failures.admit(&ip)
+    {
+        return too_many(
+            "too_many_auth_failures",
+            "too many failed authentications from this address",
+            wait,
+        );
+    }
+    // Refusals of credentials count against the address.
+    let failed = |status, code, message: &str| {
+        metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
+        match source.map(|ip| state.auth_failures.failed(&ip)) {
+            Some(Err(wait)) => too_many(
+                "too_many_auth_failures",
+                "too many failed authentications from this address",
+                wait,
+            ),
+            _ => refuse(status, code, message),
+        }
+    };
     let Ok(Query(query)) = query else {
-        return refuse_auth(
+        return failed(
             StatusCode::BAD_REQUEST,
             "invalid_query",
             "malformed query string",
@@ -347,7 +374,7 @@ async fn upgrade(
         .map(|(_, t)| t.trim().to_owned())
         .or(query.token);
     let Some(token) = token else {
-        return refuse_auth(
+        return failed(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             &auth::AuthError::Missing.to_string(),
@@ -355,15 +382,17 @@ async fn upgrade(
     };
     let (user, claimed_device) = match state.verifier.verify(&token) {
         Ok(v) => v,
-        Err(e) => return refuse_auth(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+        Err(e) => return failed(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
     // The token's device claim wins over the query: a device bound into a token cannot be
     // swapped by whoever holds the URL.
-    let device = match claimed_device.or(query.device) {
+    let named = claimed_device.or(query.device);
+    let assigned = named.is_none();
+    let device = match named {
         Some(d) => match UserId::parse(&d) {
             Ok(_) => d,
             Err(e) => {
-                return refuse_auth(
+                return failed(
                     StatusCode::BAD_REQUEST,
                     "invalid_device",
                     &auth::AuthError::BadDevice(e).to_string(),
@@ -372,6 +401,15 @@ async fn upgrade(
         },
         None => format!("d-{:016x}", rand::random::<u64>()),
     };
+    if let Err(wait) = state.user_connects.check(&user) {
+        metrics::counter!("gapless_edge_refused_total", "reason" => "user_connect_rate")
+            .increment(1);
+        return too_many(
+            "too_many_connects",
+            "this user connects too often; retry after the Retry-After seconds",
+            wait,
+        );
+    }
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
@@ -382,9 +420,22 @@ async fn upgrade(
             );
         }
     };
+    let Some(place) = state
+        .hub
+        .reserve(&user, state.config.max_connections_per_user)
+    else {
+        metrics::counter!("gapless_edge_refused_total", "reason" => "user_cap").increment(1);
+        return too_many(
+            "too_many_connections",
+            &format!(
+                "this user already has {} connections at this edge",
+                state.config.max_connections_per_user
+            ),
+            Duration::from_secs(5),
+        );
+    };
     // A verified client: its connection leaves the unauthenticated budget for the
     // established one, and the session holds its place there until it ends.
-    let admission = admission.map(|Extension(a)| a);
     if let Some(a) = &admission
         && a.establish().is_err()
     {
@@ -408,10 +459,34 @@ async fn upgrade(
     let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     ws.on_upgrade(move |socket| {
         sessions.track_future(async move {
-            let _place = admission;
-            session::run(state, socket, user, device, codec).await;
+            let _places = (admission, place);
+            session::run(state, socket, user, device, assigned, codec).await;
         })
     })
+}
+
+/// Forgets the rate limits' state of quiet addresses and users, every minute.
+async fn forget_idle_loop(state: Arc<EdgeState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                state.auth_failures.forget_idle();
+                state.user_connects.forget_idle();
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// 429 with `Retry-After` rounded up from `wait`.
+fn too_many(code: &str, message: &str, wait: Duration) -> Response {
+    let mut answer = refuse(StatusCode::TOO_MANY_REQUESTS, code, message);
+    answer.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after_secs(wait)),
+    );
+    answer
 }
 
 /// `GET /readyz`: Redis answers with the current schema, and the edge is not draining.

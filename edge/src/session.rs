@@ -206,12 +206,15 @@ impl Delivery {
     }
 }
 
-/// Runs one upgraded connection to its end.
+/// Runs one upgraded connection to its end. `assigned` says the edge made the device id up
+/// (the client named none): such a device's position is stored only once it acks, so a
+/// client that never names its device leaves nothing behind in Redis.
 pub async fn run(
     state: Arc<EdgeState>,
     socket: WebSocket,
     user: UserId,
     device: String,
+    assigned: bool,
     codec: Codec,
 ) {
     let (sink, mut stream) = socket.split();
@@ -231,7 +234,7 @@ pub async fn run(
         state.config.slow_consumer,
     ));
 
-    let end = session(&state, &conn, &mut stream, &tx).await;
+    let end = session(&state, &conn, &mut stream, &tx, assigned).await;
     let close = match &end {
         End::Violation(v) => Some(frame::close(v.code, &v.reason)),
         End::Closed(CloseReason::Draining(ms)) => Some(frame::close(
@@ -245,6 +248,10 @@ pub async fn run(
         End::Closed(CloseReason::SlowConsumer) => Some(frame::close(
             frame::CLOSE_TRY_AGAIN,
             "slow consumer: the socket accepted nothing in time; resume later",
+        )),
+        End::Closed(CloseReason::Replaced) => Some(frame::close(
+            frame::CLOSE_REPLACED,
+            "replaced by a newer connection of this device",
         )),
         End::Closed(CloseReason::WriteFailed) | End::WriterGone | End::ClientGone => None,
     };
@@ -269,6 +276,7 @@ async fn session(
     conn: &Arc<Conn>,
     stream: &mut SplitStream<WebSocket>,
     tx: &mpsc::Sender<Message>,
+    assigned: bool,
 ) -> End {
     let config = &state.config;
     let welcome = ServerMessage::Welcome {
@@ -345,6 +353,7 @@ async fn session(
             d.must_read = true;
             d.replaying = false;
             match &d.epoch {
+                _ if assigned => {}
                 Some(epoch) => state.acks.record(&conn.user, &conn.device, epoch, d.sent),
                 None => state.acks.record_start(&conn.user, &conn.device),
             }
@@ -355,7 +364,7 @@ async fn session(
     // when it appears; that start is stored like any ack, so an app that restarts before
     // acking anything (and so resumes without a position) gets the log from its first entry
     // rather than from a later live end.
-    let mut start_stored = d.epoch.is_some();
+    let mut start_stored = d.epoch.is_some() || assigned;
     // Hints that arrived while the position was read.
     let hints = conn.take_hints();
     d.apply_hints(hints.items, hints.overflowed, false);

@@ -14,15 +14,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gapless_shared::config::Secret;
 use gapless_shared::ids::UserId;
-use gapless_shared::listener::Admission;
 use gapless_shared::schema;
 use gapless_shared::store::StoreError;
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::append::{Appended, Appender, NewNotification};
+use crate::auth::{self, Guard, KeyId};
 use crate::body::{self, BodyBudget};
 use crate::config::{Config, Limits};
 use crate::error::{ApiError, ErrorBody};
@@ -36,8 +35,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Request body bytes all requests may hold at once.
     pub body_budget: BodyBudget,
-    /// Accepted API keys.
-    pub api_keys: Vec<Secret>,
+    /// API keys and rate limits.
+    pub guard: Guard,
     /// Bound of one Redis call (for history and readiness).
     pub redis_timeout: std::time::Duration,
 }
@@ -48,7 +47,10 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/v1/notifications", post(append_one))
         .route("/v1/notifications/batch", post(append_batch))
         .route("/v1/users/{user}/notifications", get(read_history))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -106,66 +108,6 @@ async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
-/// `Authorization: Bearer <api key>`: missing -> 401, unknown -> 403.
-async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing `Authorization: Bearer <api key>` header",
-        )
-        .into_response();
-    };
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    let key = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim());
-    let Some(key) = key else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the Authorization header must be `Bearer <api key>`",
-        )
-        .into_response();
-    };
-    if !state
-        .api_keys
-        .iter()
-        .any(|k| constant_time_eq(k.expose().as_bytes(), key.as_bytes()))
-    {
-        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "unknown API key")
-            .into_response();
-    }
-    // A producer with a valid key: its connection leaves the unauthenticated budget.
-    if let Some(admission) = request.extensions().get::<Admission>()
-        && admission.establish().is_err()
-    {
-        let mut answer = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "the ingest holds as many connections as it may; retry shortly",
-        )
-        .into_response();
-        answer
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return answer;
-    }
-    next.run(request).await
-}
-
-/// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `POST /v1/notifications`.
 async fn append_one(
     State(state): State<Arc<AppState>>,
@@ -181,6 +123,9 @@ async fn append_one(
     )
     .await?;
     let item = body::decode_one(&body.bytes, &state.limits)?;
+    state
+        .guard
+        .spend_items(parts.extensions.get::<KeyId>().copied(), 1)?;
     let mut results = state.appender.append(std::slice::from_ref(&item)).await?;
     let result = results
         .pop()
@@ -213,6 +158,11 @@ async fn append_batch(
     )
     .await?;
     let parsed = body::decode_batch(format, &body.bytes, &state.limits)?;
+    // Refused items cost nothing: only what would be appended is spent.
+    let valid = parsed.iter().filter(|r| r.is_ok()).count();
+    state
+        .guard
+        .spend_items(parts.extensions.get::<KeyId>().copied(), valid)?;
     metrics::histogram!("gapless_ingest_batch_items").record(parsed.len() as f64);
 
     let valid: Vec<NewNotification<'_>> = parsed

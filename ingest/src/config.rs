@@ -8,7 +8,10 @@ use std::time::Duration;
 use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
+use gapless_shared::rate::Rate;
 use serde::Deserialize;
+
+use crate::auth::RateLimits;
 
 /// Command-line flags and environment of `gapless-ingest`; the same names (snake_case) are
 /// the keys of the TOML file.
@@ -80,6 +83,18 @@ pub struct Args {
     /// --max-batch-items sends every append through the Function.
     #[arg(long, env = "GAPLESS_NATIVE_MIN_ITEMS")]
     pub native_min_items: Option<usize>,
+    /// Requests per second per API key; 0 turns the limit off [default: 10000, with a burst
+    /// of one second's worth].
+    #[arg(long, env = "GAPLESS_KEY_REQUESTS_PER_S")]
+    pub key_requests_per_s: Option<u32>,
+    /// Notifications per second per API key; 0 turns the limit off [default: 1000000, with a
+    /// burst of one second's worth, which must hold a whole batch].
+    #[arg(long, env = "GAPLESS_KEY_ITEMS_PER_S")]
+    pub key_items_per_s: Option<u32>,
+    /// Failed authentications per second per source address before it is answered 429; 0
+    /// turns the limit off [default: 10, with a burst of five seconds' worth].
+    #[arg(long, env = "GAPLESS_AUTH_FAILURES_PER_S")]
+    pub auth_failures_per_s: Option<u32>,
     /// Connection budgets and timeouts.
     #[command(flatten)]
     #[serde(flatten)]
@@ -120,6 +135,9 @@ impl Args {
                 .or(other.wakeup_payload_max_bytes),
             shutdown_grace_ms: self.shutdown_grace_ms.or(other.shutdown_grace_ms),
             native_min_items: self.native_min_items.or(other.native_min_items),
+            key_requests_per_s: self.key_requests_per_s.or(other.key_requests_per_s),
+            key_items_per_s: self.key_items_per_s.or(other.key_items_per_s),
+            auth_failures_per_s: self.auth_failures_per_s.or(other.auth_failures_per_s),
             listener: self.listener.or(other.listener),
         }
     }
@@ -197,6 +215,8 @@ pub struct Config {
     pub native_min_items: usize,
     /// Connection budgets and timeouts.
     pub listener: ListenerConfig,
+    /// Rate limits per API key and source address.
+    pub rates: RateLimits,
 }
 
 impl Config {
@@ -212,6 +232,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(10),
             native_min_items: 4,
             listener: ListenerConfig::new(),
+            rates: RateLimits::default(),
         }
     }
 
@@ -267,6 +288,25 @@ impl Config {
                 setting: "--max-inflight-body-bytes",
                 reason: "must be at least --max-batch-bytes and --max-body-bytes, or no \
                          request of the largest size could ever be read"
+                    .into(),
+            });
+        }
+        let rates = &mut config.rates;
+        if let Some(n) = args.key_requests_per_s {
+            rates.key_requests = Rate::new(n, 1);
+        }
+        if let Some(n) = args.key_items_per_s {
+            rates.key_items = Rate::new(n, 1);
+        }
+        if let Some(n) = args.auth_failures_per_s {
+            rates.auth_failures = Rate::new(n, 5);
+        }
+        let items = rates.key_items;
+        if items != Rate::OFF && (items.burst as usize) < config.limits.batch_items {
+            return Err(ConfigError::Invalid {
+                setting: "--key-items-per-s",
+                reason: "must be 0 (off) or at least --max-batch-items, or a full batch could \
+                         never be accepted"
                     .into(),
             });
         }

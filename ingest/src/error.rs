@@ -25,6 +25,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Body.
     pub body: ErrorBody,
+    /// `Retry-After` seconds, for 429 and 503 (503 without one says 1).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -36,7 +38,14 @@ impl ApiError {
                 code,
                 message: message.into(),
             },
+            retry_after: None,
         }
+    }
+
+    /// The same error, asking the client to wait `secs` before retrying.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// 400 with `code`.
@@ -81,11 +90,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response =
             (self.status, axum::Json(Envelope { error: &self.body })).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+        let retry_after = match (self.retry_after, self.status) {
+            (Some(secs), _) => Some(HeaderValue::from(secs)),
+            (None, StatusCode::SERVICE_UNAVAILABLE) => {
+                Some(HeaderValue::from_static(RETRY_AFTER_SECS))
+            }
+            _ => None,
+        };
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }

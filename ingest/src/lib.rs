@@ -1,6 +1,6 @@
 //! gapless-ingest: the producer-facing HTTP API (DESIGN.md §4).
 //!
-//! A notification enters at [`api`] (routes, auth), its body is read and decoded with the
+//! A notification enters at [`api`] (routes) past [`auth`] (API keys, rate limits), its body is read and decoded with the
 //! limits by [`body`], it is appended by [`append`]
 //! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
 //! be read back through [`history`]. [`config`] holds the settings and [`error`] the JSON
@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod append;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
@@ -70,13 +71,14 @@ pub async fn run(
         appender,
         limits: config.limits,
         body_budget: body::BodyBudget::new(config.limits.inflight_body_bytes),
-        api_keys: config.api_keys.clone(),
+        guard: auth::Guard::new(config.api_keys.clone(), config.rates),
         redis_timeout: config.redis.command_timeout,
     });
     // Install the recorder before the first request, so none goes uncounted.
     gapless_shared::telemetry::prometheus();
-    let router = api::router(state, &config);
+    let router = api::router(state.clone(), &config);
     let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
+    let forget = tokio::spawn(auth::forget_idle_loop(state.clone(), shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
 
     let serve = gapless_shared::listener::serve(
@@ -94,5 +96,6 @@ pub async fn run(
         }
     };
     upkeep.abort();
+    forget.abort();
     result
 }

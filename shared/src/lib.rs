@@ -9,6 +9,7 @@
 //! - [`wakeup`]: the ingest -> edge wakeup message;
 //! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
 //! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
+//! - [`rate`]: rate limits per API key, source address or user, and the failed-auth box;
 //! - [`config`]: masked secrets, Redis settings, the TOML file layer;
 //! - [`telemetry`]: the process's Prometheus recorder;
 //! - [`process`]: a local `redis-server` (for `gapless dev` and tests);
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod listener;
 pub mod process;
 pub mod protocol;
+pub mod rate;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
