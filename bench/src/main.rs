@@ -2,12 +2,14 @@
 //!
 //! `load` runs the load scenarios (`idle`, `steady`, `storm`, `ingest`) with up to 100,000+
 //! connections held by load-generator processes; `drill` checks the delivery guarantees
-//! under faults. Modules: [`fleet`] starts and stops the processes, [`stats`] summarises
+//! under faults; `flood` checks that idle connections by the tens of thousands lock nobody
+//! out. Modules: [`fleet`] starts and stops the processes, [`stats`] summarises
 //! samples.
 #![forbid(unsafe_code)]
 
 mod drill;
 mod fleet;
+mod flood;
 mod ingest;
 mod load;
 mod stats;
@@ -38,6 +40,13 @@ enum Scenario {
     /// Run devices and producers against a real system under a fault schedule and check
     /// the delivery guarantees; exits non-zero on any violation.
     Drill(drill::DrillArgs),
+    /// Tens of thousands of idle TCP connections against the ingest and the edge, while a
+    /// client from another address connects, appends and receives within a bound, and
+    /// sessions opened before keep receiving; exits non-zero if any check fails.
+    Flood(flood::FloodArgs),
+    /// A flood process (started by `flood`).
+    #[command(hide = true)]
+    FloodWorker(flood::FloodWorkerArgs),
 }
 
 #[tokio::main]
@@ -47,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Load(args) => load::run(*args).await,
             Scenario::LoadWorker(args) => load::worker::run(args).await,
             Scenario::Drill(args) => drill::run(args).await,
+            Scenario::Flood(args) => flood::run(args).await,
+            Scenario::FloodWorker(args) => flood::worker(args).await,
         }
     };
     // On SIGINT or SIGTERM the scenario is dropped, and with it the fleet, which kills the

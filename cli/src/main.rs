@@ -188,8 +188,7 @@ impl Dev {
             vec![Secret::new(api_key.clone())],
         );
         ingest_config.listen = self.ingest_listen;
-        let ingest_listener = tokio::net::TcpListener::bind(self.ingest_listen)
-            .await
+        let ingest_listener = gapless_shared::listener::bind(self.ingest_listen)
             .with_context(|| format!("cannot listen on {}", self.ingest_listen))?;
         let ingest = tokio::spawn(gapless_ingest::run(
             ingest_listener,
@@ -204,8 +203,7 @@ impl Dev {
         );
         edge_config.listen = self.edge_listen;
         edge_config.drain_window = std::time::Duration::from_millis(500);
-        let edge_listener = tokio::net::TcpListener::bind(self.edge_listen)
-            .await
+        let edge_listener = gapless_shared::listener::bind(self.edge_listen)
             .with_context(|| format!("cannot listen on {}", self.edge_listen))?;
         let edge = tokio::spawn(gapless_edge::run(
             edge_listener,

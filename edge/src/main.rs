@@ -10,8 +10,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     gapless_shared::telemetry::init_tracing();
     let config = Config::from_args(Args::parse().with_file()?)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = gapless_shared::listener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(gapless_shared::telemetry::cancel_on_signal(

@@ -4,6 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gapless_shared::store::StoreError;
+use gapless_shared::telemetry::LogThrottle;
 use serde::Serialize;
 
 /// Seconds a client is asked to wait when Redis is unavailable.
@@ -66,6 +67,17 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        // An operator must hear that Redis is gone, once per interval, not once per request.
+        static UNAVAILABLE: LogThrottle = LogThrottle::new();
+        static REFUSED: LogThrottle = LogThrottle::new();
+        match &e {
+            StoreError::Unavailable(msg) => UNAVAILABLE.warn(|suppressed| {
+                tracing::warn!(error = %msg, suppressed, "Redis is unavailable; answering 503");
+            }),
+            StoreError::Redis(msg) => REFUSED.warn(|suppressed| {
+                tracing::warn!(error = %msg, suppressed, "Redis refused a request; answering 500");
+            }),
+        }
         match e {
             StoreError::Unavailable(msg) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,4 +1,5 @@
-//! What a request body may cost the ingest: a batch of millions of tiny items is refused at
+//! What a request body may cost the ingest (and, with the same process harness, what an
+//! operator hears when Redis goes away): a batch of millions of tiny items is refused at
 //! the item limit while it is decoded, so memory grows with the limits and not with the body
 //! (measured on a real `gapless-ingest` process); the bytes of all bodies held at once are
 //! bounded; payloads nested too deep are refused per item. Nothing refused is stored.
@@ -26,6 +27,11 @@ struct IngestProcess {
 
 impl IngestProcess {
     async fn start(redis: &TestRedis) -> Self {
+        Self::start_logging(redis, Stdio::inherit).await
+    }
+
+    /// Starts the process with its stderr (the log) going to `log()`.
+    async fn start_logging(redis: &TestRedis, log: impl Fn() -> Stdio) -> Self {
         let mut conn = common::connect(redis).await;
         gapless_shared::schema::migrate(&mut conn)
             .await
@@ -40,7 +46,7 @@ impl IngestProcess {
                 .env("GAPLESS_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
+                .stderr(log())
                 .spawn()
                 .expect("the gapless-ingest binary starts");
             let base = format!("http://{addr}");
@@ -314,4 +320,41 @@ async fn payloads_nested_too_deep_are_refused_per_item() {
     .await;
     assert!(status.is_client_error(), "{status}: {answer}");
     assert_eq!(ingest.xrange_seqs("deep").await, vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_logged_once_per_interval_not_per_request() {
+    let redis = TestRedis::start();
+    let log_path = std::env::temp_dir().join(format!(
+        "gapless-outage-{}-{:x}.log",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let ingest = IngestProcess::start_logging(&redis, || {
+        Stdio::from(log.try_clone().expect("a second handle"))
+    })
+    .await;
+    drop(redis);
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let r = http
+            .post(format!("{}/v1/notifications", ingest.base))
+            .bearer_auth(API_KEY)
+            .json(&json!({"user": "u", "payload": i}))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+    }
+    drop(ingest);
+    let text = std::fs::read_to_string(&log_path).expect("the log");
+    let _ = std::fs::remove_file(&log_path);
+    let lines = text.matches("Redis is unavailable").count();
+    assert_eq!(lines, 1, "one line for 20 failed requests:\n{text}");
+    assert!(!text.contains("\u{1b}["), "no colour codes in a log file");
 }

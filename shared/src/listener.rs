@@ -548,6 +548,23 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// Accept queue length asked of the kernel (it caps it at `net.core.somaxconn`): a
+/// reconnect storm or a flood arrives faster than one accept loop takes connections, and
+/// a SYN that finds the queue full waits a second for its retransmission.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds `addr` for [`serve`], with address reuse and a [`BACKLOG`]-long accept queue.
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves `service` on `listener` until `shutdown` fires, then stops accepting, lets each
 /// connection finish its request in flight, and returns once they have all closed (the
 /// caller bounds that wait). Upgraded connections leave the listener's care at the upgrade.

@@ -33,12 +33,15 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Logs to stderr, filtered by `GAPLESS_LOG` (`RUST_LOG` syntax; default `info`). For binaries.
+/// Logs to stderr, filtered by `GAPLESS_LOG` (`RUST_LOG` syntax; default `info`), coloured
+/// only when stderr is a terminal (a log file gets plain text). For binaries.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("GAPLESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -92,6 +95,14 @@ pub struct LogThrottle {
 impl LogThrottle {
     /// The shortest time between two lines.
     pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// A throttle that has written nothing yet (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
 
     /// Calls `log` with the number of events suppressed since the last line, unless a line
     /// was written less than [`Self::INTERVAL`] ago.
