@@ -147,6 +147,10 @@ struct FloodReport {
     flood_opened: u64,
     flood_closed: u64,
     rounds: Vec<Round>,
+    /// The flood's sockets to the ingest, by state, at the end of the ramp.
+    sockets_to_ingest: std::collections::BTreeMap<&'static str, usize>,
+    /// The flood's sockets to the edge, by state, at the end of the ramp.
+    sockets_to_edge: std::collections::BTreeMap<&'static str, usize>,
     ingest_fds: usize,
     edge_fds: usize,
     ingest_refused: String,
@@ -201,6 +205,36 @@ async fn received(client: &mut Client, within: Duration) -> anyhow::Result<u64> 
     })
     .await
     .context("no notification in time")
+}
+
+/// Sockets on this machine connected, or connecting, *to* `port` (the client side, so the
+/// flood's own), by TCP state, from `/proc/net/tcp`.
+fn sockets_to(port: u16) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut states = std::collections::BTreeMap::new();
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return states;
+    };
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(remote), Some(state)) = (fields.get(2), fields.get(3)) else {
+            continue;
+        };
+        let remote_port = remote
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        if remote_port != Some(port) {
+            continue;
+        }
+        let name = match *state {
+            "01" => "established",
+            "02" => "syn_sent",
+            "08" => "close_wait",
+            "09" => "last_ack",
+            _ => "other",
+        };
+        *states.entry(name).or_default() += 1;
+    }
+    states
 }
 
 /// Descriptors a process holds.
@@ -315,6 +349,11 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         );
     }
 
+    let sockets_to_ingest = sockets_to(ingest_addr.port());
+    let sockets_to_edge = sockets_to(edge_addr.port());
+    println!(
+        "flood sockets to the ingest: {sockets_to_ingest:?}; to the edge: {sockets_to_edge:?}"
+    );
     let mut rounds = Vec::new();
     let mut failures = Vec::new();
     for round in 0..args.rounds {
@@ -402,6 +441,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         ingest_refused: refused(&http, &fleet.ingest_url).await,
         edge_refused: refused(&http, &edge_http).await,
         rounds,
+        sockets_to_ingest,
+        sockets_to_edge,
     };
     drop(workers);
     let worst = |f: fn(&Round) -> f64| report.rounds.iter().map(f).fold(0.0, f64::max);
@@ -413,6 +454,10 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         report.flood_open,
         report.flood_opened,
         report.flood_closed
+    );
+    println!(
+        "  the flood's sockets after the ramp: to the ingest {:?}, to the edge {:?}",
+        report.sockets_to_ingest, report.sockets_to_edge
     );
     println!(
         "  servers hold {} (ingest) and {} (edge) descriptors",

@@ -1,7 +1,8 @@
 //! Ack positions (DESIGN.md §1.4): sessions record each device's cumulative ack here; one task
 //! writes them to `gl:{user}:a` in pipelined batches every flush interval, at once when a
-//! device disconnects, and a last time at shutdown. The write goes through the `gapless_ack`
-//! Function, which never moves a position back.
+//! device disconnects, and a last time at shutdown. The write goes through the
+//! `gapless_ack_devices` Function, which never moves a position back, stamps it with the
+//! time, and removes positions unused for the device TTL as new devices are added.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
-use gapless_shared::schema::FN_ACK_USERS;
+use gapless_shared::schema::FN_ACK_DEVICES;
 use gapless_shared::store::with_timeout;
 use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
@@ -40,6 +41,8 @@ pub struct AckBook {
 
 #[derive(Default)]
 struct Inner {
+    /// A device whose position was not written for this long is removed (0: never).
+    device_ttl_s: u64,
     /// Positions not yet written; the flusher takes them all at once.
     pending: Mutex<Pending>,
     /// Wakes the flusher before its interval (a device disconnected).
@@ -47,6 +50,17 @@ struct Inner {
 }
 
 impl AckBook {
+    /// A book whose flushes expire positions not written for `device_ttl` (zero: never),
+    /// as new devices are added (see `gapless_ack_devices` in `migrations/gapless.lua`).
+    pub fn with_device_ttl(device_ttl: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                device_ttl_s: device_ttl.as_secs(),
+                ..Inner::default()
+            }),
+        }
+    }
+
     /// Records that a device started before its user had any log: stored as `:0` unless the
     /// device already has a position, it makes a later resume without a position start at the
     /// first entry of the log that appears, not at that log's live end (the device was there
@@ -153,9 +167,10 @@ impl AckBook {
                 }
                 let cmd = pipe
                     .cmd("FCALL")
-                    .arg(FN_ACK_USERS)
+                    .arg(FN_ACK_DEVICES)
                     .arg(names.len())
-                    .arg(names);
+                    .arg(names)
+                    .arg(self.inner.device_ttl_s);
                 for (_, positions) in call {
                     cmd.arg(positions.len());
                     for (device, epoch, seq) in positions {

@@ -104,6 +104,11 @@ pub struct Args {
     /// [default: 2].
     #[arg(long, env = "GAPLESS_MAX_CONNECTIONS_PER_DEVICE")]
     pub max_connections_per_device: Option<usize>,
+    /// A device whose ack position was not written for this long is removed from its user's
+    /// positions (checked, a few at a time, when new devices are added); 0 keeps positions
+    /// until the user's log expires, ms [default: 30 days].
+    #[arg(long, env = "GAPLESS_DEVICE_TTL_MS")]
+    pub device_ttl_ms: Option<u64>,
     /// Connection budgets and timeouts.
     #[command(flatten)]
     #[serde(flatten)]
@@ -145,6 +150,7 @@ impl Args {
             max_connections_per_device: self
                 .max_connections_per_device
                 .or(file.max_connections_per_device),
+            device_ttl_ms: self.device_ttl_ms.or(file.device_ttl_ms),
             listener: self.listener.or(file.listener),
         })
     }
@@ -193,6 +199,8 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Connections of one device here (the oldest past it is closed).
     pub max_connections_per_device: usize,
+    /// Unused ack positions are removed after this long (zero: never).
+    pub device_ttl: Duration,
 }
 
 impl Config {
@@ -220,6 +228,7 @@ impl Config {
             user_connects: Rate::new(10, 3),
             max_connections_per_user: 32,
             max_connections_per_device: 2,
+            device_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 
@@ -293,6 +302,9 @@ impl Config {
         let mut config = Config::new(redis, edge_id, jwt);
         config.jwt_rules = jwt_rules;
         config.listener = args.listener.into_config()?;
+        if let Some(ms) = args.device_ttl_ms {
+            config.device_ttl = Duration::from_millis(ms);
+        }
         if let Some(n) = args.auth_failures_per_s {
             config.auth_failures = Rate::new(n, 5);
         }

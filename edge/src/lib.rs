@@ -165,7 +165,7 @@ pub async fn run(
         },
         tasks.clone(),
     );
-    let acks = AckBook::default();
+    let acks = AckBook::with_device_ttl(config.device_ttl);
     tokio::spawn(acks.clone().run(
         conn.clone(),
         config.ack_flush,
@@ -341,6 +341,8 @@ async fn upgrade(
     if let Some(ip) = source
         && let Err(wait) = state.auth_failures.admit(&ip)
     {
+        metrics::counter!("gapless_edge_auth_failures_total", "reason" => "too_many_auth_failures")
+            .increment(1);
         return too_many(
             "too_many_auth_failures",
             "too many failed authentications from this address",

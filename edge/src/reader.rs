@@ -241,9 +241,11 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
     }
 }
 
-/// `<epoch>:<seq>` -> (epoch, seq).
+/// `<epoch>:<seq>` or `<epoch>:<seq>:<unix s>` -> (epoch, seq).
 pub fn parse_position(s: &str) -> Option<(String, u64)> {
-    let (epoch, seq) = s.split_once(':')?;
+    let (epoch, rest) = s.split_once(':')?;
+    // Schema 4 appends the time of the write: `<epoch>:<seq>:<unix s>`.
+    let seq = rest.split_once(':').map_or(rest, |(seq, _)| seq);
     Some((epoch.to_owned(), seq.parse().ok()?))
 }
 
@@ -254,6 +256,8 @@ mod tests {
     #[test]
     fn positions_parse() {
         assert_eq!(parse_position("ab:17"), Some(("ab".into(), 17)));
+        assert_eq!(parse_position("ab:17:1764250000"), Some(("ab".into(), 17)));
+        assert_eq!(parse_position(":0"), Some((String::new(), 0)));
         assert_eq!(parse_position("ab"), None);
         assert_eq!(parse_position("ab:x"), None);
     }

@@ -164,6 +164,21 @@ async fn failed_tokens_lock_out_their_address_only() {
     // Another address is unaffected.
     let answer = raw_upgrade_from(3, edge.addr, &token("alice", Some("phone"))).await;
     assert_eq!(status(&answer), 101, "{answer}");
+    // Every refusal is counted by reason, those before the token is looked at too.
+    let metrics = reqwest::get(format!("http://{}/metrics", edge.addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for reason in ["unauthorized", "too_many_auth_failures"] {
+        assert!(
+            metrics.contains(&format!(
+                "gapless_edge_auth_failures_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} is counted"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

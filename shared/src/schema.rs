@@ -1,30 +1,32 @@
 //! The Redis Function library of `migrations/` and its version bookkeeping at `gl:schema`.
 //!
-//! Each numbered file in `migrations/` holds the whole library at that version; applying the
-//! newest replaces whatever version Redis holds (`FUNCTION LOAD REPLACE`), then records the
-//! number. Services refuse to start against an older version.
+//! `migrations/gapless.lua` holds the current library, its version written inside it (git
+//! keeps the earlier ones); applying it replaces whatever version Redis holds (`FUNCTION
+//! LOAD REPLACE`), then records the number. Services refuse to start against an older
+//! version.
 
 use redis::aio::ConnectionLike;
 
 use crate::keys;
 use crate::store::StoreError;
 
-/// Every migration, oldest first: (version, library source).
-pub const MIGRATIONS: &[(u32, &str)] = &[
-    (1, include_str!("../../migrations/0001_gapless.lua")),
-    (2, include_str!("../../migrations/0002_gapless.lua")),
-    (3, include_str!("../../migrations/0003_gapless.lua")),
-];
+/// The current library's source.
+pub const LIBRARY: &str = include_str!("../../migrations/gapless.lua");
 
-/// The version this build needs and applies.
-pub const VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+/// The version this build needs and applies; the library says the same in its header
+/// (`-- gapless schema version: N`, checked by a test).
+pub const VERSION: u32 = 4;
 
 /// Name of the append function (DESIGN.md §1.1).
 pub const FN_APPEND: &str = "gapless_append";
 /// Name of the function recording device ack positions (DESIGN.md §1.4).
 pub const FN_ACK: &str = "gapless_ack";
-/// Name of the function recording the ack positions of several users in one call.
+/// Name of the function recording the ack positions of several users in one call, as
+/// edges before schema 4 call it.
 pub const FN_ACK_USERS: &str = "gapless_ack_users";
+/// Name of the function recording the ack positions of several users, stamped with the
+/// time, and expiring unused ones (schema 4).
+pub const FN_ACK_DEVICES: &str = "gapless_ack_devices";
 
 /// Why the schema is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +54,11 @@ pub enum SchemaError {
 
 /// Loads the newest library and records its version. Safe to run repeatedly and concurrently.
 pub async fn migrate(conn: &mut impl ConnectionLike) -> Result<u32, StoreError> {
-    let (version, source) = MIGRATIONS[MIGRATIONS.len() - 1];
+    let version = VERSION;
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(source)
+        .arg(LIBRARY)
         .query_async::<String>(conn)
         .await
         .map_err(StoreError::from_redis)?;
@@ -92,12 +94,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn migrations_are_numbered_in_order_and_name_the_library() {
-        for (i, (version, source)) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(*version as usize, i + 1);
-            assert!(source.starts_with("#!lua name=gapless\n"));
-            assert!(source.contains(FN_APPEND));
-            assert!(source.contains(FN_ACK));
+    fn the_library_names_itself_its_version_and_its_functions() {
+        assert!(LIBRARY.starts_with("#!lua name=gapless\n"));
+        assert!(LIBRARY.contains(&format!("\n-- gapless schema version: {VERSION}\n")));
+        for function in [FN_APPEND, FN_ACK, FN_ACK_USERS, FN_ACK_DEVICES] {
+            assert!(
+                LIBRARY.contains(&format!("redis.register_function('{function}'")),
+                "{function}"
+            );
         }
     }
 }

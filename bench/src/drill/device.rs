@@ -170,7 +170,7 @@ fn flap_delay() -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(4_000..15_000))
 }
 
-/// The device's stored ack seq, `<epoch>:<seq>` at `gl:{user}:a`.
+/// The device's stored ack seq (`<epoch>:<seq>[:<unix s>]` at `gl:{user}:a`).
 async fn stored_ack(redis_url: &str, user: &str, device: &str) -> Option<u64> {
     let client = redis::Client::open(redis_url).ok()?;
     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -180,5 +180,5 @@ async fn stored_ack(redis_url: &str, user: &str, device: &str) -> Option<u64> {
         .query_async(&mut conn)
         .await
         .ok()?;
-    value?.split_once(':')?.1.parse().ok()
+    gapless_edge::reader::parse_position(&value?).map(|(_, seq)| seq)
 }

@@ -1,5 +1,16 @@
 #!lua name=gapless
--- gapless Redis Function library, version 3 (see DESIGN.md §1.1 and §3).
+-- gapless Redis Function library, version 4 (see DESIGN.md §1.1 and §3).
+-- gapless schema version: 4
+--
+-- This file holds the current library only (git keeps the earlier ones): `gapless migrate`
+-- loads it with FUNCTION LOAD REPLACE, which upgrades a Redis at any earlier version, and
+-- records the version at gl:schema.
+--
+-- Version 4 adds gapless_ack_devices: ack positions carry the time of their last write,
+-- <epoch>:<seq>:<unix s>, and a device whose position was not written for the configured
+-- device TTL is removed when a new device's position is added (a few positions sampled per
+-- addition), so positions of devices that never come back do not pile up in a user's log.
+-- Positions without a time (written by earlier versions) are read as before and kept.
 --
 -- Version 3 makes the append of a one-item user and the ack writes cheaper (BENCHMARKS.md).
 -- The append no longer builds a closure and four tables per user, nor formats the time per
@@ -12,9 +23,6 @@
 -- flushing 10,000 users' acks paid one call per user with gapless_ack); and entries carry
 -- their ingest time in the second part of the id, <seq>-<ms>, instead of a field t (a field
 -- fewer per XADD: about a tenth of the append's cost). Readers accept both forms.
---
--- Each numbered file in migrations/ holds the whole library at that version; `gapless
--- migrate` loads the newest with FUNCTION LOAD REPLACE and records its number at gl:schema.
 --
 -- Costs were measured with callgrind on redis-server (instructions per appended entry, AOF
 -- on): every redis.call and every argument counts, so the layout below keeps both few.
@@ -235,6 +243,40 @@ end
 
 redis.register_function('gapless_append', append)
 
+-- A stored position <epoch>:<seq>[:<unix s>] as (epoch, seq, time); time is nil for a
+-- position written before version 4, everything nil for a value that is not a position.
+local function parse_position(stored)
+  if not stored then
+    return nil
+  end
+  local sep = string.find(stored, ':', 1, true)
+  if not sep then
+    return nil
+  end
+  local epoch = string.sub(stored, 1, sep - 1)
+  local rest = string.sub(stored, sep + 1)
+  local sep2 = string.find(rest, ':', 1, true)
+  if sep2 then
+    return epoch, tonumber(string.sub(rest, 1, sep2 - 1)), tonumber(string.sub(rest, sep2 + 1))
+  end
+  return epoch, tonumber(rest), nil
+end
+
+-- Positions sampled for expiry each time a new device's position is added.
+local EXPIRY_SAMPLE = 8
+
+-- Removes sampled positions last written before `oldest` (unix s). Positions without a time
+-- (written before version 4) and start markers are kept: their age is unknown.
+local function expire_devices(acks, oldest)
+  local sample = redis.call('HRANDFIELD', acks, EXPIRY_SAMPLE, 'WITHVALUES')
+  for i = 1, #sample, 2 do
+    local _, _, written = parse_position(sample[i + 1])
+    if written and written < oldest then
+      redis.call('HDEL', acks, sample[i])
+    end
+  end
+end
+
 -- Records one user's ack positions from args[first], args[first + 1], ... (count triples of
 -- device, epoch, seq), with the rules of gapless_ack below. Returns the number written.
 --
@@ -243,21 +285,18 @@ redis.register_function('gapless_append', append)
 -- log's current one. Within one epoch a position only moves forward, whether or not the epoch
 -- is still current (a stale epoch's position stays stale, and a resume treats it as such);
 -- so the log's epoch is read only when the device's stored epoch differs, once per user.
-local function ack_user(meta, acks, args, first, count)
+--
+-- `now` (unix s) given: positions are written with it, and when a device without a stored
+-- position is added, positions last written before `oldest` are expired (expire_devices).
+local function ack_user(meta, acks, args, first, count, now, oldest)
   local current -- the log's epoch: nil until read, false if the user has no log
   local written = 0
+  local added = false
   for i = first, first + 3 * (count - 1), 3 do
     local device, epoch, seq = args[i], args[i + 1], tonumber(args[i + 2])
     if seq then
       local stored = redis.call('HGET', acks, device)
-      local stored_epoch, stored_seq
-      if stored then
-        local sep = string.find(stored, ':', 1, true)
-        if sep then
-          stored_epoch = string.sub(stored, 1, sep - 1)
-          stored_seq = tonumber(string.sub(stored, sep + 1))
-        end
-      end
+      local stored_epoch, stored_seq = parse_position(stored)
       local write
       if stored_epoch == epoch and stored_seq then
         write = seq > stored_seq
@@ -268,10 +307,18 @@ local function ack_user(meta, acks, args, first, count)
         write = epoch == current
       end
       if write then
-        redis.call('HSET', acks, device, epoch .. ':' .. string.format('%d', seq))
+        local value = epoch .. ':' .. string.format('%d', seq)
+        if now then
+          value = value .. ':' .. now
+        end
+        redis.call('HSET', acks, device, value)
         written = written + 1
+        added = added or not stored
       end
     end
+  end
+  if added and oldest then
+    expire_devices(acks, oldest)
   end
   return written
 end
@@ -289,39 +336,66 @@ local function ack(keys, args)
   if not meta or not acks or #args % 3 ~= 0 then
     return redis.error_reply('ERR gapless_ack: bad arguments')
   end
-  return ack_user(meta, acks, args, 1, #args / 3)
+  return ack_user(meta, acks, args, 1, #args / 3, nil, nil)
 end
 
 redis.register_function('gapless_ack', ack)
 
--- gapless_ack_users: gapless_ack for several users in one call, with the same rules.
---
--- KEYS, per user: gl:{u}:m, gl:{u}:a. ARGV, per user: the count c of positions, then c
--- triples of device, epoch, seq. Returns the number of positions written.
-local function ack_users(keys, args)
+-- Records the positions of several users from args[first], ...: per user the count c of
+-- positions, then c triples of device, epoch, seq; keys are gl:{u}:m, gl:{u}:a per user.
+local function ack_many(name, keys, args, first, now, oldest)
   if #keys % 2 ~= 0 then
-    return redis.error_reply('ERR gapless_ack_users: bad arguments')
+    return redis.error_reply('ERR ' .. name .. ': bad arguments')
   end
   -- Check the layout before the first write.
-  local a = 1
+  local a = first
   for _ = 1, #keys / 2 do
     local c = tonumber(args[a])
     if not c or c < 0 or a + 3 * c > #args then
-      return redis.error_reply('ERR gapless_ack_users: bad user header at argument ' .. a)
+      return redis.error_reply('ERR ' .. name .. ': bad user header at argument ' .. a)
     end
     a = a + 1 + 3 * c
   end
   if a ~= #args + 1 then
-    return redis.error_reply('ERR gapless_ack_users: keys and positions do not match')
+    return redis.error_reply('ERR ' .. name .. ': keys and positions do not match')
   end
   local written = 0
-  a = 1
+  a = first
   for u = 1, #keys / 2 do
     local c = tonumber(args[a])
-    written = written + ack_user(keys[2 * u - 1], keys[2 * u], args, a + 1, c)
+    written = written + ack_user(keys[2 * u - 1], keys[2 * u], args, a + 1, c, now, oldest)
     a = a + 1 + 3 * c
   end
   return written
 end
 
+-- gapless_ack_users: gapless_ack for several users in one call, with the same rules (what
+-- edges before version 4 call; positions are written without a time and never expire).
+--
+-- KEYS, per user: gl:{u}:m, gl:{u}:a. ARGV, per user: the count c of positions, then c
+-- triples of device, epoch, seq. Returns the number of positions written.
+local function ack_users(keys, args)
+  return ack_many('gapless_ack_users', keys, args, 1, nil, nil)
+end
+
 redis.register_function('gapless_ack_users', ack_users)
+
+-- gapless_ack_devices: gapless_ack_users with positions stamped with the time and expired
+-- when unused (version 4).
+--
+-- KEYS as gapless_ack_users. ARGV[1]: the device TTL in seconds (0: positions never expire),
+-- then the arguments of gapless_ack_users. Returns the number of positions written.
+local function ack_devices(keys, args)
+  local ttl = tonumber(args[1])
+  if not ttl or ttl < 0 then
+    return redis.error_reply('ERR gapless_ack_devices: bad device TTL')
+  end
+  local now = tonumber(redis.call('TIME')[1])
+  local oldest = nil
+  if ttl > 0 then
+    oldest = now - ttl
+  end
+  return ack_many('gapless_ack_devices', keys, args, 2, now, oldest)
+end
+
+redis.register_function('gapless_ack_devices', ack_devices)
