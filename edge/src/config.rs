@@ -311,25 +311,18 @@ impl Config {
         if let Some(n) = args.user_connects_per_s {
             config.user_connects = Rate::new(n, 3);
         }
-        match args.max_connections_per_user {
-            Some(0) => {
-                return Err(invalid(
-                    "--max-connections-per-user",
-                    "must be greater than 0",
-                ));
-            }
-            Some(n) => config.max_connections_per_user = n,
-            None => {}
+        let count = |v: Option<usize>, setting: &'static str| match v {
+            Some(0) => Err(invalid(setting, "must be greater than 0")),
+            other => Ok(other),
+        };
+        if let Some(n) = count(args.max_connections_per_user, "--max-connections-per-user")? {
+            config.max_connections_per_user = n;
         }
-        match args.max_connections_per_device {
-            Some(0) => {
-                return Err(invalid(
-                    "--max-connections-per-device",
-                    "must be greater than 0",
-                ));
-            }
-            Some(n) => config.max_connections_per_device = n,
-            None => {}
+        if let Some(n) = count(
+            args.max_connections_per_device,
+            "--max-connections-per-device",
+        )? {
+            config.max_connections_per_device = n;
         }
         if let Some(listen) = args.listen {
             config.listen = listen;
@@ -362,15 +355,11 @@ impl Config {
         if let Some(d) = ms(args.shutdown_grace_ms, "--shutdown-grace-ms")? {
             config.shutdown_grace = d;
         }
-        match args.outbound_queue {
-            Some(0) => return Err(invalid("--outbound-queue", "must be greater than 0")),
-            Some(n) => config.outbound_queue = n,
-            None => {}
+        if let Some(n) = count(args.outbound_queue, "--outbound-queue")? {
+            config.outbound_queue = n;
         }
-        match args.replay_page {
-            Some(0) => return Err(invalid("--replay-page", "must be greater than 0")),
-            Some(n) => config.replay_page = n,
-            None => {}
+        if let Some(n) = count(args.replay_page, "--replay-page")? {
+            config.replay_page = n;
         }
         Ok(config)
     }

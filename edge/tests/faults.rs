@@ -230,8 +230,8 @@ async fn stored_ack(sys: &System, user: &str, device: &str) -> Option<(String, u
         .await
         .expect("HGET");
     raw.map(|s| {
-        let (epoch, seq) = s.split_once(':').expect("<epoch>:<seq>");
-        (epoch.to_owned(), seq.parse().expect("a seq"))
+        gapless_edge::reader::parse_position(&s)
+            .unwrap_or_else(|| panic!("{s:?} is not <epoch>:<seq>[:<unix s>]"))
     })
 }
 

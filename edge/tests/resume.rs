@@ -73,6 +73,14 @@ async fn hget(sys: &System, key: &str, field: &str) -> Option<String> {
 }
 
 /// True when `edge` holds a registry entry of `user`.
+/// A device's stored ack position, `(epoch, seq)`, whatever the stored form.
+async fn stored_position(sys: &System, key: &str, device: &str) -> Option<(String, u64)> {
+    hget(sys, key, device)
+        .await
+        .as_deref()
+        .and_then(gapless_edge::reader::parse_position)
+}
+
 async fn registered(sys: &System, user: &str, edge: &str) -> bool {
     let score: Option<f64> = redis::cmd("ZSCORE")
         .arg(format!("gl:{{{user}}}:r"))
@@ -286,11 +294,11 @@ async fn resume_without_position_uses_the_stored_ack() {
     }
     c.ack(3).await;
     c.close().await;
-    let position = format!("{epoch}:3");
+    let position = Some((epoch.clone(), 3));
     eventually(
         "the ack position is stored on disconnect",
         Duration::from_secs(5),
-        || async { hget(&sys, "gl:{alice}:a", "phone").await.as_deref() == Some(&position) },
+        || async { stored_position(&sys, "gl:{alice}:a", "phone").await == position },
     )
     .await;
 
@@ -347,11 +355,11 @@ async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_ent
     assert_eq!(c.notification().await.seq, 1);
     // Not acked: the app dies. Its start, seq 0 of the new log, is what the edge stored.
     c.close().await;
-    let start = format!("{epoch}:0");
+    let start = Some((epoch.clone(), 0));
     eventually(
         "the start position is stored on disconnect",
         Duration::from_secs(5),
-        || async { hget(&sys, "gl:{carol}:a", "watch").await.as_deref() == Some(&start) },
+        || async { stored_position(&sys, "gl:{carol}:a", "watch").await == start },
     )
     .await;
     sys.send("carol", json!(2)).await;

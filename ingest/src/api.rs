@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -78,16 +78,12 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
 /// Gives the timeout layer's bare 408 the JSON error body every other answer has.
 async fn explain_timeout(response: Response) -> Response {
     if response.status() == StatusCode::REQUEST_TIMEOUT {
-        let mut answer = ApiError::new(
+        return ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request, body included, took longer than the ingest allows",
         )
-        .into_response();
-        answer
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return answer;
+        .closing();
     }
     response
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use gapless_shared::config::Secret;
@@ -196,16 +196,12 @@ pub async fn authenticate(
     if let Some(admission) = &admission
         && admission.establish().is_err()
     {
-        let mut answer = ApiError::new(
+        return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             "the ingest holds as many connections as it may; retry shortly",
         )
-        .into_response();
-        answer
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return answer;
+        .closing();
     }
     request.extensions_mut().insert(key);
     next.run(request).await

@@ -43,6 +43,16 @@ impl ApiError {
         }
     }
 
+    /// The answer, with `Connection: close`: for a connection that must not carry another
+    /// request (its body was not read, or it has no place in the connection budget).
+    pub fn closing(self) -> Response {
+        let mut response = self.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+
     /// The same error, asking the client to wait `secs` before retrying.
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
