@@ -39,6 +39,7 @@ use gapless_shared::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD};
 use gapless_shared::rate::{AuthFailures, KeyedLimit, retry_after_secs};
 use gapless_shared::schema::{self, SchemaError};
 use gapless_shared::store::{self, StoreError};
+use gapless_shared::telemetry::LogThrottle;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -481,8 +482,10 @@ async fn forget_idle_loop(state: Arc<EdgeState>, stop: CancellationToken) {
     }
 }
 
-/// 429 with `Retry-After` rounded up from `wait`.
+/// 429 with `Retry-After` rounded up from `wait`, logged at most once per 10 s.
 fn too_many(code: &str, message: &str, wait: Duration) -> Response {
+    static LOG: LogThrottle = LogThrottle::new();
+    LOG.warn(|suppressed| tracing::warn!(code, suppressed, "upgrade refused with 429"));
     let mut answer = refuse(StatusCode::TOO_MANY_REQUESTS, code, message);
     answer.headers_mut().insert(
         header::RETRY_AFTER,

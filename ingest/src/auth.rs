@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use gapless_shared::config::Secret;
 use gapless_shared::listener::Admission;
 use gapless_shared::rate::{AuthFailures, KeyedLimit, Rate, retry_after_secs};
+use gapless_shared::telemetry::LogThrottle;
 
 use crate::api::AppState;
 use crate::error::ApiError;
@@ -132,6 +133,13 @@ fn rate_limited(what: &str, wait: Duration) -> ApiError {
 }
 
 fn too_many_failures(wait: Duration) -> ApiError {
+    static LOG: LogThrottle = LogThrottle::new();
+    LOG.warn(|suppressed| {
+        tracing::warn!(
+            suppressed,
+            "an address failed authentication too often; answering 429"
+        )
+    });
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_auth_failures",
