@@ -193,6 +193,32 @@ async fn connected(client: &mut Client, within: Duration) -> anyhow::Result<()> 
     .context("no connection in time")
 }
 
+/// Waits until `edge` holds a registry lease for `user`, or fails after `within`.
+async fn registered(
+    redis: &mut redis::aio::MultiplexedConnection,
+    user: &str,
+    edge: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let key = gapless_shared::keys::registry(&gapless_shared::ids::UserId::parse(user)?);
+    tokio::time::timeout(within, async {
+        loop {
+            let lease: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&key)
+                .arg(edge)
+                .query_async(redis)
+                .await
+                .unwrap_or(None);
+            if lease.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .context("not registered in time")
+}
+
 /// Drives `client` until it receives a notification (acked), or fails after `within`.
 async fn received(client: &mut Client, within: Duration) -> anyhow::Result<u64> {
     tokio::time::timeout(within, async {
@@ -271,6 +297,10 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let ingest_addr: SocketAddr = fleet.ingest_url.trim_start_matches("http://").parse()?;
     let edge_addr: SocketAddr = edge_http.trim_start_matches("http://").parse()?;
     let checker: IpAddr = [127, 0, 0, 2].into();
+    let edge_id = fleet.edges[0].id.clone();
+    let mut redis = redis::Client::open(fleet.redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
     let http = http_from(checker)?;
     let append = |user: String, payload: serde_json::Value| {
         let http = http.clone();
@@ -378,6 +408,11 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         if let Err(e) = connected(&mut fresh, within).await {
             failures.push(format!("round {round}: connect: {e}"));
         }
+        // Connected, and registered: a new device starts at the live end as of its resume,
+        // so what is appended before the edge registered it is not part of its stream.
+        if let Err(e) = registered(&mut redis, &user, &edge_id, within).await {
+            failures.push(format!("round {round}: registration: {e}"));
+        }
         let connect_ms = ms(t.elapsed());
         let t = Instant::now();
         if let Err(e) = append(user.clone(), serde_json::json!({"round": round})).await {
@@ -430,6 +465,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let (flood_open, flood_opened, flood_closed) = totals(&workers);
     let pids = fleet.pids();
     let pid = |role: &str| pids.iter().find(|(r, _)| r == role).map_or(0, |(_, p)| *p);
+    drop(redis);
     let report = FloodReport {
         connections_per_server: args.connections,
         procs: args.procs,

@@ -245,7 +245,13 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
 pub fn parse_position(s: &str) -> Option<(String, u64)> {
     let (epoch, rest) = s.split_once(':')?;
     // Schema 4 appends the time of the write: `<epoch>:<seq>:<unix s>`.
-    let seq = rest.split_once(':').map_or(rest, |(seq, _)| seq);
+    let seq = match rest.split_once(':') {
+        Some((seq, written)) => {
+            written.parse::<u64>().ok()?;
+            seq
+        }
+        None => rest,
+    };
     Some((epoch.to_owned(), seq.parse().ok()?))
 }
 
@@ -258,6 +264,8 @@ mod tests {
         assert_eq!(parse_position("ab:17"), Some(("ab".into(), 17)));
         assert_eq!(parse_position("ab:17:1764250000"), Some(("ab".into(), 17)));
         assert_eq!(parse_position(":0"), Some((String::new(), 0)));
+        assert_eq!(parse_position("ab:17:garbage"), None);
+        assert_eq!(parse_position("ab:17:1:2"), None);
         assert_eq!(parse_position("ab"), None);
         assert_eq!(parse_position("ab:x"), None);
     }

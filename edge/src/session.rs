@@ -68,6 +68,9 @@ struct Delivery {
     target: u64,
     /// The stream must be read from the next seq (hint gap, overflow, unknown epoch…).
     must_read: bool,
+    /// A hint asked for a read while one was in flight: that read may predate what the hint
+    /// announced (a log created, an epoch changed), so its page must not end the reading.
+    reread: bool,
     /// A reset to announce before the next notification.
     pending_reset: Option<ResetReason>,
     /// After a reset, acks of the old numbering may still be in flight: tolerate, once.
@@ -96,6 +99,14 @@ impl Delivery {
     /// Applies wakeup hints. `reading` says a stream read is in flight, whose result may
     /// already hold what a hint carries: then hints only move the target.
     fn apply_hints(&mut self, items: VecDeque<WakeItem>, overflowed: bool, reading: bool) {
+        let asked = self.must_read;
+        self.apply_hints_inner(items, overflowed, reading);
+        if reading && self.must_read && !asked {
+            self.reread = true;
+        }
+    }
+
+    fn apply_hints_inner(&mut self, items: VecDeque<WakeItem>, overflowed: bool, reading: bool) {
         if overflowed {
             self.must_read = true;
         }
@@ -136,10 +147,11 @@ impl Delivery {
 
     /// Applies a page read from `sent + 1`.
     fn apply_page(&mut self, page: Page, page_size: usize) {
+        let reread = std::mem::take(&mut self.reread);
         let Some(current) = page.epoch else {
             // No log (never created, or gone): nothing to send until one appears, which a
-            // hint or the sweep will announce.
-            self.must_read = false;
+            // hint or the sweep will announce (unless one did during this read).
+            self.must_read = reread;
             return;
         };
         if self.epoch.as_deref() != Some(current.as_str()) {
@@ -199,7 +211,7 @@ impl Delivery {
                     payload: entry.payload,
                 }));
         }
-        self.must_read = full || last < self.target;
+        self.must_read = full || last < self.target || reread;
         if !self.must_read {
             self.replaying = false;
         }
@@ -314,6 +326,7 @@ async fn session(
         acked: 0,
         target: 0,
         must_read: false,
+        reread: false,
         pending_reset: None,
         tolerate_stale_ack: false,
         queue: VecDeque::new(),
@@ -638,6 +651,7 @@ mod tests {
             acked: sent,
             target: sent,
             must_read: true,
+            reread: false,
             pending_reset: None,
             tolerate_stale_ack: false,
             queue: VecDeque::new(),
@@ -770,6 +784,36 @@ mod tests {
         );
         d.apply_page(page("new", 4, 1..=4), 200);
         assert_eq!(queued(&d), ["reset 1 EpochChanged", "1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_hint_during_a_read_that_predates_the_log_is_not_lost() {
+        // A new user's device: the read in flight was issued before the log existed, the
+        // hint of its first entry arrives meanwhile, then the read answers "no log".
+        let mut d = delivery(None, 0);
+        d.must_read = false;
+        d.apply_hints([hint("new", 1, Some("1"))].into(), false, true);
+        d.apply_page(
+            Page {
+                epoch: None,
+                last_seq: 0,
+                entries: Vec::new(),
+                ack: None,
+            },
+            200,
+        );
+        assert!(d.must_read, "read again: the hint said a log appeared");
+        // The next reads adopt the log, then deliver its first entry.
+        d.apply_page(page("new", 1, [1]), 200);
+        d.apply_page(page("new", 1, [1]), 200);
+        assert_eq!(queued(&d), ["1"]);
+        assert!(!d.must_read && !d.reread);
+        // The same for an epoch that changed during the read.
+        let mut d = delivery(Some("old"), 5);
+        d.must_read = false;
+        d.apply_hints([hint("new", 1, None)].into(), false, true);
+        d.apply_page(page("old", 5, []), 200);
+        assert!(d.must_read, "the read predates the new epoch");
     }
 
     #[test]

@@ -180,7 +180,9 @@ pub enum PostcardError {
 }
 
 /// Decodes exactly one postcard message from `bytes`: unlike `postcard::from_bytes`, bytes
-/// left after the message are an error, so two encodings never decode to one message.
+/// left after the message are an error, so a frame cannot smuggle a second message or
+/// padding. (postcard still reads a varint written in more bytes than needed: a message has
+/// one canonical encoding, `to_postcard`, but not only one accepted one.)
 pub fn postcard_whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, PostcardError> {
     let (value, rest) = postcard::take_from_bytes(bytes)?;
     if rest.is_empty() {
