@@ -50,3 +50,8 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 # performance is measured with release builds (BENCHMARKS.md).
 "$target_dir/debug/gapless-bench" load --scenario steady --connections 2000 --procs 2 \
   --duration 10 --rate 500 --json "$target_dir/load-smoke.json" --html "$target_dir/load-smoke.html"
+
+# Every decoder of network or Redis input under libFuzzer: installs cargo-fuzz when missing,
+# builds the targets of fuzz/ and runs each for a fixed number of executions from its seeds
+# (no time thresholds); exits non-zero on any crash. Long runs: RELIABILITY.md, "Fuzzing".
+./scripts/fuzz.sh smoke

@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
     let json = to_json(&first);
     let second = from_json::<ClientMessage>(&json)
         .unwrap_or_else(|e| panic!("re-encoded {first:?} as {json} which does not decode: {e}"));
-    assert_eq!(first, second, "JSON round trip changed the message ({json})");
+    assert_eq!(
+        first, second,
+        "JSON round trip changed the message ({json})"
+    );
     let bytes = first.to_postcard();
     let third = ClientMessage::from_postcard(&bytes)
         .unwrap_or_else(|e| panic!("postcard of {first:?} does not decode: {e}"));

@@ -3,7 +3,7 @@
 //!
 //! Property: `parse_entry_id` and `entry_ts` never panic; an id they accept has the shape
 //! `<u64>-<u64>` and gives back its parts; `entry_id(seq)` parses back to `seq` and carries
-//! no time; `parse_position` splits `<epoch>:<seq>` at the first colon.
+//! no time; `parse_position` reads the epoch before the first colon and the seq after it.
 #![no_main]
 
 use gapless_edge::reader::parse_position;
@@ -20,7 +20,9 @@ fuzz_target!(|data: &[u8]| {
     if let Some(seq) = seq {
         let (a, b) = parts.expect("an accepted id has a dash");
         assert_eq!(a.parse::<u64>().ok(), Some(seq));
-        let ms = b.parse::<u64>().expect("an accepted id has a numeric time part");
+        let ms = b
+            .parse::<u64>()
+            .expect("an accepted id has a numeric time part");
         assert_eq!(ts, (ms > 0).then_some(ms), "entry_ts({s:?})");
         let id = entry_id(seq);
         assert_eq!(parse_entry_id(&id), Some(seq), "entry_id({seq}) = {id:?}");
@@ -31,9 +33,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(parts.map(|(_, b)| b.parse::<u64>().ok()), Some(Some(ms)));
     }
     if let Some((epoch, n)) = parse_position(s) {
+        // `<epoch>:<seq>`, or (schema 4) `<epoch>:<seq>:<more>`: the seq is the field between
+        // the first colon and the next one (or the end).
         let (e, rest) = s.split_once(':').expect("an accepted position has a colon");
         assert_eq!(epoch, e);
-        assert_eq!(rest.parse::<u64>().ok(), Some(n));
+        let field = rest.split_once(':').map_or(rest, |(seq, _)| seq);
+        assert_eq!(field.parse::<u64>().ok(), Some(n), "parse_position({s:?})");
         assert_eq!(parse_position(&format!("{epoch}:{n}")), Some((epoch, n)));
     }
 });

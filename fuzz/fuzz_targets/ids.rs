@@ -15,12 +15,11 @@ use libfuzzer_sys::fuzz_target;
 /// The part of a key Redis Cluster hashes: the text between the first `{` and the first `}`
 /// after it when that is not empty, else the whole key.
 fn hash_tag(key: &str) -> &str {
-    if let Some(open) = key.find('{') {
-        if let Some(len) = key[open + 1..].find('}') {
-            if len > 0 {
-                return &key[open + 1..open + 1 + len];
-            }
-        }
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
     }
     key
 }
@@ -36,11 +35,19 @@ fuzz_target!(|data: &[u8]| {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b));
     let parsed = UserId::parse(user);
-    assert_eq!(parsed.is_ok(), user_ok, "UserId::parse({user:?}) = {parsed:?}");
+    assert_eq!(
+        parsed.is_ok(),
+        user_ok,
+        "UserId::parse({user:?}) = {parsed:?}"
+    );
 
     let key_ok = (1..=200).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
     let checked = validate_idempotency_key(key);
-    assert_eq!(checked.is_ok(), key_ok, "validate_idempotency_key({key:?}) = {checked:?}");
+    assert_eq!(
+        checked.is_ok(),
+        key_ok,
+        "validate_idempotency_key({key:?}) = {checked:?}"
+    );
 
     let Ok(id) = parsed else {
         return;

@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
     let json = to_json(&first);
     let second = from_json::<ServerMessage>(&json)
         .unwrap_or_else(|e| panic!("re-encoded {first:?} as {json} which does not decode: {e}"));
-    assert_eq!(first, second, "JSON round trip changed the message ({json})");
+    assert_eq!(
+        first, second,
+        "JSON round trip changed the message ({json})"
+    );
     assert_eq!(json, to_json(&second), "re-encoding is not stable");
 });

@@ -34,7 +34,9 @@ fn fixture() -> &'static Fixture {
         let verifier = Verifier::new(&JwtKey::Hs256(Secret::new(SECRET)))
             .expect("the fuzz secret is a valid HS256 key");
         let minted = mint_hs256(SECRET, "alice", None, Duration::from_secs(3600));
-        let (user, device) = verifier.verify(&minted).expect("a freshly minted token verifies");
+        let (user, device) = verifier
+            .verify(&minted)
+            .expect("a freshly minted token verifies");
         assert_eq!(user.as_str(), "alice");
         assert_eq!(device, None);
         Fixture {
@@ -57,15 +59,25 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let segments: Vec<&str> = token.split('.').collect();
-    assert_eq!(segments.len(), 3, "accepted a token without exactly 3 segments: {token:?}");
+    assert_eq!(
+        segments.len(),
+        3,
+        "accepted a token without exactly 3 segments: {token:?}"
+    );
     let signing_input = format!("{}.{}", segments[0], segments[1]);
-    let signature =
-        jsonwebtoken::crypto::sign(signing_input.as_bytes(), &f.key, Algorithm::HS256)
-            .expect("HMAC signing cannot fail");
+    let signature = jsonwebtoken::crypto::sign(signing_input.as_bytes(), &f.key, Algorithm::HS256)
+        .expect("HMAC signing cannot fail");
     assert_eq!(
         segments[2], signature,
         "accepted a token whose signature segment is not the canonical one: {token:?}"
     );
-    assert_eq!(user.as_str(), "alice", "accepted a token for another user: {token:?}");
-    assert_eq!(device, None, "accepted a device claim no seed has: {token:?}");
+    assert_eq!(
+        user.as_str(),
+        "alice",
+        "accepted a token for another user: {token:?}"
+    );
+    assert_eq!(
+        device, None,
+        "accepted a device claim no seed has: {token:?}"
+    );
 });
