@@ -181,14 +181,7 @@ impl Conn {
     }
 }
 
-/// Milliseconds on tokio's monotonic clock since the process first asked: immune to wall
-/// clock jumps, and virtual under paused time in tests.
-pub fn monotonic_ms() -> u64 {
-    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(tokio::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
+pub use gapless_shared::monotonic_ms;
 
 type Shard = Mutex<HashMap<UserId, Vec<Arc<Conn>>>>;
 

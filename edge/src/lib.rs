@@ -344,21 +344,13 @@ async fn upgrade(
     {
         metrics::counter!("gapless_edge_auth_failures_total", "reason" => "too_many_auth_failures")
             .increment(1);
-        return too_many(
-            "too_many_auth_failures",
-            "too many failed authentications from this address",
-            wait,
-        );
+        return locked_out(wait);
     }
     // Refusals of credentials count against the address.
     let failed = |status, code, message: &str| {
         metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
         match source.map(|ip| state.auth_failures.failed(&ip)) {
-            Some(Err(wait)) => too_many(
-                "too_many_auth_failures",
-                "too many failed authentications from this address",
-                wait,
-            ),
+            Some(Err(wait)) => locked_out(wait),
             _ => refuse(status, code, message),
         }
     };
@@ -466,6 +458,15 @@ async fn upgrade(
             session::run(state, socket, user, device, assigned, codec).await;
         })
     })
+}
+
+/// The 429 of an address over its failed-authentication rate.
+fn locked_out(wait: Duration) -> Response {
+    too_many(
+        "too_many_auth_failures",
+        "too many failed authentications from this address",
+        wait,
+    )
 }
 
 /// Forgets the rate limits' state of quiet addresses and users, every minute.

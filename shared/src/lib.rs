@@ -31,6 +31,15 @@ pub mod telemetry;
 pub mod testing;
 pub mod wakeup;
 
+/// Milliseconds on tokio's monotonic clock since the process first asked: immune to wall
+/// clock jumps, and virtual under paused time in tests (heartbeats, listener deadlines).
+pub fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

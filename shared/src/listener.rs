@@ -224,14 +224,8 @@ impl Refusal {
         }
     }
 
-    const ALL: [Refusal; 6] = [
-        Refusal::SourceCap,
-        Refusal::Evicted,
-        Refusal::EstablishedCap,
-        Refusal::Unauthenticated,
-        Refusal::HeaderTimeout,
-        Refusal::Idle,
-    ];
+    /// Kinds of refusal (the variants are numbered from 0).
+    const COUNT: usize = 6;
 }
 
 const PENDING: u8 = 0;
@@ -246,8 +240,8 @@ struct Budgets {
     pending: Mutex<Pending>,
     /// Established connections now.
     established: AtomicUsize,
-    /// One throttle per [`Refusal`], in the order of [`Refusal::ALL`].
-    throttles: [LogThrottle; 6],
+    /// One throttle per [`Refusal`], indexed by it.
+    throttles: [LogThrottle; Refusal::COUNT],
 }
 
 #[derive(Default)]
@@ -264,8 +258,7 @@ struct Pending {
 impl Budgets {
     fn refused(&self, why: Refusal, source: IpAddr) {
         metrics::counter!("gapless_listener_refused_total", "reason" => why.label()).increment(1);
-        let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
-        self.throttles[i].warn(|suppressed| {
+        self.throttles[why as usize].warn(|suppressed| {
             tracing::warn!(
                 reason = why.label(),
                 %source,
@@ -442,7 +435,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             state: AtomicU8::new(IDLE),
-            since_ms: AtomicU64::new(now_ms()),
+            since_ms: AtomicU64::new(crate::monotonic_ms()),
             busy: AtomicUsize::new(0),
         }
     }
@@ -455,7 +448,8 @@ impl Activity {
                 .compare_exchange(IDLE, HEAD, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            self.since_ms.store(now_ms(), Ordering::Release);
+            self.since_ms
+                .store(crate::monotonic_ms(), Ordering::Release);
         }
     }
 
@@ -471,7 +465,7 @@ impl Activity {
         let since = self.since_ms.load(Ordering::Acquire);
         (
             self.state.load(Ordering::Acquire),
-            Duration::from_millis(now_ms().saturating_sub(since)),
+            Duration::from_millis(crate::monotonic_ms().saturating_sub(since)),
         )
     }
 }
@@ -482,17 +476,12 @@ struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.since_ms.store(now_ms(), Ordering::Release);
+            self.0
+                .since_ms
+                .store(crate::monotonic_ms(), Ordering::Release);
             self.0.state.store(IDLE, Ordering::Release);
         }
     }
-}
-
-/// Milliseconds on a monotonic clock (tokio's, so paused-time tests see it move).
-fn now_ms() -> u64 {
-    use std::sync::OnceLock;
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// A TCP stream that tells its [`Activity`] when bytes arrive.
@@ -850,6 +839,15 @@ mod tests {
             ..ListenerArgs::default()
         };
         assert!(zero.into_config().is_err());
+    }
+
+    #[test]
+    fn every_refusal_has_its_log_throttle() {
+        assert_eq!(
+            Refusal::Idle as usize + 1,
+            Refusal::COUNT,
+            "Idle is the last variant"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::time::Instant;
 
@@ -72,7 +72,7 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
         };
         match limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(limiter.clock().now())),
             Err(_) => Err(Duration::from_secs(1)),
         }
     }
