@@ -210,8 +210,10 @@ async fn a_user_past_its_connection_cap_is_refused_and_its_devices_keep_theirs()
     config.max_connections_per_user = 2;
     let edge = sys.edge(config).await;
     let url = edge.ws_url();
-    let mut phone = Client::connect(&url, "alice", "phone", (None, None)).await;
-    let mut laptop = Client::connect(&url, "alice", "laptop", (None, None)).await;
+    // `after: 0` before any log: each starts at the log's first entry, whenever its resume
+    // is read relative to the append below.
+    let mut phone = Client::connect(&url, "alice", "phone", (None, Some(0))).await;
+    let mut laptop = Client::connect(&url, "alice", "laptop", (None, Some(0))).await;
     let answer = raw_upgrade(edge.addr, &token("alice", Some("tablet"))).await;
     assert_eq!(status(&answer), 429, "{answer}");
     assert!(answer.contains("\"too_many_connections\""), "{answer}");
@@ -242,16 +244,18 @@ async fn a_device_past_its_cap_replaces_its_oldest_connection_with_4001() {
     config.max_connections_per_device = 1;
     let edge = sys.edge(config).await;
     let url = edge.ws_url();
-    let mut old = Client::connect(&url, "alice", "phone", (None, None)).await;
-    sys.send("alice", json!(1)).await;
+    // Positions are named explicitly: a device starting at the live end could start after
+    // an append that raced its connect.
+    let mut old = Client::connect(&url, "alice", "phone", (None, Some(0))).await;
+    let (epoch, _) = sys.send("alice", json!(1)).await;
     assert_eq!(old.notification().await.seq, 1);
     old.ack(1).await;
-    let mut new = Client::connect(&url, "alice", "phone", (None, None)).await;
+    let mut new = Client::connect(&url, "alice", "phone", (Some(&epoch), Some(1))).await;
     assert_eq!(old.close_code().await, Some(4001));
     sys.send("alice", json!(2)).await;
     assert_eq!(new.notification().await.seq, 2);
     // Another device of the user is not touched.
-    let mut laptop = Client::connect(&url, "alice", "laptop", (None, None)).await;
+    let mut laptop = Client::connect(&url, "alice", "laptop", (Some(&epoch), Some(2))).await;
     sys.send("alice", json!(3)).await;
     assert_eq!(laptop.notification().await.seq, 3);
     assert_eq!(new.notification().await.seq, 3);
