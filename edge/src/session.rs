@@ -341,9 +341,11 @@ async fn session(
         Ok(p) => p,
         Err(end) => return end,
     };
-    if state.hub.add(conn.clone()) {
-        state.registry.add(conn.user.clone()).await;
-    }
+    // Every session waits for its user's lease, not only the user's first here: a second
+    // device whose first read ran while the first device's lease was still being written
+    // would miss a wakeup for an append made in between, and wait for the sweep.
+    state.hub.add(conn.clone());
+    state.registry.add(conn.user.clone()).await;
     let (client_epoch, client_after) = resume;
     let start = resume_start(client_epoch, client_after, &position);
     match start {
