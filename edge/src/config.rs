@@ -109,6 +109,15 @@ pub struct Args {
     /// until the user's log expires, ms [default: 30 days].
     #[arg(long, env = "GAPLESS_DEVICE_TTL_MS")]
     pub device_ttl_ms: Option<u64>,
+    /// Reconnect delay an SSE stream asks browsers for (`retry:`), ms; each stream asks for
+    /// a random delay between this and twice it, so the clients of a failed edge do not all
+    /// come back at once [default: 2000].
+    #[arg(long, env = "GAPLESS_SSE_RETRY_MS")]
+    pub sse_retry_ms: Option<u64>,
+    /// Origins allowed to call `/v1/sse`, `/v1/poll` and `/v1/ack` from a browser page
+    /// (CORS), comma-separated, e.g. `https://app.example.com` [default: none].
+    #[arg(long, env = "GAPLESS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
     /// Connection budgets and timeouts.
     #[command(flatten)]
     #[serde(flatten)]
@@ -151,6 +160,8 @@ impl Args {
                 .max_connections_per_device
                 .or(file.max_connections_per_device),
             device_ttl_ms: self.device_ttl_ms.or(file.device_ttl_ms),
+            sse_retry_ms: self.sse_retry_ms.or(file.sse_retry_ms),
+            cors_origins: self.cors_origins.or(file.cors_origins),
             listener: self.listener.or(file.listener),
         })
     }
@@ -201,6 +212,10 @@ pub struct Config {
     pub max_connections_per_device: usize,
     /// Unused ack positions are removed after this long (zero: never).
     pub device_ttl: Duration,
+    /// Least reconnect delay an SSE stream asks for (`retry:`); each asks for up to twice it.
+    pub sse_retry: Duration,
+    /// Origins allowed by CORS on the HTTP fallbacks (empty: none, no CORS headers).
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -229,6 +244,8 @@ impl Config {
             max_connections_per_user: 32,
             max_connections_per_device: 2,
             device_ttl: Duration::from_secs(30 * 24 * 3600),
+            sse_retry: Duration::from_secs(2),
+            cors_origins: Vec::new(),
         }
     }
 
@@ -361,6 +378,27 @@ impl Config {
         if let Some(n) = count(args.replay_page, "--replay-page")? {
             config.replay_page = n;
         }
+        if let Some(d) = ms(args.sse_retry_ms, "--sse-retry-ms")? {
+            config.sse_retry = d;
+        }
+        for origin in args.cors_origins.unwrap_or_default() {
+            let origin = origin.trim().trim_end_matches('/');
+            if origin.is_empty() {
+                continue;
+            }
+            let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && axum::http::HeaderValue::from_str(origin).is_ok()
+                && !origin["https://".len().min(origin.len())..].contains('/');
+            if !valid && origin != "*" {
+                return Err(invalid(
+                    "--cors-origins",
+                    &format!(
+                        "{origin:?} is not an origin: scheme://host[:port], e.g. https://app.example.com"
+                    ),
+                ));
+            }
+            config.cors_origins.push(origin.to_owned());
+        }
         Ok(config)
     }
 }
@@ -414,6 +452,29 @@ mod tests {
             Config::from_args(parse(&["--jwt-secret", SECRET, "--heartbeat-ms", "0"])).is_err()
         );
         assert!(Config::from_args(parse(&["--jwt-secret", SECRET, "--edge-id", "a b"])).is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_a_comma_separated_list_of_origins() {
+        let config = Config::from_args(parse(&[
+            "--jwt-secret",
+            SECRET,
+            "--cors-origins",
+            "https://app.example.com, http://127.0.0.1:3000/",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            config.cors_origins,
+            ["https://app.example.com", "http://127.0.0.1:3000"]
+        );
+        let err = Config::from_args(parse(&[
+            "--jwt-secret",
+            SECRET,
+            "--cors-origins",
+            "app.example.com/path",
+        ]))
+        .expect_err("not an origin");
+        assert!(err.to_string().contains("--cors-origins"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Heartbeats (DESIGN.md §5): one task for all connections makes sure each client hears
-//! something at least every interval, and drops those silent for two intervals. A connection
+//! Heartbeats (DESIGN.md §5, §5.1): one task for all connections makes sure each client hears
+//! something at least every interval, and drops those silent for two intervals (WebSocket
+//! clients only: SSE and poll clients never send on their connection, so only a failed write
+//! shows them gone). A connection
 //! that was written to and heard from recently needs no ping: its notifications and acks
 //! already show both sides alive. No timer per connection, and no burst either: the task
 //! turns a wheel of the hub's shards, one shard per tick, so 100,000 connections are visited
@@ -19,7 +21,7 @@ use std::time::Duration;
 use gapless_shared::protocol::ServerMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{CloseReason, Hub};
+use crate::hub::{CloseReason, Hub, Kind, Out};
 
 /// Visits of each connection per interval.
 pub const VISITS: u32 = 8;
@@ -36,14 +38,24 @@ pub enum Beat {
 }
 
 /// The decision at `now_ms` for a connection last heard from at `last_seen_ms` and last
-/// written to at `last_sent_ms`.
-pub fn beat(now_ms: u64, last_seen_ms: u64, last_sent_ms: u64, interval: Duration) -> Beat {
+/// written to at `last_sent_ms`; `listens_back` says the client answers on the connection
+/// (see [`Kind::listens_back`]).
+pub fn beat(
+    now_ms: u64,
+    last_seen_ms: u64,
+    last_sent_ms: u64,
+    interval: Duration,
+    listens_back: bool,
+) -> Beat {
     let interval = interval.as_millis() as u64;
     let heard = now_ms.saturating_sub(last_seen_ms);
     let told = now_ms.saturating_sub(last_sent_ms);
     // The next visit comes one slice later: pinging once a gap reaches all slices but one
     // keeps every gap the client sees within one interval.
     let due = interval - interval / u64::from(VISITS);
+    if !listens_back {
+        return if told >= due { Beat::Ping } else { Beat::Quiet };
+    }
     if heard >= 2 * interval {
         Beat::Drop
     } else if heard >= due || told >= due {
@@ -67,21 +79,34 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
         }
         slot = (slot + 1) % Hub::SHARDS;
         if slot == 0 {
-            metrics::gauge!("gapless_edge_connections").set(hub.len() as f64);
+            let counts = hub.len_by_kind();
+            metrics::gauge!("gapless_edge_connections").set(counts.iter().sum::<usize>() as f64);
+            for kind in Kind::ALL {
+                metrics::gauge!("gapless_edge_transport_connections", "transport" => kind.label())
+                    .set(counts[kind.index()] as f64);
+            }
         }
         let now = crate::hub::monotonic_ms();
         for conn in hub.shard_conns(slot) {
             let last_seen = conn.last_seen.load(Ordering::Relaxed);
             let last_sent = conn.last_sent.load(Ordering::Relaxed);
-            match beat(now, last_seen, last_sent, interval) {
+            // A held poll answers within its wait, below the interval: nothing to do.
+            if conn.kind == Kind::Poll {
+                continue;
+            }
+            match beat(
+                now,
+                last_seen,
+                last_sent,
+                interval,
+                conn.kind.listens_back(),
+            ) {
                 Beat::Quiet => {}
                 Beat::Drop => conn.request_close(CloseReason::HeartbeatTimeout),
                 // A full queue means frames are already flowing to the client; skip the ping.
                 Beat::Ping => {
                     if let Some(outbound) = conn.outbound.upgrade()
-                        && outbound
-                            .try_send(conn.codec.encode(&ServerMessage::Ping))
-                            .is_ok()
+                        && outbound.try_send(Out::Message(ServerMessage::Ping)).is_ok()
                     {
                         // Counts as sent now: the writer sends it within the slow-consumer
                         // bound or the connection is closed, and marks the time again then.
@@ -96,7 +121,6 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::Codec;
     use crate::hub::Conn;
     use gapless_shared::ids::UserId;
 
@@ -104,20 +128,29 @@ mod tests {
     fn quiet_connections_are_pinged_and_silent_ones_dropped() {
         let interval = Duration::from_secs(30);
         // Due after 7/8 of the interval (26.25 s) without a frame either way.
-        assert_eq!(beat(1_000, 1_000, 1_000, interval), Beat::Quiet);
-        assert_eq!(beat(27_249, 1_000, 1_000, interval), Beat::Quiet);
+        assert_eq!(beat(1_000, 1_000, 1_000, interval, true), Beat::Quiet);
+        assert_eq!(beat(27_249, 1_000, 1_000, interval, true), Beat::Quiet);
         assert_eq!(
-            beat(27_250, 20_000, 1_000, interval),
+            beat(27_250, 20_000, 1_000, interval, true),
             Beat::Ping,
             "nothing sent"
         );
         assert_eq!(
-            beat(27_250, 1_000, 20_000, interval),
+            beat(27_250, 1_000, 20_000, interval, true),
             Beat::Ping,
             "nothing heard"
         );
-        assert_eq!(beat(60_999, 1_000, 60_000, interval), Beat::Ping);
-        assert_eq!(beat(61_000, 1_000, 60_000, interval), Beat::Drop);
+        assert_eq!(beat(60_999, 1_000, 60_000, interval, true), Beat::Ping);
+        assert_eq!(beat(61_000, 1_000, 60_000, interval, true), Beat::Drop);
+    }
+
+    #[test]
+    fn listen_only_clients_are_pinged_when_quiet_and_never_dropped_for_silence() {
+        let interval = Duration::from_secs(30);
+        // An SSE client never sends on its stream: only what was written to it counts.
+        assert_eq!(beat(27_250, 1_000, 20_000, interval, false), Beat::Quiet);
+        assert_eq!(beat(27_250, 1_000, 1_000, interval, false), Beat::Ping);
+        assert_eq!(beat(600_000, 1_000, 599_000, interval, false), Beat::Quiet);
     }
 
     fn conn(
@@ -125,8 +158,8 @@ mod tests {
         name: &str,
     ) -> (
         Arc<Conn>,
-        tokio::sync::mpsc::Receiver<axum::extract::ws::Message>,
-        tokio::sync::mpsc::Sender<axum::extract::ws::Message>,
+        tokio::sync::mpsc::Receiver<Out>,
+        tokio::sync::mpsc::Sender<Out>,
     ) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let user = UserId::parse(name).expect("valid");
@@ -134,17 +167,17 @@ mod tests {
             hub.next_id(),
             user,
             "d".into(),
-            Codec::Json,
+            Kind::WebSocket,
             tx.downgrade(),
         ));
         hub.add(conn.clone());
         (conn, rx, tx)
     }
 
-    fn pings(rx: &mut tokio::sync::mpsc::Receiver<axum::extract::ws::Message>) -> usize {
+    fn pings(rx: &mut tokio::sync::mpsc::Receiver<Out>) -> usize {
         let mut pings = 0;
         while let Ok(msg) = rx.try_recv() {
-            assert_eq!(msg, Codec::Json.encode(&ServerMessage::Ping));
+            assert_eq!(msg, Out::Message(ServerMessage::Ping));
             pings += 1;
         }
         pings

@@ -1,5 +1,6 @@
 //! The edge's table of local connections, by user: who is connected here, and the per-connection
-//! state other tasks touch (wakeup hints, heartbeat, close requests).
+//! state other tasks touch (wakeup hints, heartbeat, close requests). Free of transport types:
+//! a connection's outbound items are [`Out`]s, which each transport renders its own way.
 //!
 //! Sharded by user so the wakeup dispatcher, the sweep and connecting clients rarely meet on
 //! one lock; every critical section is a map lookup or a vector push.
@@ -9,15 +10,70 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Message;
 use gapless_shared::ids::UserId;
+use gapless_shared::protocol::ServerMessage;
 use gapless_shared::wakeup::WakeItem;
 use tokio::sync::{Notify, mpsc};
 
-use crate::frame::Codec;
-
 /// Hints one connection keeps before it stops keeping them and reads the stream instead.
 const MAX_HINTS: usize = 64;
+
+/// The transport a connection uses: for metrics, the heartbeat's rules and the per-device caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `GET /v1/ws`.
+    WebSocket,
+    /// `GET /v1/sse`.
+    Sse,
+    /// A held `GET /v1/poll`.
+    Poll,
+}
+
+impl Kind {
+    /// Every kind, in the order of [`Kind::index`].
+    pub const ALL: [Kind; 3] = [Kind::WebSocket, Kind::Sse, Kind::Poll];
+
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::WebSocket => "ws",
+            Kind::Sse => "sse",
+            Kind::Poll => "poll",
+        }
+    }
+
+    /// Position in [`Kind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True when the client sends on the connection itself (acks, pongs), so silence means
+    /// it is gone; SSE and poll clients only listen.
+    pub fn listens_back(self) -> bool {
+        self == Kind::WebSocket
+    }
+}
+
+/// What a connection's transport writes, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// A protocol message (welcome, notification, reset, ping).
+    Message(ServerMessage),
+    /// The last item: the edge ends the connection, saying why.
+    Close(Closing),
+}
+
+/// How the edge ends a connection, in transport-neutral terms: a WebSocket sends it as a
+/// close frame, SSE as a final event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closing {
+    /// WebSocket close code (1008, 1012, 1013, 4001, …).
+    pub code: u16,
+    /// Human-readable reason.
+    pub reason: String,
+    /// When the client should reconnect (a drain's hint), ms.
+    pub reconnect_ms: Option<u64>,
+}
 
 /// Why the edge closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,19 +121,19 @@ pub struct Conn {
     pub user: UserId,
     /// The device.
     pub device: String,
-    /// The connection's codec, for frames others enqueue (pings, closes).
-    pub codec: Codec,
+    /// The transport.
+    pub kind: Kind,
     /// Last time a frame arrived from the client, on the [`monotonic_ms`] clock.
     pub last_seen: AtomicU64,
     /// Last time frames were written to the client (or a ping queued for it), on the
     /// [`monotonic_ms`] clock: the heartbeat pings only connections quiet for most of an
     /// interval.
     pub last_sent: AtomicU64,
-    /// Frames to the connection's writer task, for others than the session (pings). Weak:
-    /// the session holds the only strong sender, so when the session ends the channel
-    /// closes, the writer drains what is queued and closes the socket. (A strong sender here
-    /// kept every writer, and its socket, alive after its session had ended.)
-    pub outbound: mpsc::WeakSender<Message>,
+    /// Items to the connection's transport, for others than the session (pings). Weak: the
+    /// session holds the only strong sender, so when the session ends the channel closes,
+    /// the transport writes what is queued and ends. (A strong sender here kept every
+    /// writer, and its socket, alive after its session had ended.)
+    pub outbound: mpsc::WeakSender<Out>,
     /// Wakeup hints; bounded by [`MAX_HINTS`].
     hints: Mutex<Hints>,
     /// Wakes the session: new hints or a close request.
@@ -95,14 +151,14 @@ impl Conn {
         id: u64,
         user: UserId,
         device: String,
-        codec: Codec,
-        outbound: mpsc::WeakSender<Message>,
+        kind: Kind,
+        outbound: mpsc::WeakSender<Out>,
     ) -> Self {
         Self {
             id,
             user,
             device,
-            codec,
+            kind,
             last_seen: AtomicU64::new(monotonic_ms()),
             last_sent: AtomicU64::new(monotonic_ms()),
             outbound,
@@ -123,6 +179,14 @@ impl Conn {
             position.0 = epoch.map(str::to_owned);
         }
         position.1 = seq;
+    }
+
+    /// The session's position: its epoch and the last seq handed to its transport.
+    pub fn position(&self) -> (Option<String>, u64) {
+        self.position
+            .lock()
+            .expect("position lock is never poisoned")
+            .clone()
     }
 
     /// True when the log at (`epoch`, `seq`) holds something this connection was not sent.
@@ -283,7 +347,8 @@ impl Hub {
     /// Adds a connection; true when it is the user's first here. When its device already
     /// has the most connections allowed, the oldest of them are asked to close
     /// ([`CloseReason::Replaced`]): a device that reconnects (a network switch) must get in
-    /// even while its old connection still looks alive.
+    /// even while its old connection still looks alive. A device holds one poll at a time:
+    /// a new poll replaces the device's held one, whatever the cap.
     pub fn add(&self, conn: Arc<Conn>) -> bool {
         let mut replaced = Vec::new();
         let first = {
@@ -295,6 +360,14 @@ impl Hub {
             let mut same: Vec<&Arc<Conn>> =
                 conns.iter().filter(|c| c.device == conn.device).collect();
             same.sort_by_key(|c| c.id);
+            if conn.kind == Kind::Poll {
+                replaced.extend(
+                    same.iter()
+                        .filter(|c| c.kind == Kind::Poll)
+                        .map(|c| (*c).clone()),
+                );
+                same.retain(|c| c.kind != Kind::Poll);
+            }
             let excess = (same.len() + 1).saturating_sub(self.max_per_device);
             replaced.extend(same.into_iter().take(excess).cloned());
             conns.push(conn);
@@ -380,6 +453,35 @@ impl Hub {
                     .sum::<usize>()
             })
             .sum()
+    }
+
+    /// Local connections per transport, indexed by [`Kind::index`].
+    pub fn len_by_kind(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for shard in &self.shards {
+            for conns in shard.lock().expect("hub lock is never poisoned").values() {
+                for c in conns {
+                    counts[c.kind.index()] += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    /// The device's connections here.
+    pub fn device_conns(&self, user: &UserId, device: &str) -> Vec<Arc<Conn>> {
+        self.shard(user)
+            .lock()
+            .expect("hub lock is never poisoned")
+            .get(user)
+            .map(|conns| {
+                conns
+                    .iter()
+                    .filter(|c| c.device == device)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// True when nobody is connected.

@@ -1,123 +1,57 @@
-//! gapless-edge: holds client WebSockets and delivers each user's stream to its devices
+//! gapless-edge: holds device connections and delivers each user's stream to its devices
 //! (DESIGN.md §1.3–1.5, §5).
 //!
 //! In the order a notification flows: [`wakeup`] receives the ingest's wakeups (and sweeps
-//! for lost ones) and hints the [`hub`]'s connections; each [`session`] turns hints into
-//! frames, reading gaps through the coalescing [`reader`]; [`frame`] encodes them per
-//! subprotocol; [`acks`] persists what devices acknowledged. Around them: [`auth`] checks
-//! tokens at the upgrade, [`registry`] keeps this edge's leases in Redis, [`heartbeat`] pings
-//! and drops silent clients, and [`run`] serves, then drains on shutdown. [`config`] holds
-//! the settings.
+//! for lost ones) and hints the [`hub`]'s connections; the [`delivery`] core of each session
+//! turns hints into messages, reading gaps through the coalescing [`reader`]; a
+//! [`transport`] (WebSocket, Server-Sent Events or long-poll) carries them to the device,
+//! [`frame`] encoding WebSocket frames per subprotocol; [`acks`] persists what devices
+//! acknowledged. Around them: [`auth`] checks tokens, [`registry`] keeps this edge's leases
+//! in Redis, [`heartbeat`] pings and drops silent clients, [`state`] is what they all share,
+//! and [`run`] serves, then drains on shutdown. [`config`] holds the settings.
 #![forbid(unsafe_code)]
 
 pub mod acks;
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod frame;
 pub mod heartbeat;
 pub mod hub;
 pub mod reader;
 pub mod registry;
-pub mod session;
+pub mod state;
+pub mod transport;
 pub mod wakeup;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Extension, Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use gapless_shared::ids::UserId;
-use gapless_shared::listener::Admission;
-use gapless_shared::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD};
-use gapless_shared::rate::{AuthFailures, KeyedLimit, retry_after_secs};
+use axum::routing::{get, post};
+use gapless_shared::rate::{AuthFailures, KeyedLimit};
 use gapless_shared::schema::{self, SchemaError};
 use gapless_shared::store::{self, StoreError};
-use gapless_shared::telemetry::LogThrottle;
-use redis::aio::ConnectionManager;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 
 pub use config::Config;
 
 use crate::acks::AckBook;
 use crate::auth::Verifier;
-use crate::frame::Codec;
 use crate::hub::{CloseReason, Hub};
 use crate::reader::Reader;
 use crate::registry::{Registry, RegistryTask};
-
-/// Largest frame a client may send: clients send acks, pongs and one resume.
-pub(crate) const MAX_CLIENT_FRAME: usize = 4 << 10;
-/// Read buffer of a connection, allocated up front: small, since client frames are (acks,
-/// pongs, one resume). tungstenite grows it for a larger frame, up to [`MAX_CLIENT_FRAME`].
-/// Measured with `gapless-bench idle --connections 10000`: an idle connection costs 10.4 KiB
-/// of edge RSS with a 4 KiB buffer, 7.4 KiB with 1 KiB.
-const READ_BUFFER: usize = 1 << 10;
-/// Bytes a connection's WebSocket layer may hold unsent before writes wait.
-const MAX_WRITE_BUFFER: usize = 256 << 10;
-
-/// Everything the edge's tasks share.
-pub struct EdgeState {
-    /// Settings.
-    pub config: Config,
-    /// Local connections.
-    pub hub: Arc<Hub>,
-    /// Coalescing stream reader.
-    pub reader: Reader,
-    /// Registry leases.
-    pub registry: Registry,
-    /// Ack positions.
-    pub acks: AckBook,
-    /// Token checks.
-    verifier: Verifier,
-    /// Failed authentications per source address.
-    auth_failures: AuthFailures<IpAddr>,
-    /// Connection attempts per user.
-    user_connects: KeyedLimit<UserId>,
-    /// Set when draining: new connections are refused.
-    draining: AtomicBool,
-    /// Shared Redis connection (readiness, drain).
-    conn: ConnectionManager,
-    /// The metrics counted on every delivery and ack.
-    pub(crate) hot: HotMetrics,
-}
-
-/// Handles of the metrics counted on every delivery and ack, registered once: `counter!`
-/// and `histogram!` build their key and look it up in the registry on every call.
-pub(crate) struct HotMetrics {
-    /// `gapless_edge_delivered_total{path="live"}`.
-    pub delivered_live: metrics::Counter,
-    /// `gapless_edge_delivered_total{path="replay"}`.
-    pub delivered_replay: metrics::Counter,
-    /// `gapless_edge_delivery_latency_seconds`: the entry's ingest time to its hand-over to
-    /// the socket writer.
-    pub delivery_latency: metrics::Histogram,
-    /// `gapless_edge_acks_total`.
-    pub acks: metrics::Counter,
-}
-
-impl HotMetrics {
-    /// Registers the handles with the installed recorder.
-    fn register() -> Self {
-        Self {
-            delivered_live: metrics::counter!("gapless_edge_delivered_total", "path" => "live"),
-            delivered_replay: metrics::counter!("gapless_edge_delivered_total", "path" => "replay"),
-            delivery_latency: metrics::histogram!("gapless_edge_delivery_latency_seconds"),
-            acks: metrics::counter!("gapless_edge_acks_total"),
-        }
-    }
-}
+use crate::state::{EdgeState, HotMetrics};
+use crate::transport::refuse;
 
 /// Why the edge could not run.
 #[derive(Debug, thiserror::Error)]
@@ -210,32 +144,38 @@ pub async fn run(
     });
     tokio::spawn(forget_idle_loop(state.clone(), tasks.clone()));
     let sessions = TaskTracker::new();
-    let router = Router::new()
-        .route("/v1/ws", get(upgrade))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(render_metrics))
-        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            config.listener.request_timeout,
-        ))
-        .layer(axum::middleware::map_response(explain_timeout))
-        .with_state((state.clone(), sessions.clone()));
+    let router = router(&config, (state.clone(), sessions.clone()));
     tracing::info!(addr = %listener.local_addr()?, edge = %config.edge_id, "edge listening");
 
-    let served = gapless_shared::listener::serve(
+    let serving = gapless_shared::listener::serve(
         listener,
         router,
         config.listener.clone(),
         shutdown.clone(),
-    )
-    .await;
+    );
+    tokio::pin!(serving);
+    // The drain starts at the shutdown, beside the listener's wind-down rather than after
+    // it: the listener waits for answers in flight, and an SSE stream or a held poll is one
+    // until the drain closes it.
+    let served = tokio::select! {
+        served = &mut serving => Some(served),
+        () = shutdown.cancelled() => None,
+    };
     state.draining.store(true, Ordering::SeqCst);
-    let drained = tokio::time::timeout(config.shutdown_grace, drain(&state, &sessions)).await;
-    if drained.is_err() {
-        tracing::warn!("drain did not finish within the grace period");
-    }
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        match served {
+            Some(served) => (served, drain(&state, &sessions).await).0,
+            None => tokio::join!(serving, drain(&state, &sessions)).0,
+        }
+    })
+    .await;
+    let served = match drained {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::warn!("drain did not finish within the grace period");
+            Ok(())
+        }
+    };
     tasks.cancel();
     served?;
     Ok(())
@@ -280,32 +220,68 @@ async fn drain(state: &Arc<EdgeState>, sessions: &TaskTracker) {
     tracing::info!("drained");
 }
 
-type AppState = (Arc<EdgeState>, TaskTracker);
+/// What every handler gets: the shared state, and the tracker the drain waits on.
+pub(crate) type AppState = (Arc<EdgeState>, TaskTracker);
 
-/// Query of the upgrade request.
-#[derive(Deserialize)]
-struct WsQuery {
-    /// The JWT, for clients that cannot set headers (browsers).
-    token: Option<String>,
-    /// The device, when the token names none.
-    device: Option<String>,
+/// The edge's routes. Every answer but a held poll is bounded by the request timeout (a
+/// poll's own `wait_ms` bounds it); the HTTP fallbacks answer CORS for the listed origins.
+fn router(config: &Config, state: AppState) -> Router {
+    let fallbacks = Router::new()
+        .route("/v1/sse", get(transport::sse::stream))
+        .route("/v1/ack", post(transport::sse::ack))
+        .layer(axum::extract::DefaultBodyLimit::max(4 << 10))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.listener.request_timeout,
+        ))
+        .route("/v1/poll", get(transport::poll::poll));
+    let fallbacks = match cors(&config.cors_origins) {
+        Some(cors) => fallbacks.layer(cors),
+        None => fallbacks,
+    };
+    Router::new()
+        .route("/v1/ws", get(transport::ws::upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.listener.request_timeout,
+        ))
+        .merge(fallbacks)
+        .layer(axum::middleware::map_response(explain_timeout))
+        .with_state(state)
 }
 
-fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    let mut response = (
-        status,
-        Json(serde_json::json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response();
-    if matches!(
-        status,
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-    ) {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+/// CORS for the listed origins (`*`: any); `None` when there are none. An origin not listed
+/// gets no `Access-Control-Allow-Origin`, so its page cannot read the answers.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
     }
-    response
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("gapless-device"),
+                HeaderName::from_static("gapless-edge"),
+                HeaderName::from_static("gapless-heartbeat-ms"),
+                header::RETRY_AFTER,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// Gives the timeout layer's bare 408 a JSON error body.
@@ -320,155 +296,6 @@ async fn explain_timeout(response: Response) -> Response {
     response
 }
 
-/// `GET /v1/ws`: authenticates, then upgrades. Nothing of any stream is sent to a client
-/// that is not authenticated.
-async fn upgrade(
-    State((state, sessions)): State<AppState>,
-    admission: Option<Extension<Admission>>,
-    headers: HeaderMap,
-    query: Result<Query<WsQuery>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    if state.draining.load(Ordering::SeqCst) {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this edge is draining; connect to another",
-        );
-    }
-    let admission = admission.map(|Extension(a)| a);
-    let source = admission.as_ref().map(Admission::source);
-    // An address over its failure rate is refused before its token is looked at.
-    if let Some(ip) = source
-        && let Err(wait) = state.auth_failures.admit(&ip)
-    {
-        metrics::counter!("gapless_edge_auth_failures_total", "reason" => "too_many_auth_failures")
-            .increment(1);
-        return locked_out(wait);
-    }
-    // Refusals of credentials count against the address.
-    let failed = |status, code, message: &str| {
-        metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
-        match source.map(|ip| state.auth_failures.failed(&ip)) {
-            Some(Err(wait)) => locked_out(wait),
-            _ => refuse(status, code, message),
-        }
-    };
-    let Ok(Query(query)) = query else {
-        return failed(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "malformed query string",
-        );
-    };
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().to_owned())
-        .or(query.token);
-    let Some(token) = token else {
-        return failed(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            &auth::AuthError::Missing.to_string(),
-        );
-    };
-    let (user, claimed_device) = match state.verifier.verify(&token) {
-        Ok(v) => v,
-        Err(e) => return failed(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
-    };
-    // The token's device claim wins over the query: a device bound into a token cannot be
-    // swapped by whoever holds the URL.
-    let named = claimed_device.or(query.device);
-    let assigned = named.is_none();
-    let device = match named {
-        Some(d) => match UserId::parse(&d) {
-            Ok(_) => d,
-            Err(e) => {
-                return failed(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_device",
-                    &auth::AuthError::BadDevice(e).to_string(),
-                );
-            }
-        },
-        None => format!("d-{:016x}", rand::random::<u64>()),
-    };
-    if let Err(wait) = state.user_connects.check(&user) {
-        metrics::counter!("gapless_edge_refused_total", "reason" => "user_connect_rate")
-            .increment(1);
-        return too_many(
-            "too_many_connects",
-            "this user connects too often; retry after the Retry-After seconds",
-            wait,
-        );
-    }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => {
-            return refuse(
-                rejection.status(),
-                "not_a_websocket_upgrade",
-                &rejection.body_text(),
-            );
-        }
-    };
-    let Some(place) = state
-        .hub
-        .reserve(&user, state.config.max_connections_per_user)
-    else {
-        metrics::counter!("gapless_edge_refused_total", "reason" => "user_cap").increment(1);
-        return too_many(
-            "too_many_connections",
-            &format!(
-                "this user already has {} connections at this edge",
-                state.config.max_connections_per_user
-            ),
-            Duration::from_secs(5),
-        );
-    };
-    // A verified client: its connection leaves the unauthenticated budget for the
-    // established one, and the session holds its place there until it ends.
-    if let Some(a) = &admission
-        && a.establish().is_err()
-    {
-        let mut answer = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this edge holds as many connections as it may; retry shortly or connect to another",
-        );
-        answer
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return answer;
-    }
-    let ws = ws
-        .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD])
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(MAX_CLIENT_FRAME)
-        .max_frame_size(MAX_CLIENT_FRAME);
-    let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
-    ws.on_upgrade(move |socket| {
-        sessions.track_future(async move {
-            let _places = (admission, place);
-            session::run(state, socket, user, device, assigned, codec).await;
-        })
-    })
-}
-
-/// The 429 of an address over its failed-authentication rate.
-fn locked_out(wait: Duration) -> Response {
-    too_many(
-        "too_many_auth_failures",
-        "too many failed authentications from this address",
-        wait,
-    )
-}
-
 /// Forgets the rate limits' state of quiet addresses and users, every minute.
 async fn forget_idle_loop(state: Arc<EdgeState>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -481,18 +308,6 @@ async fn forget_idle_loop(state: Arc<EdgeState>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
     }
-}
-
-/// 429 with `Retry-After` rounded up from `wait`, logged at most once per 10 s.
-fn too_many(code: &str, message: &str, wait: Duration) -> Response {
-    static LOG: LogThrottle = LogThrottle::new();
-    LOG.warn(|suppressed| tracing::warn!(code, suppressed, "upgrade refused with 429"));
-    let mut answer = refuse(StatusCode::TOO_MANY_REQUESTS, code, message);
-    answer.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(wait)),
-    );
-    answer
 }
 
 /// `GET /readyz`: Redis answers with the current schema, and the edge is not draining.

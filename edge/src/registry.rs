@@ -122,6 +122,9 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
                 add_cmds(&mut pipe, task, &user, until);
                 waiting.push(done);
             }
+            // A connection of the user may have arrived since its last one closed (its
+            // add queued before this remove): then the entry stays.
+            Op::Remove(user) if !task.hub.conns_of(&user).is_empty() => {}
             Op::Remove(user) => {
                 pipe.cmd("ZREM")
                     .arg(keys::registry(&user))

@@ -485,7 +485,7 @@ async fn a_client_that_stops_reading_is_closed_and_later_resumes_with_everything
         let text = edge.metrics(&sys.http).await;
         let slow = metric(
             &text,
-            "gapless_edge_disconnects_total{reason=\"slow_consumer\"}",
+            "gapless_edge_disconnects_total{reason=\"slow_consumer\",transport=\"ws\"}",
         );
         if slow >= 1.0 {
             break;
@@ -750,13 +750,21 @@ async fn the_edge_counts_deliveries_acks_and_their_latency() {
     assert_eq!(c.take(3).await, vec![2, 3, 4]);
     // The ack is counted when the edge reads it, a moment after the client sent it.
     common::eventually("4 acks counted", Duration::from_secs(5), || async {
-        metric(&edge.metrics(&sys.http).await, "gapless_edge_acks_total") >= 4.0
+        metric(
+            &edge.metrics(&sys.http).await,
+            "gapless_edge_acks_total{transport=\"ws\"}",
+        ) >= 4.0
     })
     .await;
     // Counters only grow: this later scrape holds at least as much.
     let text = edge.metrics(&sys.http).await;
-    let delivered = metric(&text, "gapless_edge_delivered_total{path=\"live\"}")
-        + metric(&text, "gapless_edge_delivered_total{path=\"replay\"}");
+    let delivered = metric(
+        &text,
+        "gapless_edge_delivered_total{path=\"live\",transport=\"ws\"}",
+    ) + metric(
+        &text,
+        "gapless_edge_delivered_total{path=\"replay\",transport=\"ws\"}",
+    );
     assert!(delivered >= 4.0, "delivered_total {delivered}:\n{text}");
     let timed = metric(&text, "gapless_edge_delivery_latency_seconds_count");
     assert!(timed >= 4.0, "delivery_latency_seconds_count {timed}");

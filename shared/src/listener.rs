@@ -50,6 +50,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// A whole request, body read included (applied by the routers' timeout layer).
     pub request_timeout: Duration,
+    /// A write to the socket that makes no progress for this long closes the connection: a
+    /// client that reads nothing of a streamed answer (an SSE stream) must not hold it.
+    pub write_timeout: Duration,
     /// A connection must be established (authenticated) this long after it was accepted.
     pub unauth_timeout: Duration,
     /// Pending connections in all; the oldest is evicted to admit a new one.
@@ -72,6 +75,7 @@ impl ListenerConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
             unauth_timeout: Duration::from_secs(10),
             max_pending,
             max_pending_per_source: 256,
@@ -101,6 +105,10 @@ pub struct ListenerArgs {
     /// [default: 30000].
     #[arg(long, env = "GAPLESS_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// A write to a connection's socket that makes no progress for this long closes it (a
+    /// client that stopped reading a streamed answer), ms [default: 10000].
+    #[arg(long, env = "GAPLESS_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
     /// A connection that has not authenticated this long after it was accepted is closed,
     /// ms [default: 10000].
     #[arg(long, env = "GAPLESS_UNAUTH_TIMEOUT_MS")]
@@ -127,6 +135,7 @@ impl ListenerArgs {
             header_timeout_ms: self.header_timeout_ms.or(other.header_timeout_ms),
             idle_timeout_ms: self.idle_timeout_ms.or(other.idle_timeout_ms),
             request_timeout_ms: self.request_timeout_ms.or(other.request_timeout_ms),
+            write_timeout_ms: self.write_timeout_ms.or(other.write_timeout_ms),
             unauth_timeout_ms: self.unauth_timeout_ms.or(other.unauth_timeout_ms),
             max_pending: self.max_pending.or(other.max_pending),
             max_pending_per_source: self.max_pending_per_source.or(other.max_pending_per_source),
@@ -156,6 +165,9 @@ impl ListenerArgs {
         }
         if let Some(d) = ms("--request-timeout-ms", self.request_timeout_ms)? {
             c.request_timeout = d;
+        }
+        if let Some(d) = ms("--write-timeout-ms", self.write_timeout_ms)? {
+            c.write_timeout = d;
         }
         if let Some(d) = ms("--unauth-timeout-ms", self.unauth_timeout_ms)? {
             c.unauth_timeout = d;
@@ -209,6 +221,8 @@ pub enum Refusal {
     HeaderTimeout,
     /// It sat idle too long.
     Idle,
+    /// Its socket accepted no byte of an answer for the write timeout.
+    WriteStalled,
 }
 
 impl Refusal {
@@ -221,11 +235,12 @@ impl Refusal {
             Refusal::Unauthenticated => "unauthenticated_timeout",
             Refusal::HeaderTimeout => "header_timeout",
             Refusal::Idle => "idle_timeout",
+            Refusal::WriteStalled => "write_timeout",
         }
     }
 
     /// Kinds of refusal (the variants are numbered from 0).
-    const COUNT: usize = 6;
+    const COUNT: usize = 7;
 }
 
 const PENDING: u8 = 0;
@@ -429,6 +444,9 @@ struct Activity {
     since_ms: AtomicU64,
     /// Requests being served.
     busy: AtomicUsize,
+    /// Since when a write has been waiting for the socket, ms since the listener's epoch;
+    /// 0 while writes make progress.
+    write_stalled_ms: AtomicU64,
 }
 
 impl Activity {
@@ -437,6 +455,27 @@ impl Activity {
             state: AtomicU8::new(IDLE),
             since_ms: AtomicU64::new(crate::monotonic_ms()),
             busy: AtomicUsize::new(0),
+            write_stalled_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A write returned: `Pending` starts (or continues) a stall, anything else ends it.
+    fn wrote<T>(&self, polled: &Poll<T>) {
+        if polled.is_pending() {
+            if self.write_stalled_ms.load(Ordering::Relaxed) == 0 {
+                self.write_stalled_ms
+                    .store(crate::monotonic_ms().max(1), Ordering::Relaxed);
+            }
+        } else if self.write_stalled_ms.load(Ordering::Relaxed) != 0 {
+            self.write_stalled_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the current write has waited for the socket.
+    fn write_stall(&self) -> Duration {
+        match self.write_stalled_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(crate::monotonic_ms().saturating_sub(since)),
         }
     }
 
@@ -484,7 +523,7 @@ impl Drop for Busy {
     }
 }
 
-/// A TCP stream that tells its [`Activity`] when bytes arrive.
+/// A TCP stream that tells its [`Activity`] when bytes arrive and when writes stall.
 struct Tracked {
     /// The socket.
     inner: TcpStream,
@@ -513,7 +552,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -529,7 +570,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -670,9 +713,16 @@ async fn connection<S, B>(
         request.extensions_mut().insert(admission.clone());
         let response = service.clone().oneshot(request);
         async move {
-            let response = response.await;
-            drop(busy);
-            response
+            // The request is served until its answer's body is done (a streamed answer, an
+            // SSE stream, is not an idle connection): the body holds the guard.
+            response.await.map(|r| {
+                r.map(|body| {
+                    http_body_util::BodyExt::map_frame(body, move |frame| {
+                        let _serving = &busy;
+                        frame
+                    })
+                })
+            })
         }
     });
     let io = TokioIo::new(Tracked {
@@ -692,6 +742,7 @@ async fn connection<S, B>(
         .header_timeout
         .min(config.idle_timeout)
         .min(config.unauth_timeout)
+        .min(config.write_timeout)
         / 4;
     loop {
         tokio::select! {
@@ -726,6 +777,9 @@ fn overstayed(slot: &Slot, activity: &Activity, config: &ListenerConfig) -> Opti
         && activity.busy.load(Ordering::Acquire) == 0
     {
         return Some(Refusal::Unauthenticated);
+    }
+    if activity.write_stall() > config.write_timeout {
+        return Some(Refusal::WriteStalled);
     }
     match activity.current() {
         (HEAD, d) if d > config.header_timeout => Some(Refusal::HeaderTimeout),
@@ -844,9 +898,9 @@ mod tests {
     #[test]
     fn every_refusal_has_its_log_throttle() {
         assert_eq!(
-            Refusal::Idle as usize + 1,
+            Refusal::WriteStalled as usize + 1,
             Refusal::COUNT,
-            "Idle is the last variant"
+            "WriteStalled is the last variant"
         );
     }
 

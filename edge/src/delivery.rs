@@ -1,24 +1,26 @@
-//! One client connection (DESIGN.md §1.3–1.5, §5): welcome, resume, then replay and live
-//! delivery in seq order, acks, and the close.
+//! The transport-independent delivery core (DESIGN.md §1.3–1.5, §5, §5.1): where a device
+//! starts, replay in pages, live hints, resets, acks and the slow-consumer deadline. Every
+//! transport (`transport::{ws, sse, poll}`) drives it the same way: it opens a session
+//! ([`open`]), says where the client asked to start ([`Resume`]) with the position read made
+//! before registering ([`read_position`]), runs [`deliver`] with its [`Inbound`] side, and
+//! ends with [`finish`]. What the core hands out are [`Out`] items on a bounded channel; the
+//! transport renders them (frames, SSE events, a JSON array) and owns the socket.
 //!
-//! Delivery is driven by one number, `sent` (the last seq handed to the writer, within
+//! Delivery is driven by one number, `sent` (the last seq handed to the transport, within
 //! `epoch`), and the stream is the truth. Wakeup hints only say the log moved: a hint whose
 //! payload is exactly the next seq is sent as is, anything else makes the session read the
 //! stream from `sent + 1`. So the seam between replay and live delivery cannot gap, repeat or
 //! reorder: both paths extend the same `sent`.
 //!
-//! Each connection runs two tasks: this session (reads client frames, decides what to send)
-//! and a writer that owns the socket's sink behind a bounded queue. The queue is the flow
-//! control of a replay; a socket that accepts nothing for the slow-consumer timeout closes
-//! the connection with 1013, and its notifications wait in the stream for its resume.
+//! The channel to the transport is the flow control of a replay: a transport that takes
+//! nothing for the slow-consumer timeout while messages wait ends the session (1013 on a
+//! WebSocket), and its notifications wait in the stream for its resume.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use gapless_shared::ids::UserId;
 use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage};
 use gapless_shared::store::StoreError;
@@ -27,26 +29,27 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::EdgeState;
-use crate::frame::{self, Codec, Violation};
-use crate::hub::{CloseReason, Conn};
+use crate::frame::{self, Violation};
+use crate::hub::{CloseReason, Closing, Conn, Kind, Out};
 use crate::reader::{Page, ReadOp};
+use crate::state::EdgeState;
 
 /// How a session ended, for logs and metrics.
 #[derive(Debug)]
-enum End {
-    /// The client closed or the socket ended.
+pub enum End {
+    /// The client closed, the socket ended, or (poll) the request was answered.
     ClientGone,
     /// The client broke the protocol.
     Violation(Violation),
     /// The edge closed it.
     Closed(CloseReason),
-    /// The writer is gone (socket failed).
+    /// The transport is gone (socket failed).
     WriterGone,
 }
 
 impl End {
-    fn label(&self) -> &'static str {
+    /// Label for metrics.
+    pub fn label(&self) -> &'static str {
         match self {
             End::ClientGone => "client_closed",
             End::Violation(_) => "protocol_violation",
@@ -54,6 +57,109 @@ impl End {
             End::WriterGone => "write_failed",
         }
     }
+
+    /// What the client is told on the way out; `None` when it cannot hear it.
+    pub fn closing(&self) -> Option<Closing> {
+        let (code, reason, reconnect_ms) = match self {
+            End::Violation(v) => (v.code, v.reason.clone(), None),
+            End::Closed(CloseReason::Draining(ms)) => (
+                frame::CLOSE_RESTART,
+                format!("edge draining; reconnect in {ms} ms"),
+                Some(*ms),
+            ),
+            End::Closed(CloseReason::HeartbeatTimeout) => (
+                frame::CLOSE_POLICY,
+                "no frame from the client for two heartbeat intervals".to_owned(),
+                None,
+            ),
+            End::Closed(CloseReason::SlowConsumer) => (
+                frame::CLOSE_TRY_AGAIN,
+                "slow consumer: the client took nothing in time; resume later".to_owned(),
+                None,
+            ),
+            End::Closed(CloseReason::Replaced) => (
+                frame::CLOSE_REPLACED,
+                "replaced by a newer connection of this device".to_owned(),
+                None,
+            ),
+            End::Closed(CloseReason::WriteFailed) | End::WriterGone | End::ClientGone => {
+                return None;
+            }
+        };
+        Some(Closing {
+            code,
+            reason,
+            reconnect_ms,
+        })
+    }
+}
+
+/// The client's side of a connection, as the core sees it.
+pub trait Inbound: Send {
+    /// The next protocol message from the client (a WebSocket's acks and pongs), or how the
+    /// connection ended. Transports without a way back (SSE, poll) only ever end. Must be
+    /// cancel-safe: it is polled in a `select!`.
+    fn next(&mut self) -> impl Future<Output = Result<ClientMessage, End>> + Send;
+}
+
+/// Where the client asked to start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The epoch of the client's position.
+    pub epoch: Option<String>,
+    /// The last seq it processed.
+    pub after: Option<u64>,
+}
+
+/// A session's shared state and its channel to the transport. The receiver goes to the
+/// transport; the session holds the only strong sender (see [`Conn::outbound`]).
+pub fn open(
+    state: &EdgeState,
+    user: UserId,
+    device: String,
+    kind: Kind,
+) -> (Arc<Conn>, mpsc::Sender<Out>, mpsc::Receiver<Out>) {
+    let (tx, rx) = mpsc::channel(state.config.outbound_queue);
+    let conn = Arc::new(Conn::new(
+        state.hub.next_id(),
+        user,
+        device,
+        kind,
+        tx.downgrade(),
+    ));
+    state.hot.of(kind).connects.increment(1);
+    (conn, tx, rx)
+}
+
+/// Ends a session: tells the client why (best effort, the transport may be stuck on a
+/// client that reads nothing), counts it, leaves the hub and asks for the ack flush. A
+/// WebSocket or SSE connection that was its user's last here leaves the registry; a poll
+/// keeps its user's lease until it expires, so the user's next poll (and any device of it
+/// between two polls) is still woken here at once.
+pub async fn finish(state: &EdgeState, conn: &Conn, tx: mpsc::Sender<Out>, end: &End) {
+    if let Some(closing) = end.closing() {
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), tx.send(Out::Close(closing))).await;
+    }
+    drop(tx);
+    match end {
+        End::ClientGone => {
+            tracing::debug!(user = %conn.user, device = conn.device, transport = conn.kind.label(), "client disconnected")
+        }
+        other => {
+            tracing::debug!(user = %conn.user, device = conn.device, transport = conn.kind.label(), end = ?other, "connection closed")
+        }
+    }
+    metrics::counter!(
+        "gapless_edge_disconnects_total",
+        "reason" => end.label(),
+        "transport" => conn.kind.label()
+    )
+    .increment(1);
+    if state.hub.remove(conn) && conn.kind != Kind::Poll {
+        state.registry.remove(conn.user.clone());
+    }
+    state.acks.flush_soon();
 }
 
 /// Where delivery stands, and what is queued to go out.
@@ -84,6 +190,23 @@ struct Delivery {
 }
 
 impl Delivery {
+    /// Nowhere yet: [`deliver`] sets the start.
+    fn new() -> Self {
+        Self {
+            epoch: None,
+            sent: 0,
+            acked: 0,
+            target: 0,
+            must_read: false,
+            reread: false,
+            pending_reset: None,
+            tolerate_stale_ack: false,
+            queue: VecDeque::new(),
+            replaying: true,
+            retry_at: None,
+        }
+    }
+
     /// Seq of the last notification queued or sent.
     fn last_queued(&self) -> u64 {
         self.queue
@@ -218,137 +341,31 @@ impl Delivery {
     }
 }
 
-/// Runs one upgraded connection to its end. `assigned` says the edge made the device id up
+/// Delivers the user's stream to the session until it ends: registers it (hub, then the
+/// registry lease), starts where [`resume_start`] says, then replays and follows the log.
+/// `position` must have been read before this call: an append after the registration wakes
+/// the session, and one before it is in a read made after `position`, so even a device
+/// starting at the live end misses nothing. `assigned` says the edge made the device id up
 /// (the client named none): such a device's position is stored only once it acks, so a
 /// client that never names its device leaves nothing behind in Redis.
-pub async fn run(
-    state: Arc<EdgeState>,
-    socket: WebSocket,
-    user: UserId,
-    device: String,
-    assigned: bool,
-    codec: Codec,
-) {
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(state.config.outbound_queue);
-    let conn = Arc::new(Conn::new(
-        state.hub.next_id(),
-        user.clone(),
-        device.clone(),
-        codec,
-        tx.downgrade(),
-    ));
-    metrics::counter!("gapless_edge_connects_total").increment(1);
-    tokio::spawn(write_loop(
-        sink,
-        rx,
-        conn.clone(),
-        state.config.slow_consumer,
-    ));
-
-    let end = session(&state, &conn, &mut stream, &tx, assigned).await;
-    let close = match &end {
-        End::Violation(v) => Some(frame::close(v.code, &v.reason)),
-        End::Closed(CloseReason::Draining(ms)) => Some(frame::close(
-            frame::CLOSE_RESTART,
-            &format!("edge draining; reconnect in {ms} ms"),
-        )),
-        End::Closed(CloseReason::HeartbeatTimeout) => Some(frame::close(
-            frame::CLOSE_POLICY,
-            "no frame from the client for two heartbeat intervals",
-        )),
-        End::Closed(CloseReason::SlowConsumer) => Some(frame::close(
-            frame::CLOSE_TRY_AGAIN,
-            "slow consumer: the socket accepted nothing in time; resume later",
-        )),
-        End::Closed(CloseReason::Replaced) => Some(frame::close(
-            frame::CLOSE_REPLACED,
-            "replaced by a newer connection of this device",
-        )),
-        End::Closed(CloseReason::WriteFailed) | End::WriterGone | End::ClientGone => None,
-    };
-    if let Some(close) = close {
-        // Best effort: the writer may be stuck on a socket that reads nothing.
-        let _ = tokio::time::timeout(Duration::from_millis(200), tx.send(close)).await;
-    }
-    match &end {
-        End::ClientGone => tracing::debug!(user = %user, device, "client disconnected"),
-        other => tracing::debug!(user = %user, device, end = ?other, "connection closed"),
-    }
-    metrics::counter!("gapless_edge_disconnects_total", "reason" => end.label()).increment(1);
-    if state.hub.remove(&conn) {
-        state.registry.remove(user);
-    }
-    state.acks.flush_soon();
-}
-
-/// The session proper; returns why it ended.
-async fn session(
+pub async fn deliver<I: Inbound>(
     state: &EdgeState,
     conn: &Arc<Conn>,
-    stream: &mut SplitStream<WebSocket>,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Out>,
+    inbound: &mut I,
+    position: Page,
+    resume: Resume,
     assigned: bool,
 ) -> End {
     let config = &state.config;
-    let welcome = ServerMessage::Welcome {
-        user: conn.user.as_str().to_owned(),
-        device: conn.device.clone(),
-        edge: config.edge_id.clone(),
-        heartbeat_ms: config.heartbeat.as_millis() as u64,
-    };
-    if tx.send(conn.codec.encode(&welcome)).await.is_err() {
-        return End::WriterGone;
-    }
-
-    // Nothing is delivered before the client says where it stands.
-    let resume = match tokio::time::timeout(config.resume_timeout, next_message(conn, stream)).await
-    {
-        Err(_) => {
-            return End::Violation(Violation::new(
-                frame::CLOSE_POLICY,
-                "no resume within the resume timeout",
-            ));
-        }
-        Ok(Err(end)) => return end,
-        Ok(Ok(ClientMessage::Resume { epoch, after })) => (epoch, after),
-        Ok(Ok(_)) => {
-            return End::Violation(Violation::new(
-                frame::CLOSE_POLICY,
-                "the first message must be resume",
-            ));
-        }
-    };
-
-    let mut d = Delivery {
-        epoch: None,
-        sent: 0,
-        acked: 0,
-        target: 0,
-        must_read: false,
-        reread: false,
-        pending_reset: None,
-        tolerate_stale_ack: false,
-        queue: VecDeque::new(),
-        replaying: true,
-        retry_at: None,
-    };
-    // Where the device starts comes from a read made before registering; every stream read
-    // comes after it. So an append after the registration wakes us, and one before it is in
-    // a read: even a device starting at the live end misses nothing appended once it is
-    // registered, whatever the timing of the position read.
-    let position = match read_position(state, conn).await {
-        Ok(p) => p,
-        Err(end) => return end,
-    };
+    let metrics = state.hot.of(conn.kind);
+    let mut d = Delivery::new();
     // Every session waits for its user's lease, not only the user's first here: a second
     // device whose first read ran while the first device's lease was still being written
     // would miss a wakeup for an append made in between, and wait for the sweep.
     state.hub.add(conn.clone());
     state.registry.add(conn.user.clone()).await;
-    let (client_epoch, client_after) = resume;
-    let start = resume_start(client_epoch, client_after, &position);
-    match start {
+    match resume_start(resume.epoch, resume.after, &position) {
         Some((epoch, after)) => {
             d.epoch = Some(epoch);
             d.sent = after;
@@ -385,6 +402,8 @@ async fn session(
     d.apply_hints(hints.items, hints.overflowed, false);
 
     let mut reading: Option<oneshot::Receiver<Result<Page, StoreError>>> = None;
+    // Last time the transport took a message, or the queue was empty.
+    let mut progress_at = Instant::now();
     loop {
         if let Some(reason) = conn.close_requested() {
             return End::Closed(reason);
@@ -392,6 +411,9 @@ async fn session(
         if !start_stored && let Some(epoch) = &d.epoch {
             state.acks.record(&conn.user, &conn.device, epoch, d.acked);
             start_stored = true;
+        }
+        if d.queue.is_empty() {
+            progress_at = Instant::now();
         }
         let retry_wait = d.retry_at.filter(|t| *t > Instant::now());
         if d.must_read && d.queue.is_empty() && reading.is_none() && retry_wait.is_none() {
@@ -407,30 +429,21 @@ async fn session(
                 let hints = conn.take_hints();
                 d.apply_hints(hints.items, hints.overflowed, reading.is_some());
             }
-            frame = stream.next() => {
-                let msg = match frame {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => return read_failed(e),
-                    None => return End::ClientGone,
-                };
-                conn.touch();
-                match conn.codec.decode(&msg) {
-                    Ok(None) => {}
-                    Ok(Some(ClientMessage::Pong)) => {}
-                    Ok(Some(ClientMessage::Ack { seq })) => {
-                        if let Err(v) = ack(state, conn, &mut d, seq) {
-                            return End::Violation(v);
-                        }
+            msg = inbound.next() => match msg {
+                Err(end) => return end,
+                Ok(ClientMessage::Pong) => {}
+                Ok(ClientMessage::Ack { seq }) => {
+                    if let Err(v) = ack(state, conn, &mut d, seq) {
+                        return End::Violation(v);
                     }
-                    Ok(Some(ClientMessage::Resume { .. })) => {
-                        return End::Violation(Violation::new(
-                            frame::CLOSE_POLICY,
-                            "resume may be sent once, right after welcome",
-                        ));
-                    }
-                    Err(v) => return End::Violation(v),
                 }
-            }
+                Ok(ClientMessage::Resume { .. }) => {
+                    return End::Violation(Violation::new(
+                        frame::CLOSE_POLICY,
+                        "resume may be sent once, right after welcome",
+                    ));
+                }
+            },
             page = async { reading.as_mut().expect("guarded by is_some").await }, if reading.is_some() => {
                 reading = None;
                 match page {
@@ -451,11 +464,10 @@ async fn session(
                 match &msg {
                     ServerMessage::Notification(n) => {
                         d.sent = n.seq;
-                        let hot = &state.hot;
-                        let delivered = if d.replaying { &hot.delivered_replay } else { &hot.delivered_live };
+                        let delivered = if d.replaying { &metrics.delivered_replay } else { &metrics.delivered_live };
                         delivered.increment(1);
                         let latency = gapless_shared::now_ms().saturating_sub(n.ts);
-                        hot.delivery_latency.record(latency as f64 / 1000.0);
+                        state.hot.delivery_latency.record(latency as f64 / 1000.0);
                     }
                     ServerMessage::Reset { first_seq, reason, .. } => {
                         // Nothing before first_seq can be acked in the numbering that follows.
@@ -466,12 +478,21 @@ async fn session(
                             ResetReason::GapTrimmed => "gap_trimmed",
                             ResetReason::EpochChanged => "epoch_changed",
                         };
-                        metrics::counter!("gapless_edge_resets_total", "reason" => label).increment(1);
+                        metrics::counter!(
+                            "gapless_edge_resets_total",
+                            "reason" => label,
+                            "transport" => conn.kind.label()
+                        )
+                        .increment(1);
                     }
                     _ => {}
                 }
-                permit.send(conn.codec.encode(&msg));
+                permit.send(Out::Message(msg));
+                progress_at = Instant::now();
                 conn.set_position(d.epoch.as_deref(), d.sent);
+            }
+            () = tokio::time::sleep_until(progress_at + config.slow_consumer), if !d.queue.is_empty() => {
+                return End::Closed(CloseReason::SlowConsumer);
             }
             () = async { tokio::time::sleep_until(retry_wait.expect("guarded by is_some")).await }, if retry_wait.is_some() => {}
         }
@@ -480,7 +501,7 @@ async fn session(
 
 /// Reads the log's state and the device's stored ack, retrying while Redis is unavailable
 /// (the client waits, connected; only a close request ends the wait).
-async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End> {
+pub async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End> {
     loop {
         let mut rx = state.reader.request(ReadOp::Position {
             user: conn.user.clone(),
@@ -508,12 +529,32 @@ async fn read_position(state: &EdgeState, conn: &Arc<Conn>) -> Result<Page, End>
     }
 }
 
+/// Reads the log's state and the device's stored ack once, within the Redis timeout: for
+/// HTTP requests, which answer 503 rather than wait.
+pub async fn read_position_once(
+    state: &EdgeState,
+    user: &UserId,
+    device: &str,
+) -> Result<Page, StoreError> {
+    let rx = state.reader.request(ReadOp::Position {
+        user: user.clone(),
+        device: device.to_owned(),
+    });
+    match tokio::time::timeout(state.config.redis.command_timeout, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(StoreError::Unavailable("the reader stopped".into())),
+        Err(_) => Err(StoreError::Unavailable(
+            "Redis did not answer in time".into(),
+        )),
+    }
+}
+
 /// Where a resuming device starts, from what it sent and what Redis holds (DESIGN.md §1.5):
 /// an explicit (epoch, after); `after` alone (a device that connected before but never got
 /// a notification, so knows no epoch): its stored position in the current epoch if there is
 /// one, else `after` in the current epoch; nothing: its stored position. `None` means the
 /// live end.
-fn resume_start(
+pub fn resume_start(
     epoch: Option<String>,
     after: Option<u64>,
     position: &Page,
@@ -550,7 +591,7 @@ fn ack(state: &EdgeState, conn: &Conn, d: &mut Delivery, seq: u64) -> Result<(),
         ));
     }
     d.tolerate_stale_ack = false;
-    state.hot.acks.increment(1);
+    state.hot.of(conn.kind).acks.increment(1);
     if seq > d.acked {
         d.acked = seq;
         if let Some(epoch) = &d.epoch {
@@ -558,87 +599,6 @@ fn ack(state: &EdgeState, conn: &Conn, d: &mut Delivery, seq: u64) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// The next protocol message from the client, skipping control frames.
-async fn next_message(
-    conn: &Conn,
-    stream: &mut SplitStream<WebSocket>,
-) -> Result<ClientMessage, End> {
-    loop {
-        let msg = match stream.next().await {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => return Err(read_failed(e)),
-            None => return Err(End::ClientGone),
-        };
-        conn.touch();
-        match conn.codec.decode(&msg) {
-            Ok(Some(m)) => return Ok(m),
-            Ok(None) if matches!(msg, Message::Close(_)) => return Err(End::ClientGone),
-            Ok(None) => {}
-            Err(v) => return Err(End::Violation(v)),
-        }
-    }
-}
-
-/// Why reading the socket failed: a frame over the size limit is the client's fault and
-/// closes with 1009 and a reason; anything else is a socket that is gone.
-fn read_failed(error: axum::Error) -> End {
-    match error.into_inner().downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => End::Violation(Violation::new(
-            frame::CLOSE_TOO_BIG,
-            format!(
-                "frame larger than {} bytes; clients send acks and pongs",
-                crate::MAX_CLIENT_FRAME
-            ),
-        )),
-        _ => End::ClientGone,
-    }
-}
-
-/// Owns the socket's sink: writes queued frames, batching what is queued into one flush.
-/// Every write must make progress within `slow`; a socket that accepts nothing for that long
-/// belongs to a client that does not read, and the connection is closed (1013).
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
-    conn: Arc<Conn>,
-    slow: Duration,
-) {
-    'outer: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            let closing = matches!(msg, Message::Close(_));
-            match tokio::time::timeout(slow, sink.feed(msg)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    conn.request_close(CloseReason::WriteFailed);
-                    break 'outer;
-                }
-                Err(_) => {
-                    conn.request_close(CloseReason::SlowConsumer);
-                    break 'outer;
-                }
-            }
-            if closing {
-                let _ = tokio::time::timeout(slow, sink.flush()).await;
-                break 'outer;
-            }
-            next = rx.try_recv().ok();
-        }
-        match tokio::time::timeout(slow, sink.flush()).await {
-            Ok(Ok(())) => conn.mark_sent(),
-            Ok(Err(_)) => {
-                conn.request_close(CloseReason::WriteFailed);
-                break;
-            }
-            Err(_) => {
-                conn.request_close(CloseReason::SlowConsumer);
-                break;
-            }
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_millis(100), sink.close()).await;
 }
 
 #[cfg(test)]

@@ -1,0 +1,89 @@
+//! What every session and endpoint of the edge shares ([`EdgeState`]), and the handles of the
+//! metrics counted on every delivery and ack.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use gapless_shared::ids::UserId;
+use gapless_shared::rate::{AuthFailures, KeyedLimit};
+use redis::aio::ConnectionManager;
+
+use crate::Config;
+use crate::acks::AckBook;
+use crate::auth::Verifier;
+use crate::hub::{Hub, Kind};
+use crate::reader::Reader;
+use crate::registry::Registry;
+
+/// Everything the edge's tasks share.
+pub struct EdgeState {
+    /// Settings.
+    pub config: Config,
+    /// Local connections.
+    pub hub: Arc<Hub>,
+    /// Coalescing stream reader.
+    pub reader: Reader,
+    /// Registry leases.
+    pub registry: Registry,
+    /// Ack positions.
+    pub acks: AckBook,
+    /// Token checks.
+    pub(crate) verifier: Verifier,
+    /// Failed authentications per source address.
+    pub(crate) auth_failures: AuthFailures<IpAddr>,
+    /// Connection attempts per user.
+    pub(crate) user_connects: KeyedLimit<UserId>,
+    /// Set when draining: new connections are refused.
+    pub(crate) draining: AtomicBool,
+    /// Shared Redis connection (readiness, drain).
+    pub(crate) conn: ConnectionManager,
+    /// The metrics counted on every delivery and ack.
+    pub(crate) hot: HotMetrics,
+}
+
+/// Handles of the metrics counted on every delivery and ack, registered once: `counter!`
+/// and `histogram!` build their key and look it up in the registry on every call.
+pub(crate) struct HotMetrics {
+    /// Per transport, indexed by [`Kind::index`].
+    per_transport: [TransportMetrics; 3],
+    /// `gapless_edge_delivery_latency_seconds`: the entry's ingest time to its hand-over to
+    /// the transport.
+    pub delivery_latency: metrics::Histogram,
+}
+
+/// The hot metrics of one transport (label `transport`).
+pub(crate) struct TransportMetrics {
+    /// `gapless_edge_connects_total`.
+    pub connects: metrics::Counter,
+    /// `gapless_edge_delivered_total{path="live"}`.
+    pub delivered_live: metrics::Counter,
+    /// `gapless_edge_delivered_total{path="replay"}`.
+    pub delivered_replay: metrics::Counter,
+    /// `gapless_edge_acks_total`.
+    pub acks: metrics::Counter,
+}
+
+impl HotMetrics {
+    /// Registers the handles with the installed recorder.
+    pub fn register() -> Self {
+        let of = |kind: Kind| {
+            let t = kind.label();
+            TransportMetrics {
+                connects: metrics::counter!("gapless_edge_connects_total", "transport" => t),
+                delivered_live: metrics::counter!("gapless_edge_delivered_total", "path" => "live", "transport" => t),
+                delivered_replay: metrics::counter!("gapless_edge_delivered_total", "path" => "replay", "transport" => t),
+                acks: metrics::counter!("gapless_edge_acks_total", "transport" => t),
+            }
+        };
+        Self {
+            per_transport: Kind::ALL.map(of),
+            delivery_latency: metrics::histogram!("gapless_edge_delivery_latency_seconds"),
+        }
+    }
+
+    /// The metrics of `kind`.
+    pub fn of(&self, kind: Kind) -> &TransportMetrics {
+        &self.per_transport[kind.index()]
+    }
+}
