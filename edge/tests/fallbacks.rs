@@ -6,299 +6,16 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use common::http::{Poll, Sse, poll_once};
 use common::{Client, Edge, System, eventually, token};
-use gapless_shared::protocol::{self, ResetReason, ServerMessage};
+use gapless_shared::protocol::{ResetReason, ServerMessage};
 use reqwest::StatusCode;
 use serde_json::json;
 
 /// A position no log ever had (epochs are random).
 const MADE_UP_EPOCH: &str = "0000000000000000";
-
-/// One event of an SSE stream.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Event {
-    event: String,
-    id: Option<String>,
-    data: String,
-}
-
-/// A raw SSE client: reads the stream and splits it into events.
-struct Sse {
-    response: reqwest::Response,
-    buffer: String,
-    events: VecDeque<Event>,
-    retry: Option<u64>,
-    pings: usize,
-    epoch: Option<String>,
-    user: String,
-    device: String,
-    base: String,
-}
-
-impl Sse {
-    /// Opens `/v1/sse` with `query` and `last_event_id` (as the header); panics unless 200,
-    /// and reads the welcome.
-    async fn open(
-        edge: &Edge,
-        user: &str,
-        device: &str,
-        query: &str,
-        last_event_id: Option<&str>,
-    ) -> Self {
-        let (status, sse) = Self::try_open(edge, user, device, query, last_event_id).await;
-        assert_eq!(status, StatusCode::OK);
-        let mut sse = sse.expect("a stream");
-        let welcome = sse.event().await.expect("welcome");
-        assert_eq!(welcome.event, "welcome");
-        assert!(sse.retry.is_some(), "retry: comes first");
-        sse
-    }
-
-    async fn try_open(
-        edge: &Edge,
-        user: &str,
-        device: &str,
-        query: &str,
-        last_event_id: Option<&str>,
-    ) -> (StatusCode, Option<Self>) {
-        let base = format!("http://{}", edge.addr);
-        let mut request = reqwest::Client::new()
-            .get(format!("{base}/v1/sse?{query}"))
-            .bearer_auth(token(user, Some(device)));
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = request.send().await.expect("the edge answers");
-        let status = response.status();
-        if status != StatusCode::OK {
-            return (status, None);
-        }
-        assert_eq!(
-            response.headers()["content-type"],
-            "text/event-stream",
-            "{:?}",
-            response.headers()
-        );
-        assert_eq!(response.headers()["cache-control"], "no-cache");
-        assert_eq!(response.headers()["x-accel-buffering"], "no");
-        let sse = Self {
-            response,
-            buffer: String::new(),
-            events: VecDeque::new(),
-            retry: None,
-            pings: 0,
-            epoch: None,
-            user: user.to_owned(),
-            device: device.to_owned(),
-            base,
-        };
-        (status, Some(sse))
-    }
-
-    /// The next event; `None` when the stream ended; panics after 10 s of silence.
-    async fn event(&mut self) -> Option<Event> {
-        loop {
-            if let Some(e) = self.events.pop_front() {
-                return Some(e);
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), self.response.chunk())
-                .await
-                .expect("an event within 10 s");
-            match chunk {
-                Ok(Some(bytes)) => {
-                    self.buffer
-                        .push_str(std::str::from_utf8(&bytes).expect("utf-8"));
-                    self.split();
-                }
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-
-    fn split(&mut self) {
-        while let Some(end) = self.buffer.find("\n\n") {
-            let block: String = self.buffer.drain(..end + 2).collect();
-            let mut event = Event::default();
-            let mut any = false;
-            for line in block.lines() {
-                if let Some(comment) = line.strip_prefix(':') {
-                    assert_eq!(comment.trim(), "ping");
-                    self.pings += 1;
-                } else if let Some(v) = line.strip_prefix("retry: ") {
-                    self.retry = Some(v.parse().expect("retry is a number"));
-                } else if let Some(v) = line.strip_prefix("event: ") {
-                    event.event = v.to_owned();
-                    any = true;
-                } else if let Some(v) = line.strip_prefix("id: ") {
-                    event.id = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    assert!(event.data.is_empty(), "one data line per event: {block:?}");
-                    event.data = v.to_owned();
-                } else {
-                    assert!(line.is_empty(), "unexpected line {line:?}");
-                }
-            }
-            if any {
-                self.events.push_back(event);
-            }
-        }
-    }
-
-    /// The next notification or reset, as the WebSocket message, checking its id.
-    async fn next(&mut self) -> Option<ServerMessage> {
-        let e = self.event().await?;
-        let msg: ServerMessage = protocol::from_json(&e.data).expect("server JSON");
-        match &msg {
-            ServerMessage::Notification(n) => {
-                assert_eq!(e.event, "notification");
-                assert_eq!(e.id, Some(format!("{}:{}", n.epoch, n.seq)));
-                self.epoch = Some(n.epoch.clone());
-            }
-            ServerMessage::Reset {
-                epoch, first_seq, ..
-            } => {
-                assert_eq!(e.event, "reset");
-                assert_eq!(e.id, Some(format!("{epoch}:{}", first_seq - 1)));
-                self.epoch = Some(epoch.clone());
-            }
-            other => panic!("unexpected {other:?} in {e:?}"),
-        }
-        Some(msg)
-    }
-
-    async fn seqs(&mut self, n: usize) -> Vec<u64> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            match self.next().await {
-                Some(ServerMessage::Notification(note)) => out.push(note.seq),
-                other => panic!("expected a notification, got {other:?}"),
-            }
-        }
-        out
-    }
-
-    /// `POST /v1/ack`; returns the status.
-    async fn ack(&self, seq: u64) -> StatusCode {
-        let epoch = self.epoch.clone().expect("an epoch seen");
-        post_ack(&self.base, &self.user, &self.device, &epoch, seq).await
-    }
-
-    /// Asserts no event comes for `wait`.
-    async fn assert_quiet(&mut self, wait: Duration) {
-        if let Ok(Ok(Some(bytes))) = tokio::time::timeout(wait, self.response.chunk()).await {
-            let text = String::from_utf8_lossy(&bytes);
-            assert!(text.trim() == ": ping", "expected silence, got {text:?}");
-        }
-    }
-}
-
-async fn post_ack(base: &str, user: &str, device: &str, epoch: &str, seq: u64) -> StatusCode {
-    reqwest::Client::new()
-        .post(format!("{base}/v1/ack"))
-        .bearer_auth(token(user, Some(device)))
-        .json(&json!({"epoch": epoch, "seq": seq}))
-        .send()
-        .await
-        .expect("the edge answers")
-        .status()
-}
-
-/// One long-poll: status, headers, messages.
-async fn poll_once(
-    edge: &Edge,
-    user: &str,
-    device: &str,
-    query: &str,
-) -> (StatusCode, reqwest::header::HeaderMap, serde_json::Value) {
-    let response = reqwest::Client::new()
-        .get(format!("http://{}/v1/poll?{query}", edge.addr))
-        .bearer_auth(token(user, Some(device)))
-        .timeout(Duration::from_secs(70))
-        .send()
-        .await
-        .expect("the edge answers");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response.json().await.expect("JSON");
-    (status, headers, body)
-}
-
-/// A raw long-poll client: polls with the last position it received.
-struct Poll {
-    position: Option<(String, u64)>,
-    buffer: VecDeque<ServerMessage>,
-    first_query: Option<String>,
-    user: String,
-    device: String,
-}
-
-impl Poll {
-    fn new(user: &str, device: &str, first_query: &str) -> Self {
-        Self {
-            position: None,
-            buffer: VecDeque::new(),
-            first_query: Some(first_query.to_owned()),
-            user: user.to_owned(),
-            device: device.to_owned(),
-        }
-    }
-
-    /// The query of the next poll: the first one as given, then the last position received.
-    fn query(&mut self, wait_ms: u64) -> String {
-        let base = match (self.first_query.take(), &self.position) {
-            (Some(q), _) => q,
-            (None, Some((epoch, seq))) => format!("epoch={epoch}&after={seq}"),
-            (None, None) => String::new(),
-        };
-        format!("{base}&wait_ms={wait_ms}")
-    }
-
-    async fn next(&mut self, edge: &Edge) -> ServerMessage {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.buffer.is_empty() {
-            assert!(Instant::now() < deadline, "no message within 10 s");
-            let q = self.query(2_000);
-            let (status, _, body) = poll_once(edge, &self.user, &self.device, &q).await;
-            assert_eq!(status, StatusCode::OK, "{body}");
-            for m in body.as_array().expect("an array") {
-                let msg: ServerMessage = serde_json::from_value(m.clone()).expect("a message");
-                self.buffer.push_back(msg);
-            }
-        }
-        let msg = self.buffer.pop_front().expect("not empty");
-        match &msg {
-            ServerMessage::Notification(n) => self.position = Some((n.epoch.clone(), n.seq)),
-            ServerMessage::Reset {
-                epoch, first_seq, ..
-            } => self.position = Some((epoch.clone(), first_seq - 1)),
-            other => panic!("unexpected {other:?}"),
-        }
-        msg
-    }
-
-    async fn seqs(&mut self, edge: &Edge, n: usize) -> Vec<u64> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            match self.next(edge).await {
-                ServerMessage::Notification(note) => out.push(note.seq),
-                other => panic!("expected a notification, got {other:?}"),
-            }
-        }
-        out
-    }
-
-    /// One more poll, with the position received so far (which acknowledges it); asserts
-    /// it answers `[]` after its wait.
-    async fn assert_quiet(&mut self, edge: &Edge, wait_ms: u64) {
-        assert!(self.buffer.is_empty(), "{:?}", self.buffer);
-        let q = self.query(wait_ms);
-        let (status, _, body) = poll_once(edge, &self.user, &self.device, &q).await;
-        assert_eq!((status, body), (StatusCode::OK, json!([])));
-    }
-}
 
 /// The transports a device can use.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -338,7 +55,7 @@ impl Device {
                 )
                 .await,
             ),
-            Transport::Sse => Device::Sse(Sse::open(edge, user, device, &query, None).await),
+            Transport::Sse => Device::Sse(Sse::open(edge.addr, user, device, &query, None).await),
             Transport::Poll => Device::Poll(Poll::new(user, device, &query)),
         }
     }
@@ -353,7 +70,7 @@ impl Device {
                 out
             }
             Device::Sse(s) => s.seqs(n).await,
-            Device::Poll(p) => p.seqs(edge, n).await,
+            Device::Poll(p) => p.seqs(edge.addr, n).await,
         }
     }
 
@@ -367,7 +84,7 @@ impl Device {
             }
             Device::Poll(p) => {
                 p.position = Some((epoch.to_owned(), seq));
-                p.assert_quiet(edge, 0).await;
+                p.assert_quiet(edge.addr, 0).await;
             }
         }
     }
@@ -429,7 +146,7 @@ async fn sse_replays_exactly_the_gap_from_each_way_of_naming_a_position() {
     let edge = sys.edge(sys.edge_config("edge-sse")).await;
     let epoch = send_n(&sys, "alice", 1..=3).await;
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("epoch={epoch}&after=0"),
@@ -444,13 +161,13 @@ async fn sse_replays_exactly_the_gap_from_each_way_of_naming_a_position() {
     send_n(&sys, "alice", 5..=7).await;
     // The header a browser's EventSource sends when it reconnects by itself.
     let id = format!("{epoch}:4");
-    let mut s = Sse::open(&edge, "alice", "phone", "", Some(&id)).await;
+    let mut s = Sse::open(edge.addr, "alice", "phone", "", Some(&id)).await;
     assert_eq!(s.seqs(3).await, [5, 6, 7]);
     s.assert_quiet(Duration::from_millis(300)).await;
     drop(s);
     // The query form, for a first connect (a browser cannot set the header).
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("last_event_id={epoch}:5"),
@@ -461,7 +178,7 @@ async fn sse_replays_exactly_the_gap_from_each_way_of_naming_a_position() {
     drop(s);
     // The header wins over the query.
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("last_event_id={epoch}:1"),
@@ -480,7 +197,7 @@ async fn sse_acks_by_post_are_stored_and_a_named_position_acknowledges() {
     let edge = sys.edge(config).await;
     let epoch = send_n(&sys, "alice", 1..=5).await;
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("epoch={epoch}&after=0"),
@@ -500,11 +217,11 @@ async fn sse_acks_by_post_are_stored_and_a_named_position_acknowledges() {
     assert_eq!(s.ack(2).await, StatusCode::NO_CONTENT);
     drop(s);
     // No position: the stored ack.
-    let mut s = Sse::open(&edge, "alice", "phone", "", None).await;
+    let mut s = Sse::open(edge.addr, "alice", "phone", "", None).await;
     assert_eq!(s.seqs(2).await, [4, 5]);
     drop(s);
     // Reconnecting with a position acknowledges it.
-    let _s = Sse::open(&edge, "alice", "phone", "", Some(&format!("{epoch}:5"))).await;
+    let _s = Sse::open(edge.addr, "alice", "phone", "", Some(&format!("{epoch}:5"))).await;
     eventually(
         "the named position is stored",
         Duration::from_secs(5),
@@ -518,8 +235,8 @@ async fn sse_new_device_starts_at_the_live_end_and_users_are_isolated() {
     let sys = System::start().await;
     let edge = sys.edge(sys.edge_config("edge-sse")).await;
     send_n(&sys, "alice", 1..=3).await;
-    let mut alice = Sse::open(&edge, "alice", "new-tab", "", None).await;
-    let mut bob = Sse::open(&edge, "bob", "new-tab", "", None).await;
+    let mut alice = Sse::open(edge.addr, "alice", "new-tab", "", None).await;
+    let mut bob = Sse::open(edge.addr, "bob", "new-tab", "", None).await;
     wait_registered(&sys, "alice", "edge-sse").await;
     wait_registered(&sys, "bob", "edge-sse").await;
     alice.assert_quiet(Duration::from_millis(300)).await;
@@ -553,7 +270,7 @@ async fn sse_resets_when_the_gap_was_trimmed_or_the_epoch_changed() {
         .await
         .expect("HGET");
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("epoch={epoch}&after=5"),
@@ -576,7 +293,7 @@ async fn sse_resets_when_the_gap_was_trimmed_or_the_epoch_changed() {
     assert_eq!(s.seqs(n).await, (first..=1_000).collect::<Vec<_>>());
     drop(s);
     let mut s = Sse::open(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         "",
@@ -602,7 +319,7 @@ async fn sse_streams_ping_when_quiet_and_drain_ends_them_with_a_reconnect_event(
     config.drain_window = Duration::from_millis(200);
     config.sse_retry = Duration::from_millis(700);
     let edge = sys.edge(config).await;
-    let mut s = Sse::open(&edge, "alice", "phone", "", None).await;
+    let mut s = Sse::open(edge.addr, "alice", "phone", "", None).await;
     let retry = s.retry.expect("retry");
     assert!((700..=1400).contains(&retry), "retry {retry}");
     // A quiet stream is pinged by comments, and silence from an SSE client (which never
@@ -734,8 +451,13 @@ async fn poll_replays_exactly_the_gap_and_acknowledges_what_it_names() {
     config.ack_flush = Duration::from_millis(50);
     let edge = sys.edge(config).await;
     let epoch = send_n(&sys, "alice", 1..=5).await;
-    let (status, headers, body) =
-        poll_once(&edge, "alice", "phone", &format!("epoch={epoch}&after=2")).await;
+    let (status, headers, body) = poll_once(
+        edge.addr,
+        "alice",
+        "phone",
+        &format!("epoch={epoch}&after=2"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["gapless-device"], "phone");
     assert_eq!(headers["gapless-edge"], "edge-poll");
@@ -758,7 +480,7 @@ async fn poll_replays_exactly_the_gap_and_acknowledges_what_it_names() {
     .await;
     // `limit` bounds an answer; the next poll goes on from what was received.
     let (_, _, body) = poll_once(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("epoch={epoch}&after=3&limit=1"),
@@ -768,8 +490,8 @@ async fn poll_replays_exactly_the_gap_and_acknowledges_what_it_names() {
     assert_eq!(body[0]["seq"], 4);
     // No position: the stored one (3, named by the last poll).
     let mut p = Poll::new("alice", "phone", "");
-    assert_eq!(p.seqs(&edge, 2).await, [4, 5]);
-    p.assert_quiet(&edge, 200).await;
+    assert_eq!(p.seqs(edge.addr, 2).await, [4, 5]);
+    p.assert_quiet(edge.addr, 200).await;
     eventually(
         "the last poll's position is stored",
         Duration::from_secs(5),
@@ -856,7 +578,7 @@ async fn a_second_poll_of_a_device_ends_the_first_with_an_empty_answer() {
     // An empty wait answers [] after it.
     let started = Instant::now();
     let (status, _, body) = poll_once(
-        &edge,
+        edge.addr,
         "alice",
         "phone",
         &format!("epoch={epoch}&after=2&wait_ms=300"),
@@ -873,7 +595,7 @@ async fn poll_new_device_starts_at_the_live_end_stored_at_once_and_users_are_iso
     config.ack_flush = Duration::from_millis(50);
     let edge = sys.edge(config).await;
     let epoch = send_n(&sys, "alice", 1..=3).await;
-    let (_, _, body) = poll_once(&edge, "alice", "new", "wait_ms=100").await;
+    let (_, _, body) = poll_once(edge.addr, "alice", "new", "wait_ms=100").await;
     assert_eq!(body, json!([]));
     let at_three = Some((epoch.clone(), 3));
     eventually(
@@ -887,20 +609,20 @@ async fn poll_new_device_starts_at_the_live_end_stored_at_once_and_users_are_iso
     // The next poll without a position continues from the stored live end.
     let mut alice = Poll::new("alice", "new", "");
     let mut bob = Poll::new("bob", "tab", "after=0");
-    match alice.next(&edge).await {
+    match alice.next(edge.addr).await {
         ServerMessage::Notification(n) => {
             assert_eq!((n.seq, n.payload.get()), (4, r#"{"for":"alice"}"#))
         }
         other => panic!("{other:?}"),
     }
-    match bob.next(&edge).await {
+    match bob.next(edge.addr).await {
         ServerMessage::Notification(n) => {
             assert_eq!((n.seq, n.payload.get()), (1, r#"{"for":"bob"}"#))
         }
         other => panic!("{other:?}"),
     }
-    alice.assert_quiet(&edge, 200).await;
-    bob.assert_quiet(&edge, 200).await;
+    alice.assert_quiet(edge.addr, 200).await;
+    bob.assert_quiet(edge.addr, 200).await;
 }
 
 #[tokio::test]
@@ -919,7 +641,7 @@ async fn poll_resets_when_the_gap_was_trimmed_or_the_epoch_changed() {
         "phone",
         &format!("epoch={epoch}&after=5&limit=1000"),
     );
-    let first = match p.next(&edge).await {
+    let first = match p.next(edge.addr).await {
         ServerMessage::Reset {
             epoch: e,
             first_seq,
@@ -931,10 +653,13 @@ async fn poll_resets_when_the_gap_was_trimmed_or_the_epoch_changed() {
         other => panic!("expected a gap_trimmed reset, got {other:?}"),
     };
     let n = (1_000 - first + 1) as usize;
-    assert_eq!(p.seqs(&edge, n).await, (first..=1_000).collect::<Vec<_>>());
+    assert_eq!(
+        p.seqs(edge.addr, n).await,
+        (first..=1_000).collect::<Vec<_>>()
+    );
     let mut p = Poll::new("alice", "phone", &format!("epoch={MADE_UP_EPOCH}&after=3"));
     assert_eq!(
-        p.next(&edge).await,
+        p.next(edge.addr).await,
         ServerMessage::Reset {
             epoch: epoch.clone(),
             first_seq: first,

@@ -769,3 +769,165 @@ async fn the_edge_counts_deliveries_acks_and_their_latency() {
     let timed = metric(&text, "gapless_edge_delivery_latency_seconds_count");
     assert!(timed >= 4.0, "delivery_latency_seconds_count {timed}");
 }
+
+// ---------------------------------------------------------------------------------------
+// The HTTP fallbacks under faults
+// ---------------------------------------------------------------------------------------
+
+/// An edge killed under an SSE stream and a held poll: both devices resume on another edge
+/// from what they received and get exactly the rest.
+#[tokio::test]
+async fn an_edge_killed_under_sse_and_poll_devices_loses_nothing() {
+    use common::http::{Poll, Sse};
+    let sys = System::start().await;
+    let mut edge1 = EdgeProcess::start(&sys, "edge-h1", &[]).await;
+    let edge2 = EdgeProcess::start(&sys, "edge-h2", &[]).await;
+    let (epoch, _) = sys.send("sse-user", serde_json::json!(1)).await;
+    let (poll_epoch, _) = sys.send("poll-user", serde_json::json!(1)).await;
+    let mut s = Sse::open(
+        edge1.addr,
+        "sse-user",
+        "phone",
+        &format!("epoch={epoch}&after=0"),
+        None,
+    )
+    .await;
+    let mut p = Poll::new("poll-user", "phone", &format!("epoch={poll_epoch}&after=0"));
+    assert_eq!(s.seqs(1).await, [1]);
+    assert_eq!(p.seqs(edge1.addr, 1).await, [1]);
+    for i in 2..=5 {
+        sys.send("sse-user", serde_json::json!(i)).await;
+        sys.send("poll-user", serde_json::json!(i)).await;
+    }
+    assert_eq!(s.seqs(4).await, [2, 3, 4, 5]);
+    assert_eq!(p.seqs(edge1.addr, 4).await, [2, 3, 4, 5]);
+    // A poll held on edge 1 when it dies.
+    let held = tokio::spawn({
+        let addr = edge1.addr;
+        async move {
+            reqwest::Client::new()
+                .get(format!(
+                    "http://{addr}/v1/poll?epoch={poll_epoch}&after=5&wait_ms=20000"
+                ))
+                .bearer_auth(common::token("poll-user", Some("phone")))
+                .send()
+                .await
+        }
+    });
+    wait_registered(&sys, "poll-user", "edge-h1").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    edge1.sigkill();
+    assert_eq!(s.event().await, None, "the stream ends with the edge");
+    let answer = held.await.expect("the poll task");
+    assert!(
+        answer.is_err() || answer.is_ok_and(|r| !r.status().is_success()),
+        "a killed edge answers no poll"
+    );
+    for i in 6..=10 {
+        sys.send("sse-user", serde_json::json!(i)).await;
+        sys.send("poll-user", serde_json::json!(i)).await;
+    }
+    // The browser's reconnect: Last-Event-ID of the last event it dispatched.
+    let mut s = Sse::open(
+        edge2.addr,
+        "sse-user",
+        "phone",
+        "",
+        Some(&format!("{epoch}:5")),
+    )
+    .await;
+    assert_eq!(s.seqs(5).await, [6, 7, 8, 9, 10]);
+    s.assert_quiet(Duration::from_millis(300)).await;
+    assert_eq!(p.seqs(edge2.addr, 5).await, [6, 7, 8, 9, 10]);
+    p.assert_quiet(edge2.addr, 300).await;
+}
+
+/// An SSE reader that stops reading is closed on the WebSocket's slow-consumer bound (the
+/// socket itself by the listener's write timeout), with the edge's memory bounded, and later
+/// resumes with everything.
+#[tokio::test]
+async fn an_sse_reader_that_stops_reading_is_closed_and_later_resumes_with_everything() {
+    use common::http::Sse;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: usize = 2000;
+    const PAD: usize = 16 << 10;
+    let sys = System::start().await;
+    let edge = EdgeProcess::start(
+        &sys,
+        "edge-sse-slow",
+        &[
+            ("GAPLESS_SLOW_CONSUMER_MS", "1000"),
+            ("GAPLESS_WRITE_TIMEOUT_MS", "1000"),
+            ("GAPLESS_OUTBOUND_QUEUE", "16"),
+        ],
+    )
+    .await;
+    let (epoch, _) = sys.send("slow", serde_json::json!(1)).await;
+    let rss_before = edge.rss_kib();
+    // A raw reader that sends its request and then reads nothing.
+    let mut stalled = tokio::net::TcpStream::connect(edge.addr)
+        .await
+        .expect("connects");
+    let head = format!(
+        "GET /v1/sse?epoch={epoch}&after=1 HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer {}\r\n\r\n",
+        common::token("slow", Some("phone"))
+    );
+    stalled
+        .write_all(head.as_bytes())
+        .await
+        .expect("request sent");
+    wait_registered(&sys, "slow", "edge-sse-slow").await;
+    let mut last = 0;
+    for _ in 0..4 {
+        last = sys.send_padded_batch("slow", N / 4, PAD).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut peak_rss = 0;
+    loop {
+        peak_rss = peak_rss.max(edge.rss_kib());
+        let text = edge.metrics(&sys.http).await;
+        let slow = metric(
+            &text,
+            "gapless_edge_disconnects_total{reason=\"slow_consumer\",transport=\"sse\"}",
+        );
+        let stalled_writes = metric(
+            &text,
+            "gapless_listener_refused_total{reason=\"write_timeout\"}",
+        );
+        if slow >= 1.0 && stalled_writes >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled reader was never closed (slow {slow}, write timeouts {stalled_writes})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        peak_rss < rss_before + 128 * 1024,
+        "the edge grew from {rss_before} KiB to {peak_rss} KiB for one stalled reader"
+    );
+    // The socket is closed: reading what the kernel buffered ends in EOF or a reset.
+    let mut sink = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled connection stays open");
+    // Resumed from its position, the device gets every notification, in order.
+    let mut s = Sse::open(
+        edge.addr,
+        "slow",
+        "phone",
+        &format!("epoch={epoch}&after=1"),
+        None,
+    )
+    .await;
+    let got = s.seqs(N).await;
+    assert_eq!(got, (2..=last).collect::<Vec<_>>());
+}

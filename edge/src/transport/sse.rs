@@ -147,7 +147,8 @@ fn where_to_start(headers: &HeaderMap, query: &SseQuery) -> Result<Resume, Refus
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("\u{0}").trim().to_owned())
         .filter(|v| !v.is_empty());
-    if let Some(id) = header_id.or_else(|| query.last_event_id.clone()) {
+    let query_id = query.last_event_id.clone().filter(|v| !v.trim().is_empty());
+    if let Some(id) = header_id.or(query_id) {
         let Some((epoch, after)) = parse_event_id(&id) else {
             return Err(bad(
                 "invalid_last_event_id",
@@ -357,6 +358,7 @@ pub async fn ack(
         return beyond(sent);
     }
     state.acks.record(&authed.user, &authed.device, &epoch, seq);
+    state.hot.of(Kind::Sse).acks.increment(1);
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -2,6 +2,8 @@
 //! tokio-tungstenite client speaking the protocol.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
