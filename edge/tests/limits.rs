@@ -100,6 +100,55 @@ async fn past_the_connection_budget_upgrades_get_503_while_sessions_and_health_g
     assert!(metrics.contains("gapless_listener_limit{budget=\"established\"}"));
 }
 
+/// SSE streams and held polls hold their connection like a WebSocket: past the edge's
+/// budget, the next one is answered 503 with `Retry-After` at once rather than hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_budget_streams_and_polls_get_503() {
+    let sys = System::start().await;
+    let mut config = sys.edge_config("edge-cap-http");
+    config.listener.max_established = 2;
+    let edge = sys.edge(config).await;
+    let _stream = common::http::Sse::open(edge.addr, "alice", "laptop", "", None).await;
+    let held = tokio::spawn({
+        let addr = edge.addr;
+        async move {
+            reqwest::Client::new()
+                .get(format!("http://{addr}/v1/poll?wait_ms=5000"))
+                .bearer_auth(token("bob", Some("phone")))
+                .send()
+                .await
+        }
+    });
+    common::eventually("the poll is held", Duration::from_secs(5), || async {
+        let text = reqwest::get(format!("http://{}/metrics", edge.addr))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines().any(|l| l == "gapless_edge_polls_held 1")
+    })
+    .await;
+    for path in ["/v1/sse", "/v1/poll?wait_ms=1000"] {
+        let started = std::time::Instant::now();
+        let answer = reqwest::Client::new()
+            .get(format!("http://{}{path}", edge.addr))
+            .bearer_auth(token("carol", Some("phone")))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(answer.status(), 503, "{path}");
+        assert!(answer.headers().contains_key("retry-after"), "{path}");
+        let body: serde_json::Value = answer.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "too_many_connections", "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{path} was held"
+        );
+    }
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upgrade_head_is_closed_and_counted() {
     let sys = System::start().await;
