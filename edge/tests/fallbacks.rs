@@ -339,6 +339,33 @@ async fn sse_streams_ping_when_quiet_and_drain_ends_them_with_a_reconnect_event(
 }
 
 #[tokio::test]
+async fn drain_ends_held_polls_with_an_empty_answer_at_once() {
+    let sys = System::start().await;
+    let mut config = sys.edge_config("edge-poll-drain");
+    config.drain_window = Duration::from_millis(200);
+    let edge = sys.edge(config).await;
+    let epoch = send_n(&sys, "alice", 1..=1).await;
+    let addr = edge.addr;
+    let held = tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = poll_once(
+            addr,
+            "alice",
+            "phone",
+            &format!("epoch={epoch}&after=1&wait_ms=20000"),
+        )
+        .await;
+        (answer, started.elapsed())
+    });
+    wait_registered(&sys, "alice", "edge-poll-drain").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    edge.stop.cancel();
+    let ((status, _, body), took) = held.await.expect("the poll");
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
 async fn sse_bad_requests_get_clear_errors_before_any_stream() {
     let sys = System::start().await;
     let edge = sys.edge(sys.edge_config("edge-sse")).await;

@@ -931,3 +931,128 @@ async fn an_sse_reader_that_stops_reading_is_closed_and_later_resumes_with_every
     let got = s.seqs(N).await;
     assert_eq!(got, (2..=last).collect::<Vec<_>>());
 }
+
+/// A wakeup lost for an SSE stream and a held poll: the sweep finds the entries within one
+/// heartbeat, as for a WebSocket.
+#[tokio::test]
+async fn a_lost_wakeup_still_reaches_sse_and_poll_devices_within_one_heartbeat() {
+    use common::http::Sse;
+    let sys = System::start().await;
+    let heartbeat = Duration::from_millis(1000);
+    let edge = sys
+        .edge(sys.edge_config("edge-lwh").with_heartbeat(heartbeat))
+        .await;
+    let (epoch, _) = sys.send("lw-sse", serde_json::json!(1)).await;
+    let (poll_epoch, _) = sys.send("lw-poll", serde_json::json!(1)).await;
+    let mut s = Sse::open(
+        edge.addr,
+        "lw-sse",
+        "phone",
+        &format!("epoch={epoch}&after=1"),
+        None,
+    )
+    .await;
+    let held = tokio::spawn({
+        let addr = edge.addr;
+        async move {
+            let body: serde_json::Value = reqwest::Client::new()
+                .get(format!(
+                    "http://{addr}/v1/poll?epoch={poll_epoch}&after=1&wait_ms=20000"
+                ))
+                .bearer_auth(common::token("lw-poll", Some("phone")))
+                .send()
+                .await
+                .expect("answers")
+                .json()
+                .await
+                .expect("JSON");
+            body
+        }
+    });
+    wait_registered(&sys, "lw-sse", "edge-lwh").await;
+    wait_registered(&sys, "lw-poll", "edge-lwh").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let payloads: Vec<String> = (2..=3).map(|i| format!("{{\"direct\":{i}}}")).collect();
+    let appended = Instant::now();
+    let (last, edges) = append_without_wakeup(&sys, "lw-sse", &payloads).await;
+    assert_eq!((last, edges), (3, vec!["edge-lwh".to_owned()]));
+    let (last, edges) = append_without_wakeup(&sys, "lw-poll", &payloads).await;
+    assert_eq!((last, edges), (3, vec!["edge-lwh".to_owned()]));
+    assert_eq!(s.seqs(2).await, [2, 3]);
+    let body = held.await.expect("the poll");
+    let took = appended.elapsed();
+    let polled: Vec<u64> = body
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|m| m["seq"].as_u64())
+        .collect();
+    assert_eq!(polled[0], 2, "{body}");
+    assert!(
+        took <= heartbeat + heartbeat / 2,
+        "the lost wakeups were covered only after {took:?} (heartbeat {heartbeat:?})"
+    );
+}
+
+/// Redis restarts under an SSE stream and between polls: the stream stays open, and both
+/// receive what is appended after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_keeps_sse_streams_and_polls_deliver_after_it() {
+    use common::http::{Poll, Sse};
+    let mut sys = System::start().await;
+    let edge = sys.edge(sys.edge_config("edge-rrh")).await;
+    let (epoch, _) = sys.send("rr-sse", serde_json::json!(1)).await;
+    let (poll_epoch, _) = sys.send("rr-poll", serde_json::json!(1)).await;
+    let mut s = Sse::open(
+        edge.addr,
+        "rr-sse",
+        "phone",
+        &format!("epoch={epoch}&after=1"),
+        None,
+    )
+    .await;
+    let mut p = Poll::new("rr-poll", "phone", &format!("epoch={poll_epoch}&after=1"));
+    wait_registered(&sys, "rr-sse", "edge-rrh").await;
+
+    tokio::task::block_in_place(|| sys.redis.kill());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| sys.redis.restart()).expect("Redis restarts from its AOF");
+
+    let mut appended = Vec::new();
+    for i in 0..3 {
+        appended.push(
+            send_retrying(&sys, "rr-sse", &format!("sse-{i}"), Duration::from_secs(15)).await,
+        );
+        send_retrying(
+            &sys,
+            "rr-poll",
+            &format!("poll-{i}"),
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+    assert_eq!(appended, [2, 3, 4], "the log survived the restart");
+    assert_eq!(s.seqs(3).await, appended);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        // Polls refused with 503 while the edge's Redis connection comes back are retried.
+        let q = p.query(1000);
+        let (status, _, body) = common::http::poll_once(edge.addr, "rr-poll", "phone", &q).await;
+        if status == 200 && body.as_array().is_some_and(|a| !a.is_empty()) {
+            break body;
+        }
+        p.first_query = Some(q.replace("&wait_ms=1000", ""));
+        assert!(
+            Instant::now() < deadline,
+            "no poll answered after the restart: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let seqs: Vec<u64> = got
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|m| m["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, [2, 3, 4]);
+}
