@@ -613,12 +613,7 @@ mod tests {
             acked: sent,
             target: sent,
             must_read: true,
-            reread: false,
-            pending_reset: None,
-            tolerate_stale_ack: false,
-            queue: VecDeque::new(),
-            replaying: true,
-            retry_at: None,
+            ..Delivery::new()
         }
     }
 

@@ -21,7 +21,9 @@ use serde::Deserialize;
 use std::sync::atomic::Ordering;
 
 use crate::auth;
+use crate::delivery::{self, Resume};
 use crate::hub::Reservation;
+use crate::reader::Page;
 use crate::state::EdgeState;
 
 /// A refused request: rendered as `{"error":{"code":…,"message":…}}` with its status; 503
@@ -296,10 +298,7 @@ pub fn event_id(epoch: &str, seq: u64) -> String {
 /// Checks a position a request names against the log before anything starts: `after`
 /// beyond the last seq of the current epoch is a 409 (the client claims what was never
 /// sent). A position in another epoch is fine: delivery starts with a reset.
-pub fn check_named(
-    named: &Option<(String, u64)>,
-    position: &crate::reader::Page,
-) -> Result<(), Refused> {
+pub fn check_named(named: &Option<(String, u64)>, position: &Page) -> Result<(), Refused> {
     if let (Some((epoch, after)), Some(current)) = (named, &position.epoch)
         && epoch == current
         && *after > position.last_seq
@@ -314,6 +313,48 @@ pub fn check_named(
         ));
     }
     Ok(())
+}
+
+/// Where a request names delivery to start: `epoch` needs `after`; `after` alone is the
+/// WebSocket's `{"after": n}` (see [`delivery::resume_start`]).
+pub fn named_resume(epoch: Option<String>, after: Option<u64>) -> Result<Resume, Refused> {
+    match (epoch, after) {
+        (Some(epoch), _) if epoch.is_empty() || epoch.len() > 128 => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_epoch",
+            "epoch must be 1..=128 characters",
+        )),
+        (Some(_), None) => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_position",
+            "epoch needs after: the last seq processed in it",
+        )),
+        (epoch, after) => Ok(Resume { epoch, after }),
+    }
+}
+
+/// The position read an HTTP session starts from (before it registers, see
+/// [`delivery::deliver`]), once: 503 when Redis does not answer, 409 for a named position
+/// beyond the log ([`check_named`]). A named position in the current epoch is acknowledged
+/// (stored like an ack): the client says it processed everything up to it.
+pub async fn start_position(
+    state: &EdgeState,
+    authed: &Authed,
+    resume: &Resume,
+) -> Result<Page, Response> {
+    let position = delivery::read_position_once(state, &authed.user, &authed.device)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let named = resume.epoch.clone().zip(resume.after);
+    check_named(&named, &position).map_err(IntoResponse::into_response)?;
+    if let Some((epoch, after)) = &named
+        && position.epoch.as_ref() == Some(epoch)
+    {
+        state
+            .acks
+            .record(&authed.user, &authed.device, epoch, *after);
+    }
+    Ok(position)
 }
 
 /// The 503 of a position read Redis did not answer.

@@ -19,9 +19,9 @@ use gapless_shared::protocol::{self, ServerMessage};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{Admit, Credentials, authenticate, check_named, refuse};
+use super::{Admit, Credentials, authenticate, refuse};
 use crate::AppState;
-use crate::delivery::{self, End, Inbound, Resume};
+use crate::delivery::{self, End, Inbound};
 use crate::hub::{Kind, Out};
 
 /// `wait_ms` when the request names none.
@@ -86,25 +86,9 @@ pub async fn poll(
             );
         }
     };
-    let resume = match (&query.epoch, query.after) {
-        (Some(epoch), _) if epoch.is_empty() || epoch.len() > 128 => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_epoch",
-                "epoch must be 1..=128 characters",
-            );
-        }
-        (Some(_), None) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_position",
-                "epoch needs after: the last seq processed in it",
-            );
-        }
-        (epoch, after) => Resume {
-            epoch: epoch.clone(),
-            after,
-        },
+    let resume = match super::named_resume(query.epoch, query.after) {
+        Ok(r) => r,
+        Err(refused) => return refused.into_response(),
     };
     let admit = Admit {
         connect_rate: false,
@@ -125,21 +109,10 @@ pub async fn poll(
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };
-    let position = match delivery::read_position_once(&state, &authed.user, &authed.device).await {
+    let position = match super::start_position(&state, &authed, &resume).await {
         Ok(p) => p,
-        Err(e) => return super::unavailable(&e),
+        Err(answer) => return answer,
     };
-    let named = resume.epoch.clone().zip(resume.after);
-    if let Err(refused) = check_named(&named, &position) {
-        return refused.into_response();
-    }
-    if let Some((epoch, after)) = &named
-        && position.epoch.as_ref() == Some(epoch)
-    {
-        state
-            .acks
-            .record(&authed.user, &authed.device, epoch, *after);
-    }
 
     let config = &state.config;
     let device = authed.device.clone();

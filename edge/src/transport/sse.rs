@@ -25,9 +25,7 @@ use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Admit, Credentials, Refused, authenticate, check_named, event_id, parse_event_id, refuse,
-};
+use super::{Admit, Credentials, Refused, authenticate, event_id, parse_event_id, refuse};
 use crate::AppState;
 use crate::delivery::{self, End, Inbound, Resume};
 use crate::hub::{Closing, Conn, Kind, Out};
@@ -85,22 +83,10 @@ pub async fn stream(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
-    let position = match delivery::read_position_once(&state, &authed.user, &authed.device).await {
+    let position = match super::start_position(&state, &authed, &resume).await {
         Ok(p) => p,
-        Err(e) => return super::unavailable(&e),
+        Err(answer) => return answer,
     };
-    let named = resume.epoch.clone().zip(resume.after);
-    if let Err(refused) = check_named(&named, &position) {
-        return refused.into_response();
-    }
-    // The browser only reports ids it has dispatched: a named position is acknowledged.
-    if let Some((epoch, after)) = &named
-        && position.epoch.as_ref() == Some(epoch)
-    {
-        state
-            .acks
-            .record(&authed.user, &authed.device, epoch, *after);
-    }
 
     let config = &state.config;
     let retry = config.sse_retry.as_millis() as u64;
@@ -160,19 +146,7 @@ fn where_to_start(headers: &HeaderMap, query: &SseQuery) -> Result<Resume, Refus
             after: Some(after),
         });
     }
-    match (&query.epoch, query.after) {
-        (Some(epoch), _) if epoch.is_empty() || epoch.len() > 128 => {
-            Err(bad("invalid_epoch", "epoch must be 1..=128 characters"))
-        }
-        (Some(_), None) => Err(bad(
-            "invalid_position",
-            "epoch needs after: the last seq processed in it",
-        )),
-        (epoch, after) => Ok(Resume {
-            epoch: epoch.clone(),
-            after,
-        }),
-    }
+    super::named_resume(query.epoch.clone(), query.after)
 }
 
 /// The client's side of an event stream: it only ever ends, when the response body is
