@@ -33,6 +33,30 @@ if ! command -v openssl >/dev/null 2>&1; then
   fi
 fi
 
+# The browser tests drive Debian's chromium through playwright-core (pinned in
+# edge/tests/browser/package-lock.json; it never downloads a browser).
+if [ ! -x /usr/bin/chromium ] || ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "chromium or node is missing: installing them with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    pkgs="chromium"
+    command -v node >/dev/null 2>&1 || pkgs="$pkgs nodejs"
+    command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
+  else
+    echo "chromium and node are not installed and apt-get is not available: install them and re-run" >&2
+    exit 1
+  fi
+fi
+browser_dir=edge/tests/browser
+if [ ! -f "$browser_dir/node_modules/.package-lock.json" ] \
+  || ! cmp -s "$browser_dir/package-lock.json" "$browser_dir/node_modules/.gapless-lock"; then
+  (cd "$browser_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+  cp "$browser_dir/package-lock.json" "$browser_dir/node_modules/.gapless-lock"
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
