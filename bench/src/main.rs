@@ -4,7 +4,7 @@
 //! connections held by load-generator processes; `drill` checks the delivery guarantees
 //! under faults; `flood` checks that idle connections by the tens of thousands lock nobody
 //! out. Modules: [`fleet`] starts and stops the processes, [`stats`] summarises
-//! samples.
+//! samples, [`transports`] says which transport each simulated device speaks.
 #![forbid(unsafe_code)]
 
 mod drill;
@@ -13,6 +13,7 @@ mod flood;
 mod ingest;
 mod load;
 mod stats;
+mod transports;
 
 use clap::{Parser, Subcommand};
 

@@ -1,14 +1,21 @@
-//! gapless-client: a Rust client for the gapless edge protocol (DESIGN.md §5).
+//! gapless-client: a Rust client for the gapless edge protocol (DESIGN.md §5 and §5.1).
 //!
 //! It keeps the device's position (epoch and last processed seq) itself, so it can resume
 //! from it on any edge after any disconnect; drops the duplicates at-least-once delivery may
 //! bring; acks what the application processed; watches heartbeats; reconnects with
 //! exponential backoff and full jitter; and surfaces `reset` to the application.
 //!
+//! It speaks every transport of the edge ([`Transport`]): the WebSocket, Server-Sent Events
+//! and long-polling. `connection` holds one module per transport behind one `Connection`
+//! the state machine here drives; the state machine (position, duplicates, gaps, resets,
+//! backoff) is the same for all three.
+//!
 //! ```no_run
 //! # async fn demo() {
 //! use gapless_client::{Client, ClientConfig, Event};
 //! let config = ClientConfig::new(vec!["ws://127.0.0.1:8080/v1/ws".into()], "<jwt>".into());
+//! // Or over SSE (`http://127.0.0.1:8080/v1/sse`, derived from the same URL):
+//! // config.transport = gapless_client::Transport::Sse;
 //! let mut client = Client::new(config, None);
 //! loop {
 //!     match client.next_event().await {
@@ -32,16 +39,48 @@ use gapless_shared::protocol::{Notification, ResetReason};
 use rand::Rng;
 
 pub use connection::Codec;
-use connection::{Connection, Incoming};
+use connection::{Connection, Failure, Incoming, Resume};
+
+/// How a client reaches its edge (DESIGN.md §5, §5.1). The configured URLs are WebSocket
+/// URLs (`ws://host:port/v1/ws`) whatever the transport: the HTTP transports swap the scheme
+/// (`ws` -> `http`, `wss` -> `https`) and the path (`/v1/ws` -> `/v1/sse` or `/v1/poll`; a
+/// bare base URL gets the path appended).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// `GET /v1/ws`: frames both ways (the default).
+    #[default]
+    WebSocket,
+    /// `GET /v1/sse`: a Server-Sent Events stream; acks are `POST /v1/ack`.
+    Sse,
+    /// `GET /v1/poll`: a loop of long polls; each poll's position acknowledges.
+    Poll,
+}
+
+impl Transport {
+    /// Every transport.
+    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::Poll];
+
+    /// `websocket`, `sse` or `poll` (as presence names them).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+            Transport::Poll => "poll",
+        }
+    }
+}
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Edge URLs (`ws://host:port/v1/ws`); each (re)connect picks one at random.
+    /// Edge URLs (`ws://host:port/v1/ws`, whatever the transport); each (re)connect picks
+    /// one at random.
     pub urls: Vec<String>,
     /// The device token (JWT), sent as `Authorization: Bearer`.
     pub token: String,
-    /// Wire encoding.
+    /// The transport.
+    pub transport: Transport,
+    /// Wire encoding of the WebSocket (SSE and poll are JSON).
     pub codec: Codec,
     /// First reconnect delay bound; doubles per failed attempt up to `backoff_max`, and the
     /// actual delay is uniform in [0, bound] (full jitter).
@@ -56,15 +95,20 @@ pub struct ClientConfig {
     /// pick the port; a fixed port is bound with `SO_REUSEADDR`, so reconnects can reuse it.
     /// Load generators spread over many loopback addresses and ports this way: the kernel's
     /// own search for a free port to bind gets slow when thousands are taken.
+    ///
+    /// SSE and poll use the address only, never the port (their HTTP client binds port 0),
+    /// and share one HTTP client, with its connection pool, per address.
     pub local_addr: Option<std::net::SocketAddr>,
 }
 
 impl ClientConfig {
-    /// A JSON client of `urls` with defaults: backoff 100 ms..10 s, heartbeat grace 10 s.
+    /// A JSON WebSocket client of `urls` with defaults: backoff 100 ms..10 s, heartbeat grace
+    /// 10 s.
     pub fn new(urls: Vec<String>, token: String) -> Self {
         Self {
             urls,
             token,
+            transport: Transport::WebSocket,
             codec: Codec::Json,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
@@ -141,7 +185,8 @@ pub struct Client {
     conn: Option<Connection>,
     /// Failed attempts in a row, for the backoff.
     failures: u32,
-    /// A delay the server asked for (drain hint), used once.
+    /// A delay the server asked for (drain hint: WebSocket close 1012, SSE `reconnect`),
+    /// used once.
     server_delay: Option<Duration>,
     /// Resumed at least once: from then on a client without an epoch resumes with
     /// `after: 0`, so the edge continues from where this device started, not from a later
@@ -178,18 +223,25 @@ impl Client {
         self.stats
     }
 
-    /// Marks everything up to `seq` processed; sent with the next read or write.
+    /// Marks everything up to `seq` processed; sent with the next read or write (WebSocket:
+    /// an `ack` frame; SSE: `POST /v1/ack`, at most one in flight, the latest seq when it
+    /// lands). Over long-polling the next poll's position acknowledges instead, and it names
+    /// every notification handed out before the application asked for the next event: there,
+    /// asking for the next event acknowledges (as the position of every reconnect's resume
+    /// does on all transports).
     pub fn ack(&mut self, seq: u64) {
         self.ack_wanted = self.ack_wanted.max(seq.min(self.position.seq));
     }
 
-    /// Drops the connection now without a close frame, as a vanished network does; the next
-    /// call reconnects.
+    /// Drops the connection now without a close frame (HTTP transports: drops the request),
+    /// as a vanished network does; the next call reconnects.
     pub fn disconnect(&mut self) {
         self.conn = None;
     }
 
-    /// Closes the connection cleanly (close frame 1000); the next call reconnects.
+    /// Closes the connection cleanly (WebSocket: close frame 1000; SSE: lets the ack in
+    /// flight land, then ends the stream; poll: ends the held poll); the next call
+    /// reconnects.
     pub async fn close(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.close().await;
@@ -197,7 +249,8 @@ impl Client {
     }
 
     /// Resets the TCP connection (RST), as a crashed device or middlebox does; the next call
-    /// reconnects. For simulations.
+    /// reconnects. For simulations. Over SSE and poll the request is dropped, which closes
+    /// its TCP connection without a reset (the HTTP client holds the socket).
     pub fn abort(&mut self) {
         if let Some(conn) = self.conn.take() {
             conn.abort();
@@ -223,11 +276,13 @@ impl Client {
             }
             match conn.next().await {
                 Err(e) => return self.lost(e),
-                Ok(Incoming::Closed { code, reason }) => {
-                    if code == 1012 {
-                        self.server_delay = parse_drain_delay(&reason);
-                    }
-                    return self.lost(format!("closed by the edge: {code} {reason}"));
+                Ok(Incoming::Closed {
+                    code,
+                    reason,
+                    retry_in,
+                }) => {
+                    self.server_delay = retry_in;
+                    return self.lost(format!("closed by the edge: {code} {reason}").into());
                 }
                 Ok(Incoming::Reset {
                     epoch,
@@ -256,18 +311,18 @@ impl Client {
                         // The edge promises contiguous seqs: a jump is a fault somewhere.
                         // Resume from what we have rather than skip.
                         self.stats.gaps += 1;
-                        return self.lost(format!(
-                            "gap: expected seq {}, got {}",
-                            self.position.seq + 1,
-                            n.seq
-                        ));
+                        return self.lost(
+                            format!("gap: expected seq {}, got {}", self.position.seq + 1, n.seq)
+                                .into(),
+                        );
                     }
                     if !same_epoch {
                         if self.position.epoch.is_some() {
                             // A new epoch without a reset first would be an edge fault.
                             self.stats.gaps += 1;
-                            return self
-                                .lost(format!("epoch changed to {} without reset", n.epoch));
+                            return self.lost(
+                                format!("epoch changed to {} without reset", n.epoch).into(),
+                            );
                         }
                         self.position.epoch = Some(n.epoch.clone());
                         self.acked = n.seq - 1;
@@ -281,14 +336,20 @@ impl Client {
         }
     }
 
-    async fn open(&mut self) -> Result<Event, String> {
+    async fn open(&mut self) -> Result<Event, Failure> {
         let Some(url) = pick(&self.config.urls) else {
             return Err("no edge URL configured".into());
         };
         let resume = match (&self.position.epoch, self.started) {
-            (Some(epoch), _) => (Some(epoch.clone()), Some(self.position.seq)),
-            (None, true) => (None, Some(0)),
-            (None, false) => (None, None),
+            (Some(epoch), _) => Resume {
+                epoch: Some(epoch.clone()),
+                after: Some(self.position.seq),
+            },
+            (None, true) => Resume {
+                epoch: None,
+                after: Some(0),
+            },
+            (None, false) => Resume::default(),
         };
         let (conn, edge, device) = Connection::open(&self.config, &url, resume).await?;
         self.conn = Some(conn);
@@ -304,18 +365,28 @@ impl Client {
         Ok(Event::Connected { edge, device })
     }
 
-    /// Drops the connection and says when the next attempt comes.
-    fn lost(&mut self, reason: String) -> Event {
+    /// Drops the connection and says when the next attempt comes: the edge's drain hint
+    /// once, else the backoff, after at least a refusal's `Retry-After` (jittered by the
+    /// backoff, so refused clients do not all come back at once).
+    fn lost(&mut self, failure: Failure) -> Event {
         self.conn = None;
         self.failures = self.failures.saturating_add(1);
-        let retry_in = self.server_delay.take().unwrap_or_else(|| {
+        let jittered = || {
             backoff(
                 self.config.backoff_min,
                 self.config.backoff_max,
                 self.failures,
             )
-        });
-        Event::Disconnected { reason, retry_in }
+        };
+        let retry_in = match (self.server_delay.take(), failure.retry_after) {
+            (Some(hint), _) => hint,
+            (None, Some(after)) => after + jittered(),
+            (None, None) => jittered(),
+        };
+        Event::Disconnected {
+            reason: failure.reason,
+            retry_in,
+        }
     }
 
     /// Waits out a [`Event::Disconnected`]'s delay (a convenience for simple loops).
@@ -339,18 +410,6 @@ fn pick(urls: &[String]) -> Option<String> {
     Some(urls[rand::thread_rng().gen_range(0..urls.len())].clone())
 }
 
-/// "edge draining; reconnect in 1234 ms" -> 1234 ms.
-fn parse_drain_delay(reason: &str) -> Option<Duration> {
-    let ms = reason
-        .split("reconnect in ")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,14 +422,5 @@ mod tests {
             let bound = (100u64 << (attempt - 1).min(20)).min(2000);
             assert!(d.as_millis() as u64 <= bound, "{attempt}: {d:?}");
         }
-    }
-
-    #[test]
-    fn drain_hints_parse() {
-        assert_eq!(
-            parse_drain_delay("edge draining; reconnect in 1234 ms"),
-            Some(Duration::from_millis(1234))
-        );
-        assert_eq!(parse_drain_delay("bye"), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use gapless_client::{Client, ClientConfig, Event};
+use gapless_client::{Client, ClientConfig, Event, Transport};
 use gapless_shared::protocol::ResetReason;
 use rand::Rng;
 use tokio::time::Instant;
@@ -31,6 +31,8 @@ pub struct Received {
 pub struct DeviceLog {
     /// The user.
     pub user: String,
+    /// The transport the device spoke.
+    pub transport: Transport,
     /// Notifications in arrival order.
     pub received: Vec<Received>,
     /// Resets: (connection, first_seq, reason).
@@ -82,6 +84,7 @@ pub async fn run(
 ) -> DeviceLog {
     let mut log = DeviceLog {
         user: spec.user.clone(),
+        transport: spec.config.transport,
         ..DeviceLog::default()
     };
     let mut client = Client::new(spec.config.clone(), None);

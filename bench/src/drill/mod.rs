@@ -3,7 +3,9 @@
 //! and producers against it while a fault schedule attacks it, and checks the guarantees of
 //! DESIGN.md §2 from what every device received.
 //!
-//! [`device`] simulates devices on the `gapless-client` crate, [`producer`] appends with
+//! [`device`] simulates devices on the `gapless-client` crate (over the WebSocket, SSE and
+//! long-polling: `--transport`, a third of the devices on each by default), [`producer`]
+//! appends with
 //! idempotency keys and retries, [`proxy`] blackholes connections, and the checker here turns
 //! the logs into a table per fault kind.
 
@@ -25,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, JWT_SECRET};
 use crate::stats::{median, rss_kib};
+use crate::transports::TransportMix;
 use device::{DeviceLog, DeviceShared, DeviceSpec};
 use producer::{Ledger, Mode, Producer};
 use proxy::Proxy;
@@ -54,6 +57,10 @@ pub struct DrillArgs {
     /// Edge heartbeat, ms (frozen sockets are noticed after two).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Transport of the devices: every one over the WebSocket, SSE or long-polling, or
+    /// `mixed` (device i over ws, sse, poll by i % 3).
+    #[arg(long, value_enum, default_value_t = TransportMix::Mixed)]
+    transport: TransportMix,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -154,6 +161,22 @@ struct Row {
     recover_ms_max: u64,
 }
 
+/// What the devices of one transport saw.
+#[derive(Debug, Default, Serialize)]
+struct TransportRow {
+    /// `websocket`, `sse` or `poll`.
+    transport: &'static str,
+    devices: usize,
+    connects: u64,
+    delivered: u64,
+    lost: usize,
+    out_of_order: usize,
+    bad_duplicates: usize,
+    wire_duplicates: u64,
+    client_gaps: u64,
+    resets: usize,
+}
+
 /// The drill's result.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -179,6 +202,8 @@ struct Report {
     /// Lost, out of order and disallowed duplicates before any fault was injected.
     before_first_fault: [usize; 3],
     rows: Vec<Row>,
+    /// The same counts per transport of the devices.
+    transports: Vec<TransportRow>,
     injections: Vec<Injection>,
 }
 
@@ -268,6 +293,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             direct.clone()
         };
         let mut config = ClientConfig::new(urls, token);
+        config.transport = args.transport.of_device(i);
         config.backoff_min = Duration::from_millis(100);
         config.backoff_max = Duration::from_secs(3);
         config.heartbeat_grace = Duration::from_millis(hb);
@@ -666,7 +692,9 @@ fn check(
     let mut non_contiguous = 0usize;
     let mut allowed_duplicates = 0usize;
     let mut delivered = 0u64;
+    let mut transports: Vec<TransportRow> = Vec::new();
     for log in logs {
+        let before = (lost_at.len(), disorder_at.len(), bad_dup_at.len());
         delivered += log.received.len() as u64;
         // Per connection: strictly increasing within an epoch, and contiguous.
         let mut last: Option<(u32, Arc<str>, u64)> = None;
@@ -697,16 +725,37 @@ fn check(
             }
         }
         // No loss: every acknowledged seq of the user, in the epoch the device is in.
-        let Some(acked) = ledger.get(&log.user) else {
-            continue;
-        };
-        let got: HashSet<(&str, u64)> = log.received.iter().map(|r| (&*r.epoch, r.seq)).collect();
-        for (seq, epoch, at) in acked {
-            if !got.contains(&(epoch.as_str(), *seq)) {
-                lost_at.push(*at);
+        if let Some(acked) = ledger.get(&log.user) {
+            let got: HashSet<(&str, u64)> =
+                log.received.iter().map(|r| (&*r.epoch, r.seq)).collect();
+            for (seq, epoch, at) in acked {
+                if !got.contains(&(epoch.as_str(), *seq)) {
+                    lost_at.push(*at);
+                }
             }
         }
+        let name = log.transport.name();
+        let row = match transports.iter().position(|t| t.transport == name) {
+            Some(k) => &mut transports[k],
+            None => {
+                transports.push(TransportRow {
+                    transport: name,
+                    ..TransportRow::default()
+                });
+                transports.last_mut().expect("just pushed")
+            }
+        };
+        row.devices += 1;
+        row.connects += u64::from(log.connects);
+        row.delivered += log.received.len() as u64;
+        row.lost += lost_at.len() - before.0;
+        row.out_of_order += disorder_at.len() - before.1;
+        row.bad_duplicates += bad_dup_at.len() - before.2;
+        row.wire_duplicates += log.wire_duplicates;
+        row.client_gaps += log.client_gaps;
+        row.resets += log.resets.len();
     }
+    transports.sort_by_key(|t| t.transport);
     // Attribute each violation to the last fault injected before it.
     // Violations before the first fault count under `None`.
     let attribute = |times: &[u64]| -> HashMap<Option<Fault>, usize> {
@@ -784,6 +833,7 @@ fn check(
         slow_consumer_edge_rss_growth_kib: slow_growth,
         memory_bound_kib: MEMORY_BOUND_KIB,
         rows,
+        transports,
         injections,
     }
 }
@@ -829,6 +879,27 @@ fn print(r: &Report) {
         r.client_gaps,
         r.resets
     );
+    println!();
+    println!(
+        "| transport | devices | connects | delivered | lost | out of order | duplicates (not allowed) | wire duplicates | client gaps | resets |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for t in &r.transports {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.transport,
+            t.devices,
+            t.connects,
+            t.delivered,
+            t.lost,
+            t.out_of_order,
+            t.bad_duplicates,
+            t.wire_duplicates,
+            t.client_gaps,
+            t.resets
+        );
+    }
+    println!();
     println!(
         "edge memory during the slow-consumer fault: +{} KiB (bound {} KiB)",
         r.slow_consumer_edge_rss_growth_kib, r.memory_bound_kib

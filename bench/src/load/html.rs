@@ -1091,6 +1091,7 @@ mod tests {
             .collect();
         Report {
             scenario: "storm".to_owned(),
+            transport: "ws".to_owned(),
             command: "gapless-bench load --scenario storm --connections 10000".to_owned(),
             connections_peak: 10_000,
             edges: 2,

@@ -1,7 +1,8 @@
 //! `gapless-bench load`: the load generator and its scenarios (DESIGN.md §6).
 //!
 //! It starts the system as processes (or targets a running one), then holds `--connections`
-//! WebSocket devices in load-generator processes ([`worker`]), each connecting from its own
+//! devices (WebSocket, SSE, long-poll or a mix: `--transport`) in load-generator processes
+//! ([`worker`]), each connecting from its own
 //! 127.0.k.x addresses, ramping 1K -> N in steps; producers drive the batch ingest API at `--rate`,
 //! every payload carrying its send time. Every tick it merges the workers' HDR latency
 //! histograms, samples Redis's round trip and every process's memory and CPU from /proc,
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, JWT_SECRET};
 use crate::stats::{Percentiles, cpu_seconds, percentiles, rss_kib};
+use crate::transports::TransportMix;
 use report::{Pid1, ProcessSummary, Report, Stage, Storm, Tick};
 use worker::TickReport;
 
@@ -69,6 +71,10 @@ pub struct LoadArgs {
     /// Connections (one device per user).
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
+    /// Transport of the devices: every one over the WebSocket, SSE or long-polling, or
+    /// `mixed` (connection i over ws, sse, poll by i % 3).
+    #[arg(long, value_enum, default_value_t = TransportMix::Ws)]
+    transport: TransportMix,
     /// Edge processes [default: one per 18,000 connections].
     #[arg(long)]
     edges: Option<usize>,
@@ -395,6 +401,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .clone();
     let report = Report {
         scenario: args.scenario.name().into(),
+        transport: args.transport.arg().into(),
         command,
         connections_peak: timeline.iter().map(|t| t.connections).max().unwrap_or(0),
         edges,
@@ -568,6 +575,8 @@ impl Worker {
             .arg(&target.jwt_secret)
             .arg("--device")
             .arg(device)
+            .arg("--transport")
+            .arg(args.transport.arg())
             .envs(
                 args.load_threads
                     .map(|t| ("TOKIO_WORKER_THREADS", t.to_string())),
@@ -1243,6 +1252,7 @@ fn distribution(h: &Histogram<u64>) -> Vec<(f64, u64)> {
 fn ingest_report(command: String, ingest: serde_json::Value) -> Report {
     Report {
         scenario: "ingest".into(),
+        transport: String::new(),
         command,
         connections_peak: 0,
         edges: 0,

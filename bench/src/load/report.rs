@@ -10,6 +10,8 @@ use crate::stats::Percentiles;
 pub struct Report {
     /// `idle`, `steady`, `storm` or `ingest`.
     pub scenario: String,
+    /// The devices' `--transport`: `ws`, `sse`, `poll` or `mixed` (empty for `ingest`).
+    pub transport: String,
     /// The command line that produced it.
     pub command: String,
     /// Most connections open at once.

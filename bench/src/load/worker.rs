@@ -20,6 +20,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::transports::TransportMix;
+
 /// Settings of a worker process (started by `gapless-bench load`; not for direct use).
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -45,6 +47,9 @@ pub struct WorkerArgs {
     /// Device id of every connection (one device per user).
     #[arg(long)]
     device: String,
+    /// Transport of the devices (`mixed`: device `i` by `i % 3`).
+    #[arg(long, value_enum, default_value_t = TransportMix::Ws)]
+    transport: TransportMix,
     /// Reporting interval, ms.
     #[arg(long, default_value_t = 250)]
     tick_ms: u64,
@@ -186,7 +191,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     Duration::from_secs(24 * 3600),
                 ),
             );
-            // Device j binds its own (address, port): no kernel search for a free port.
+            config.transport = args.transport.of_device(i);
+            // Device j binds its own (address, port): no kernel search for a free port
+            // (WebSocket; SSE and poll bind the address and let the kernel pick the port).
             let j = devices.len();
             let source = args.sources[(j / PER_SOURCE) % args.sources.len()];
             let port = FIRST_PORT + (j % PER_SOURCE) as u16;

@@ -1,12 +1,11 @@
-//! One WebSocket connection to an edge: the handshake (`welcome`, `resume`), frames in and
-//! out, pings answered, and the heartbeat deadline.
+//! The WebSocket transport (DESIGN.md §5): the handshake (`welcome`, `resume`), frames in
+//! and out, pings answered, and the heartbeat deadline.
 
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gapless_shared::protocol::{
-    self, ClientMessage, Notification, ResetReason, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD,
-    ServerMessage,
+    self, ClientMessage, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD, ServerMessage,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -14,9 +13,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::{Failure, Incoming, Resume, http};
 use crate::ClientConfig;
 
-/// Wire encoding of a client.
+/// Wire encoding of a WebSocket client (the HTTP transports speak JSON only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     /// `gapless.v1.json`.
@@ -25,21 +25,8 @@ pub enum Codec {
     Postcard,
 }
 
-/// What the application-facing client needs from a frame.
-pub(crate) enum Incoming {
-    Notification(Notification),
-    Reset {
-        epoch: String,
-        first_seq: u64,
-        reason: ResetReason,
-    },
-    Closed {
-        code: u16,
-        reason: String,
-    },
-}
-
-pub(crate) struct Connection {
+/// One WebSocket connection.
+pub(crate) struct WsConnection {
     /// The socket.
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Wire encoding.
@@ -48,13 +35,13 @@ pub(crate) struct Connection {
     deadline: Duration,
 }
 
-impl Connection {
+impl WsConnection {
     /// Connects, reads `welcome`, sends `resume`. Returns the edge and device of `welcome`.
     pub(crate) async fn open(
         config: &ClientConfig,
         url: &str,
-        resume: (Option<String>, Option<u64>),
-    ) -> Result<(Self, String, String), String> {
+        resume: Resume,
+    ) -> Result<(Self, String, String), Failure> {
         let mut request = url
             .into_client_request()
             .map_err(|e| format!("bad URL: {e}"))?;
@@ -85,19 +72,19 @@ impl Connection {
                 None => {
                     tokio_tungstenite::connect_async_with_config(request, Some(ws_config), false)
                         .await
-                        .map_err(|e| format!("connect failed: {e}"))
+                        .map_err(refused)
                 }
                 Some(local) => {
                     let stream = connect_from(local, &request).await?;
                     tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
                         .await
-                        .map_err(|e| format!("connect failed: {e}"))
+                        .map_err(refused)
                 }
             }
         };
         let (ws, _) = tokio::time::timeout(config.connect_timeout, connect)
             .await
-            .map_err(|_| "connect timed out".to_owned())??;
+            .map_err(|_| Failure::from("connect timed out"))??;
         let mut conn = Self {
             ws,
             codec: config.codec,
@@ -110,15 +97,15 @@ impl Connection {
                 heartbeat_ms,
                 ..
             }) => (edge, device, heartbeat_ms),
-            Read::Message(other) => return Err(format!("expected welcome, got {other:?}")),
+            Read::Message(other) => return Err(format!("expected welcome, got {other:?}").into()),
             Read::Closed { code, reason } => {
-                return Err(format!("closed before welcome: {code} {reason}"));
+                return Err(format!("closed before welcome: {code} {reason}").into());
             }
         };
         conn.deadline = Duration::from_millis(heartbeat_ms) + config.heartbeat_grace;
         conn.send(&ClientMessage::Resume {
-            epoch: resume.0,
-            after: resume.1,
+            epoch: resume.epoch,
+            after: resume.after,
         })
         .await?;
         Ok((conn, edge, device))
@@ -138,11 +125,12 @@ impl Connection {
         }
     }
 
-    pub(crate) async fn ack(&mut self, seq: u64) -> Result<(), String> {
+    /// Sends a cumulative ack.
+    pub(crate) async fn ack(&mut self, seq: u64) -> Result<(), Failure> {
         self.send(&ClientMessage::Ack { seq }).await
     }
 
-    async fn send(&mut self, msg: &ClientMessage) -> Result<(), String> {
+    async fn send(&mut self, msg: &ClientMessage) -> Result<(), Failure> {
         let frame = match self.codec {
             Codec::Json => Message::Text(protocol::to_json(msg).into()),
             Codec::Postcard => Message::Binary(msg.to_postcard().into()),
@@ -150,19 +138,19 @@ impl Connection {
         self.ws
             .send(frame)
             .await
-            .map_err(|e| format!("send failed: {e}"))
+            .map_err(|e| format!("send failed: {e}").into())
     }
 
     /// The next server message or the close, within the heartbeat deadline; pings are
     /// answered here.
-    async fn read(&mut self) -> Result<Read, String> {
+    async fn read(&mut self) -> Result<Read, Failure> {
         loop {
             let frame = tokio::time::timeout(self.deadline, self.ws.next())
                 .await
                 .map_err(|_| format!("no frame from the edge for {:?}", self.deadline))?;
             let msg = match frame {
                 None => return Err("connection ended".into()),
-                Some(Err(e)) => return Err(format!("connection failed: {e}")),
+                Some(Err(e)) => return Err(format!("connection failed: {e}").into()),
                 Some(Ok(Message::Text(t))) => protocol::from_json::<ServerMessage>(t.as_str())
                     .map_err(|e| format!("bad frame: {e}"))?,
                 Some(Ok(Message::Binary(b))) => {
@@ -185,7 +173,7 @@ impl Connection {
     }
 
     /// The next notification, reset or close.
-    pub(crate) async fn next(&mut self) -> Result<Incoming, String> {
+    pub(crate) async fn next(&mut self) -> Result<Incoming, Failure> {
         match self.read().await? {
             Read::Message(ServerMessage::Notification(n)) => Ok(Incoming::Notification(n)),
             Read::Message(ServerMessage::Reset {
@@ -197,8 +185,16 @@ impl Connection {
                 first_seq,
                 reason,
             }),
-            Read::Message(other) => Err(format!("unexpected {other:?}")),
-            Read::Closed { code, reason } => Ok(Incoming::Closed { code, reason }),
+            Read::Message(other) => Err(format!("unexpected {other:?}").into()),
+            Read::Closed { code, reason } => Ok(Incoming::Closed {
+                retry_in: if code == 1012 {
+                    parse_drain_delay(&reason)
+                } else {
+                    None
+                },
+                code,
+                reason,
+            }),
         }
     }
 }
@@ -207,12 +203,12 @@ impl Connection {
 async fn connect_from(
     local: std::net::SocketAddr,
     request: &tokio_tungstenite::tungstenite::handshake::client::Request,
-) -> Result<MaybeTlsStream<TcpStream>, String> {
+) -> Result<MaybeTlsStream<TcpStream>, Failure> {
     let uri = request.uri();
     if uri.scheme_str() == Some("wss") {
         return Err("a local address needs a ws:// URL".into());
     }
-    let host = uri.host().ok_or("no host in the URL")?;
+    let host = uri.host().ok_or(Failure::from("no host in the URL"))?;
     let port = uri.port_u16().unwrap_or(80);
     let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
         .await
@@ -244,4 +240,45 @@ async fn connect_from(
 enum Read {
     Message(ServerMessage),
     Closed { code: u16, reason: String },
+}
+
+/// A failed handshake, readable: a refusal's status, the edge's JSON error and its
+/// `Retry-After`.
+fn refused(e: tokio_tungstenite::tungstenite::Error) -> Failure {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            Failure {
+                reason: http::refusal_reason(response.status(), body),
+                retry_after: http::retry_after(response.headers()),
+            }
+        }
+        other => format!("connect failed: {other}").into(),
+    }
+}
+
+/// "edge draining; reconnect in 1234 ms" (the reason of close 1012) -> 1234 ms.
+fn parse_drain_delay(reason: &str) -> Option<Duration> {
+    let ms = reason
+        .split("reconnect in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_hints_parse() {
+        assert_eq!(
+            parse_drain_delay("edge draining; reconnect in 1234 ms"),
+            Some(Duration::from_millis(1234))
+        );
+        assert_eq!(parse_drain_delay("bye"), None);
+    }
 }
