@@ -139,7 +139,7 @@ pub fn open(
 pub async fn finish(state: &EdgeState, conn: &Conn, tx: mpsc::Sender<Out>, end: &End) {
     if let Some(closing) = end.closing() {
         let _ =
-            tokio::time::timeout(Duration::from_millis(200), tx.send(Out::Close(closing))).await;
+            tokio::time::timeout(Duration::from_millis(200), tx.send(Out::close(closing))).await;
     }
     drop(tx);
     match end {
@@ -487,7 +487,7 @@ pub async fn deliver<I: Inbound>(
                     }
                     _ => {}
                 }
-                permit.send(Out::Message(msg));
+                permit.send(Out::message(msg));
                 progress_at = Instant::now();
                 conn.set_position(d.epoch.as_deref(), d.sent);
             }

@@ -106,7 +106,7 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
                 // A full queue means frames are already flowing to the client; skip the ping.
                 Beat::Ping => {
                     if let Some(outbound) = conn.outbound.upgrade()
-                        && outbound.try_send(Out::Message(ServerMessage::Ping)).is_ok()
+                        && outbound.try_send(Out::message(ServerMessage::Ping)).is_ok()
                     {
                         // Counts as sent now: the writer sends it within the slow-consumer
                         // bound or the connection is closed, and marks the time again then.
@@ -177,7 +177,7 @@ mod tests {
     fn pings(rx: &mut tokio::sync::mpsc::Receiver<Out>) -> usize {
         let mut pings = 0;
         while let Ok(msg) = rx.try_recv() {
-            assert_eq!(msg, Out::Message(ServerMessage::Ping));
+            assert_eq!(msg, Out::message(ServerMessage::Ping));
             pings += 1;
         }
         pings

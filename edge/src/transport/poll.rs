@@ -194,12 +194,11 @@ async fn collect(rx: &mut mpsc::Receiver<Out>, limit: usize, wait: Duration) -> 
     loop {
         tokio::select! {
             item = rx.recv() => match item {
-                Some(Out::Message(ServerMessage::Ping)) => {}
-                Some(Out::Message(m)) => {
+                Some(Out::Close(_)) | None => return out,
+                Some(item) => if let Some(m) = item.into_answer() {
                     out.push(m);
                     break;
-                }
-                Some(Out::Close(_)) | None => return out,
+                },
             },
             () = &mut deadline => return out,
         }
@@ -219,9 +218,8 @@ fn drain(rx: &mut mpsc::Receiver<Out>, limit: usize) -> Vec<ServerMessage> {
     let mut out = Vec::new();
     while out.len() < limit {
         match rx.try_recv() {
-            Ok(Out::Message(ServerMessage::Ping)) => {}
-            Ok(Out::Message(m)) => out.push(m),
             Ok(Out::Close(_)) | Err(_) => break,
+            Ok(item) => out.extend(item.into_answer()),
         }
     }
     out

@@ -97,7 +97,7 @@ pub async fn stream(
         edge: config.edge_id.clone(),
         heartbeat_ms: config.heartbeat.as_millis() as u64,
     };
-    let first = format!("retry: {retry}\n\n{}", render(&Out::Message(welcome)));
+    let first = format!("retry: {retry}\n\n{}", render(&Out::message(welcome)));
     let (conn, tx, rx) = delivery::open(&state, authed.user, authed.device, Kind::Sse);
     let (hangup_tx, hangup_rx) = oneshot::channel();
     let session_state = state.clone();
@@ -203,8 +203,9 @@ fn events(
 /// One item as `text/event-stream` text.
 fn render(item: &Out) -> String {
     match item {
-        Out::Message(ServerMessage::Ping) => ": ping\n\n".to_owned(),
+        Out::Message(msg) if **msg == ServerMessage::Ping => ": ping\n\n".to_owned(),
         Out::Message(msg) => {
+            let msg = &**msg;
             let (event, id) = match msg {
                 ServerMessage::Welcome { .. } => ("welcome", None),
                 ServerMessage::Notification(n) => ("notification", Some(event_id(&n.epoch, n.seq))),
@@ -222,10 +223,8 @@ fn render(item: &Out) -> String {
             data_line(&mut out, &protocol::to_json(msg));
             out
         }
-        Out::Close(Closing {
-            reconnect_ms: Some(ms),
-            ..
-        }) => {
+        Out::Close(closing) if closing.reconnect_ms.is_some() => {
+            let ms = closing.reconnect_ms.unwrap_or_default();
             let mut out = format!("retry: {ms}\nevent: reconnect\n");
             data_line(
                 &mut out,
@@ -233,7 +232,8 @@ fn render(item: &Out) -> String {
             );
             out
         }
-        Out::Close(Closing { code, reason, .. }) => {
+        Out::Close(closing) => {
+            let Closing { code, reason, .. } = &**closing;
             let mut out = "event: close\n".to_owned();
             data_line(
                 &mut out,
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn events_are_framed_with_their_ids_on_one_data_line() {
-        let note = Out::Message(ServerMessage::Notification(Notification {
+        let note = Out::message(ServerMessage::Notification(Notification {
             seq: 17,
             epoch: "e1".into(),
             ts: 5,
@@ -354,14 +354,14 @@ mod tests {
             render(&note),
             "event: notification\nid: e1:17\ndata: {\"type\":\"notification\",\"seq\":17,\"epoch\":\"e1\",\"ts\":5,\"payload\":{\"a\":  1}}\n\n"
         );
-        let reset = Out::Message(ServerMessage::Reset {
+        let reset = Out::message(ServerMessage::Reset {
             epoch: "e2".into(),
             first_seq: 1,
             reason: ResetReason::EpochChanged,
         });
         assert!(render(&reset).starts_with("event: reset\nid: e2:0\ndata: {"));
-        assert_eq!(render(&Out::Message(ServerMessage::Ping)), ": ping\n\n");
-        let drain = Out::Close(Closing {
+        assert_eq!(render(&Out::message(ServerMessage::Ping)), ": ping\n\n");
+        let drain = Out::close(Closing {
             code: 1012,
             reason: "draining".into(),
             reconnect_ms: Some(1500),

@@ -147,7 +147,7 @@ async fn handshake(
         edge: config.edge_id.clone(),
         heartbeat_ms: config.heartbeat.as_millis() as u64,
     };
-    if tx.send(Out::Message(welcome)).await.is_err() {
+    if tx.send(Out::message(welcome)).await.is_err() {
         return Err(End::WriterGone);
     }
     let resume = match tokio::time::timeout(config.resume_timeout, inbound.next()).await {
