@@ -177,16 +177,6 @@ fn driver_dir() -> Option<PathBuf> {
     Some(dir)
 }
 
-async fn registered(sys: &System, user: &str, edge: &str) -> bool {
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("gl:{{{user}}}:r"))
-        .arg(edge)
-        .query_async(&mut sys.redis_conn().await)
-        .await
-        .expect("ZSCORE");
-    score.is_some()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browsers_eventsource_reconnects_by_itself_with_last_event_id_and_gets_exactly_the_gap() {
     let Some(dir) = driver_dir() else { return };
@@ -207,7 +197,7 @@ async fn a_browsers_eventsource_reconnects_by_itself_with_last_event_id_and_gets
     eventually(
         "the browser's stream is registered",
         Duration::from_secs(20),
-        || registered(&sys, "eve", "edge-browser"),
+        || sys.registered("eve", "edge-browser"),
     )
     .await;
 

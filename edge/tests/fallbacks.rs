@@ -113,23 +113,6 @@ async fn stored_position(sys: &System, user: &str, device: &str) -> Option<(Stri
     Some((epoch, seq))
 }
 
-async fn registered(sys: &System, user: &str, edge: &str) -> bool {
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("gl:{{{user}}}:r"))
-        .arg(edge)
-        .query_async(&mut sys.redis_conn().await)
-        .await
-        .expect("ZSCORE");
-    score.is_some()
-}
-
-async fn wait_registered(sys: &System, user: &str, edge: &str) {
-    eventually("registered", Duration::from_secs(5), || {
-        registered(sys, user, edge)
-    })
-    .await;
-}
-
 async fn send_n(sys: &System, user: &str, range: std::ops::RangeInclusive<u64>) -> String {
     let mut epoch = String::new();
     for i in range {
@@ -241,8 +224,8 @@ async fn sse_new_device_starts_at_the_live_end_and_users_are_isolated() {
     send_n(&sys, "alice", 1..=3).await;
     let mut alice = Sse::open(edge.addr, "alice", "new-tab", "", None).await;
     let mut bob = Sse::open(edge.addr, "bob", "new-tab", "", None).await;
-    wait_registered(&sys, "alice", "edge-sse").await;
-    wait_registered(&sys, "bob", "edge-sse").await;
+    sys.wait_registered("alice", "edge-sse").await;
+    sys.wait_registered("bob", "edge-sse").await;
     alice.assert_quiet(Duration::from_millis(300)).await;
     sys.send("alice", json!({"for": "alice"})).await;
     sys.send("bob", json!({"for": "bob"})).await;
@@ -361,7 +344,7 @@ async fn drain_ends_held_polls_with_an_empty_answer_at_once() {
         .await;
         (answer, started.elapsed())
     });
-    wait_registered(&sys, "alice", "edge-poll-drain").await;
+    sys.wait_registered("alice", "edge-poll-drain").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     edge.stop.cancel();
     let ((status, _, body), took) = held.await.expect("the poll");
@@ -549,7 +532,7 @@ async fn a_held_poll_returns_as_soon_as_something_is_appended() {
         let body: serde_json::Value = response.json().await.expect("JSON");
         (body, started.elapsed())
     });
-    wait_registered(&sys, "alice", "edge-poll").await;
+    sys.wait_registered("alice", "edge-poll").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let appended = Instant::now();
     sys.send("alice", json!("now")).await;
@@ -582,7 +565,7 @@ async fn a_second_poll_of_a_device_ends_the_first_with_an_empty_answer() {
             .expect("JSON");
         (body, started.elapsed())
     });
-    wait_registered(&sys, "alice", "edge-poll").await;
+    sys.wait_registered("alice", "edge-poll").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let second = tokio::spawn({
         let edge_addr = edge.addr;

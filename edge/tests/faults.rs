@@ -177,28 +177,6 @@ fn seqs(notes: &[Notification]) -> Vec<u64> {
     notes.iter().map(|n| n.seq).collect()
 }
 
-/// Polls until the registry of `user` lists `edge_id` (the edge registers after `resume`).
-async fn wait_registered(sys: &System, user: &str, edge_id: &str) {
-    let mut conn = sys.redis_conn().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let score: Option<f64> = redis::cmd("ZSCORE")
-            .arg(format!("gl:{{{user}}}:r"))
-            .arg(edge_id)
-            .query_async(&mut conn)
-            .await
-            .expect("ZSCORE");
-        if score.is_some() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{edge_id} never registered {user}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Creates `user`'s log with one notification, then connects `device` resuming from before
 /// it and reads it (acked): from here on the device has an explicit position and is
 /// registered on `edge_id`. Returns the client and the log's epoch.
@@ -216,7 +194,7 @@ async fn connect_with_log(
     assert_eq!(seq, 1, "{user}'s log is new");
     let mut c = Client::connect(url, user, device, (Some(&epoch), Some(0))).await;
     assert_eq!(c.take(1).await, vec![1]);
-    wait_registered(sys, user, edge_id).await;
+    sys.wait_registered(user, edge_id).await;
     (c, epoch)
 }
 
@@ -730,7 +708,7 @@ async fn a_device_without_a_position_gets_everything_appended_after_it_registere
         .await
         .expect("DEL");
     // The next read (every 250 ms) succeeds, then the device registers.
-    wait_registered(&sys, "nd", "edge-nd").await;
+    sys.wait_registered("nd", "edge-nd").await;
     let (_, first) = sys.send("nd", serde_json::json!(1)).await;
     let (_, second) = sys.send("nd", serde_json::json!(2)).await;
     assert_eq!(c.take(2).await, vec![first, second]);
@@ -814,7 +792,7 @@ async fn an_edge_killed_under_sse_and_poll_devices_loses_nothing() {
                 .await
         }
     });
-    wait_registered(&sys, "poll-user", "edge-h1").await;
+    sys.wait_registered("poll-user", "edge-h1").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     edge1.sigkill();
     assert_eq!(s.event().await, None, "the stream ends with the edge");
@@ -876,7 +854,7 @@ async fn an_sse_reader_that_stops_reading_is_closed_and_later_resumes_with_every
         .write_all(head.as_bytes())
         .await
         .expect("request sent");
-    wait_registered(&sys, "slow", "edge-sse-slow").await;
+    sys.wait_registered("slow", "edge-sse-slow").await;
     let mut last = 0;
     for _ in 0..4 {
         last = sys.send_padded_batch("slow", N / 4, PAD).await;
@@ -969,8 +947,8 @@ async fn a_lost_wakeup_still_reaches_sse_and_poll_devices_within_one_heartbeat()
             body
         }
     });
-    wait_registered(&sys, "lw-sse", "edge-lwh").await;
-    wait_registered(&sys, "lw-poll", "edge-lwh").await;
+    sys.wait_registered("lw-sse", "edge-lwh").await;
+    sys.wait_registered("lw-poll", "edge-lwh").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let payloads: Vec<String> = (2..=3).map(|i| format!("{{\"direct\":{i}}}")).collect();
     let appended = Instant::now();
@@ -1012,7 +990,7 @@ async fn redis_restart_keeps_sse_streams_and_polls_deliver_after_it() {
     )
     .await;
     let mut p = Poll::new("rr-poll", "phone", &format!("epoch={poll_epoch}&after=1"));
-    wait_registered(&sys, "rr-sse", "edge-rrh").await;
+    sys.wait_registered("rr-sse", "edge-rrh").await;
 
     tokio::task::block_in_place(|| sys.redis.kill());
     tokio::time::sleep(Duration::from_millis(300)).await;

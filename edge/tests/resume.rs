@@ -81,26 +81,6 @@ async fn stored_position(sys: &System, key: &str, device: &str) -> Option<(Strin
         .and_then(gapless_edge::reader::parse_position)
 }
 
-async fn registered(sys: &System, user: &str, edge: &str) -> bool {
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(format!("gl:{{{user}}}:r"))
-        .arg(edge)
-        .query_async(&mut sys.redis_conn().await)
-        .await
-        .expect("ZSCORE");
-    score.is_some()
-}
-
-/// Waits until `edge` has registered `user` in Redis: from then on every append wakes it.
-async fn wait_registered(sys: &System, user: &str, edge: &str) {
-    eventually(
-        &format!("{edge} registers {user}"),
-        Duration::from_secs(5),
-        || registered(sys, user, edge),
-    )
-    .await;
-}
-
 /// The close frame's code and reason (`None` if the socket just ended); panics on a data
 /// frame before it.
 async fn close_frame(c: &mut Client) -> Option<(u16, String)> {
@@ -322,7 +302,7 @@ async fn a_new_device_starts_at_the_live_end() {
     // The live end is read right after the registration. The quiet period proves that no
     // history comes, and is also far longer than that one Redis read: an append before it
     // would move the live end past itself.
-    wait_registered(&sys, "alice", "edge-a").await;
+    sys.wait_registered("alice", "edge-a").await;
     c.assert_quiet(Duration::from_millis(300)).await;
     sys.send("alice", json!(6)).await;
     let n = c.notification().await;
@@ -332,7 +312,7 @@ async fn a_new_device_starts_at_the_live_end() {
     // A user with no log yet: the live end is the log's first entry, under the epoch that
     // the first append creates.
     let mut c = Client::connect(&edge.ws_url(), "bob", "new-tablet", (None, None)).await;
-    wait_registered(&sys, "bob", "edge-a").await;
+    sys.wait_registered("bob", "edge-a").await;
     c.assert_quiet(Duration::from_millis(300)).await;
     let (bob_epoch, _) = sys.send("bob", json!("first")).await;
     let n = c.notification().await;
@@ -350,7 +330,7 @@ async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_ent
     let sys = System::start().await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let mut c = Client::connect(&edge.ws_url(), "carol", "watch", (None, None)).await;
-    wait_registered(&sys, "carol", "edge-a").await;
+    sys.wait_registered("carol", "edge-a").await;
     let (epoch, _) = sys.send("carol", json!(1)).await;
     assert_eq!(c.notification().await.seq, 1);
     // Not acked: the app dies. Its start, seq 0 of the new log, is what the edge stored.
@@ -377,7 +357,7 @@ async fn a_device_known_before_the_log_existed_resumes_from_its_first_entry_afte
     let sys = System::start().await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let c = Client::connect(&edge.ws_url(), "dora", "tv", (None, None)).await;
-    wait_registered(&sys, "dora", "edge-a").await;
+    sys.wait_registered("dora", "edge-a").await;
     c.close().await;
     eventually(
         "the start marker is stored on disconnect",
@@ -661,8 +641,8 @@ async fn two_devices_of_one_user_on_two_edges_both_receive() {
     // Delivered, so each is connected and registered.
     assert_eq!(phone.take(1).await, vec![1]);
     assert_eq!(laptop.take(1).await, vec![1]);
-    assert!(registered(&sys, "alice", "edge-a").await);
-    assert!(registered(&sys, "alice", "edge-b").await);
+    assert!(sys.registered("alice", "edge-a").await);
+    assert!(sys.registered("alice", "edge-b").await);
     for i in 2..=6 {
         sys.send("alice", json!(i)).await;
     }

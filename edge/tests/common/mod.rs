@@ -425,3 +425,26 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+impl System {
+    /// True when `edge` holds a registry lease for `user`: from then on every append wakes it.
+    pub async fn registered(&self, user: &str, edge: &str) -> bool {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(format!("gl:{{{user}}}:r"))
+            .arg(edge)
+            .query_async(&mut self.redis_conn().await)
+            .await
+            .expect("ZSCORE");
+        score.is_some()
+    }
+
+    /// Waits until `edge` has registered `user` in Redis (10 s at most).
+    pub async fn wait_registered(&self, user: &str, edge: &str) {
+        eventually(
+            &format!("{edge} registers {user}"),
+            Duration::from_secs(10),
+            || self.registered(user, edge),
+        )
+        .await;
+    }
+}
