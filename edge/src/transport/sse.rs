@@ -223,24 +223,28 @@ fn render(item: &Out) -> String {
             data_line(&mut out, &protocol::to_json(msg));
             out
         }
-        Out::Close(closing) if closing.reconnect_ms.is_some() => {
-            let ms = closing.reconnect_ms.unwrap_or_default();
-            let mut out = format!("retry: {ms}\nevent: reconnect\n");
-            data_line(
-                &mut out,
-                &serde_json::json!({"type": "reconnect", "delay_ms": ms}).to_string(),
-            );
-            out
-        }
-        Out::Close(closing) => {
-            let Closing { code, reason, .. } = &**closing;
-            let mut out = "event: close\n".to_owned();
-            data_line(
-                &mut out,
-                &serde_json::json!({"type": "close", "code": code, "reason": reason}).to_string(),
-            );
-            out
-        }
+        Out::Close(closing) => match &**closing {
+            Closing {
+                reconnect_ms: Some(ms),
+                ..
+            } => {
+                let mut out = format!("retry: {ms}\nevent: reconnect\n");
+                data_line(
+                    &mut out,
+                    &serde_json::json!({"type": "reconnect", "delay_ms": ms}).to_string(),
+                );
+                out
+            }
+            Closing { code, reason, .. } => {
+                let mut out = "event: close\n".to_owned();
+                data_line(
+                    &mut out,
+                    &serde_json::json!({"type": "close", "code": code, "reason": reason})
+                        .to_string(),
+                );
+                out
+            }
+        },
     }
 }
 
