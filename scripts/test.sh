@@ -50,22 +50,33 @@ if [ ! -x /usr/bin/chromium ] || ! command -v node >/dev/null 2>&1 || ! command 
     exit 1
   fi
 fi
-browser_dir=edge/tests/browser
-if [ ! -f "$browser_dir/node_modules/.package-lock.json" ] \
-  || ! cmp -s "$browser_dir/package-lock.json" "$browser_dir/node_modules/.gapless-lock"; then
-  (cd "$browser_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
-  cp "$browser_dir/package-lock.json" "$browser_dir/node_modules/.gapless-lock"
-fi
+# `npm ci` where the lock changed since the last install: the edge's browser tests and the
+# browser client (clients/js: typescript, esbuild, playwright-core, pinned in its lock).
+for node_dir in edge/tests/browser clients/js; do
+  if [ ! -f "$node_dir/node_modules/.package-lock.json" ] \
+    || ! cmp -s "$node_dir/package-lock.json" "$node_dir/node_modules/.gapless-lock"; then
+    (cd "$node_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+    cp "$node_dir/package-lock.json" "$node_dir/node_modules/.gapless-lock"
+  fi
+done
+# The committed bundle `gapless dev` embeds must be what the sources build to.
+(cd clients/js && npm run --silent check)
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 
+# The browser client's tests (clients/js): unit tests of its state machine, and end-to-end
+# tests in headless Chromium against real redis-server, ingest and edges started from the
+# debug binaries.
+cargo build --workspace --locked
+target_dir="${CARGO_TARGET_DIR:-target}"
+bin_dir="$(realpath -m "$target_dir")/debug"
+(cd clients/js && GAPLESS_BIN_DIR="$bin_dir" npm test)
+
 # The CI-sized fault drill (about 2 minutes, every fault kind at least once) against the
 # debug binaries the tests just built: exits non-zero on any lost, out-of-order or
 # unexplained duplicate notification.
-cargo build --workspace --locked
-target_dir="${CARGO_TARGET_DIR:-target}"
 "$target_dir/debug/gapless-bench" drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
   --json "$target_dir/drill-ci.json"
 

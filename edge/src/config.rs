@@ -114,8 +114,9 @@ pub struct Args {
     /// come back at once [default: 2000].
     #[arg(long, env = "GAPLESS_SSE_RETRY_MS")]
     pub sse_retry_ms: Option<u64>,
-    /// Origins allowed to call `/v1/sse`, `/v1/poll` and `/v1/ack` from a browser page
-    /// (CORS), comma-separated, e.g. `https://app.example.com` [default: none].
+    /// Origins allowed to call `/v1/sse`, `/v1/poll`, `/v1/ack` and `/v1/ws` (to read why an
+    /// upgrade was refused) from a browser page (CORS), comma-separated, e.g.
+    /// `https://app.example.com` [default: none].
     #[arg(long, env = "GAPLESS_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Option<Vec<String>>,
     /// Connection budgets and timeouts.

@@ -224,7 +224,8 @@ async fn drain(state: &Arc<EdgeState>, sessions: &TaskTracker) {
 pub(crate) type AppState = (Arc<EdgeState>, TaskTracker);
 
 /// The edge's routes. Every answer but a held poll is bounded by the request timeout (a
-/// poll's own `wait_ms` bounds it); the HTTP fallbacks answer CORS for the listed origins.
+/// poll's own `wait_ms` bounds it); the HTTP fallbacks and `/v1/ws` answer CORS for the
+/// listed origins.
 fn router(config: &Config, state: AppState) -> Router {
     let fallbacks = Router::new()
         .route("/v1/sse", get(transport::sse::stream))
@@ -235,12 +236,15 @@ fn router(config: &Config, state: AppState) -> Router {
             config.listener.request_timeout,
         ))
         .route("/v1/poll", get(transport::poll::poll));
-    let fallbacks = match cors(&config.cors_origins) {
-        Some(cors) => fallbacks.layer(cors),
-        None => fallbacks,
+    // `/v1/ws` answers CORS too, so a page whose WebSocket failed can fetch the same URL and
+    // read why (a refused upgrade's JSON error: 401, 429, 503) instead of a bare close 1006.
+    let ws = Router::new().route("/v1/ws", get(transport::ws::upgrade));
+    let (fallbacks, ws) = match cors(&config.cors_origins) {
+        Some(cors) => (fallbacks.layer(cors.clone()), ws.layer(cors)),
+        None => (fallbacks, ws),
     };
     Router::new()
-        .route("/v1/ws", get(transport::ws::upgrade))
+        .merge(ws)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))

@@ -792,7 +792,7 @@ async fn cors_answers_listed_origins_only() {
     config.cors_origins = vec!["https://app.example.com".into()];
     let edge = sys.edge(config).await;
     let http = reqwest::Client::new();
-    for path in ["/v1/sse", "/v1/poll", "/v1/ack"] {
+    for path in ["/v1/sse", "/v1/poll", "/v1/ack", "/v1/ws"] {
         let preflight = |origin: &str| {
             http.request(
                 reqwest::Method::OPTIONS,
@@ -832,6 +832,20 @@ async fn cors_answers_listed_origins_only() {
         response.headers()["access-control-allow-origin"],
         "https://app.example.com"
     );
+    // A page whose WebSocket failed fetches the same URL to read why (browsers show 1006).
+    let refused = http
+        .get(format!("http://{}/v1/ws?token=forged", edge.addr))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let body: serde_json::Value = refused.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "unauthorized", "{body}");
     let response = http
         .get(format!("http://{}/v1/poll?wait_ms=0", edge.addr))
         .header("origin", "https://evil.example.com")
