@@ -2,7 +2,7 @@
 //! `migrations/`; `dev` runs the whole system on this machine; `token` mints a dev JWT.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -56,7 +56,8 @@ enum Command {
     },
     /// Run the whole system locally: Redis (AOF under --dir, unless --redis is given),
     /// migrations, the ingest and one edge; prints the URLs, a generated API key, a demo
-    /// token and snippets to try it.
+    /// token, the URL of the browser demo page (served by the ingest at /demo) and snippets
+    /// to try it.
     Dev {
         /// Use this Redis instead of starting one.
         #[arg(long, env = "GAPLESS_REDIS_URL")]
@@ -67,10 +68,10 @@ enum Command {
         /// Directory for the started Redis's data and log.
         #[arg(long, default_value = ".gapless")]
         dir: PathBuf,
-        /// Address of the ingest API.
+        /// Address of the ingest API and the demo page (port 0: any free one, printed).
         #[arg(long, default_value = "127.0.0.1:8081")]
         ingest_listen: SocketAddr,
-        /// Address of the edge's WebSocket API.
+        /// Address of the edge (port 0: any free one, printed).
         #[arg(long, default_value = "127.0.0.1:8080")]
         edge_listen: SocketAddr,
         /// API key to accept (default: a fresh random one, printed).
@@ -188,8 +189,11 @@ impl Dev {
             vec![Secret::new(api_key.clone())],
         );
         ingest_config.listen = self.ingest_listen;
+        ingest_config.demo = true;
         let ingest_listener = gapless_shared::listener::bind(self.ingest_listen)
             .with_context(|| format!("cannot listen on {}", self.ingest_listen))?;
+        // The bound address, not the asked one: `--ingest-listen 127.0.0.1:0` picks a port.
+        let ingest_addr = reachable(ingest_listener.local_addr()?);
         let ingest = tokio::spawn(gapless_ingest::run(
             ingest_listener,
             ingest_config,
@@ -203,39 +207,44 @@ impl Dev {
         );
         edge_config.listen = self.edge_listen;
         edge_config.drain_window = std::time::Duration::from_millis(500);
+        // The demo page is served by the ingest, so it reaches the edge cross-origin; any
+        // origin will do on a development machine (never in production).
+        edge_config.cors_origins = vec!["*".into()];
         let edge_listener = gapless_shared::listener::bind(self.edge_listen)
             .with_context(|| format!("cannot listen on {}", self.edge_listen))?;
+        let edge_addr = reachable(edge_listener.local_addr()?);
         let edge = tokio::spawn(gapless_edge::run(
             edge_listener,
             edge_config,
             shutdown.clone(),
         ));
 
-        let base = format!("http://{}", self.ingest_listen);
-        let ws = format!("ws://{}/v1/ws", self.edge_listen);
-        let token = mint_hs256(
-            &jwt_secret,
-            "demo",
-            Some("laptop"),
-            std::time::Duration::from_secs(86_400),
+        let base = format!("http://{ingest_addr}");
+        let edge_base = format!("http://{edge_addr}");
+        let ws = format!("ws://{edge_addr}/v1/ws");
+        let day = std::time::Duration::from_secs(86_400);
+        let token = mint_hs256(&jwt_secret, "demo", Some("laptop"), day);
+        // The page is a device of its own, so it never takes the place of `laptop`.
+        let browser_token = mint_hs256(&jwt_secret, "demo", Some("browser"), day);
+        let demo = format!(
+            "{base}/demo#edge={}&user=demo&token={}&key={}",
+            fragment_value(&edge_base),
+            fragment_value(&browser_token),
+            fragment_value(&api_key),
         );
         println!("ingest:  {base}");
-        println!("edge:    {ws}");
+        println!("edge:    {edge_base} (WebSocket {ws})");
         println!("api key: {api_key}");
         println!("jwt secret (HS256): {jwt_secret}");
         println!("token for user `demo`, device `laptop` (24 h): {token}");
         println!();
+        println!("Demo page (user `demo`, device `browser`; the secrets ride in the #fragment,");
+        println!("which the browser never sends to a server):");
+        println!("  {demo}");
+        println!();
         println!("1. connect (websocat), then type the resume line:");
         println!("  websocat '{ws}?token={token}'");
         println!("  {{\"type\":\"resume\"}}");
-        println!("   or in a browser console:");
-        println!("  ws = new WebSocket('{ws}?token={token}', 'gapless.v1.json');");
-        println!("  ws.onmessage = e => {{ console.log(e.data); const m = JSON.parse(e.data);");
-        println!("    if (m.type === 'welcome') ws.send('{{\"type\":\"resume\"}}');");
-        println!("    if (m.type === 'ping') ws.send('{{\"type\":\"pong\"}}');");
-        println!(
-            "    if (m.type === 'notification') ws.send(JSON.stringify({{type: 'ack', seq: m.seq}})); }};"
-        );
         println!("2. send one:");
         println!(
             "  curl -s {base}/v1/notifications -H 'Authorization: Bearer {api_key}' \\\n    \
@@ -245,6 +254,11 @@ impl Dev {
         println!(
             "  curl -s {base}/v1/users/demo/notifications -H 'Authorization: Bearer {api_key}'"
         );
+        println!("4. in your app's code (npm install @gapless/client):");
+        println!("  import {{ GaplessClient }} from '@gapless/client';");
+        println!("  const client = new GaplessClient({{ url: '{edge_base}', token: '{token}' }});");
+        println!("  client.on('notification', (n) => console.log(n.seq, n.payload));");
+        println!("  client.start();");
         println!();
         println!("Ctrl-C stops everything (the edge drains first).");
 
@@ -263,5 +277,54 @@ impl Dev {
         ingest_result?;
         edge_result?;
         Ok(())
+    }
+}
+
+/// `addr` as a browser or curl on this machine reaches it: a wildcard bind (`0.0.0.0`, `::`)
+/// is reached at the loopback address.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// `value` percent-encoded for a URL fragment read with `URLSearchParams`: every byte but
+/// the unreserved ones of RFC 3986 (so `+`, `&` and `=` survive too).
+fn fragment_value(value: &str) -> String {
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragment_values_keep_only_unreserved_bytes() {
+        assert_eq!(
+            fragment_value("http://127.0.0.1:8080"),
+            "http%3A%2F%2F127.0.0.1%3A8080"
+        );
+        assert_eq!(fragment_value("a+b&c=d é"), "a%2Bb%26c%3Dd%20%C3%A9");
+        assert_eq!(fragment_value("eyJ.a-b_c~"), "eyJ.a-b_c~");
+    }
+
+    #[test]
+    fn wildcard_binds_are_printed_as_loopback() {
+        let any: SocketAddr = "0.0.0.0:8081".parse().expect("addr");
+        assert_eq!(reachable(any), "127.0.0.1:8081".parse().expect("addr"));
+        let any6: SocketAddr = "[::]:8081".parse().expect("addr");
+        assert_eq!(reachable(any6), "[::1]:8081".parse().expect("addr"));
+        let one: SocketAddr = "192.0.2.1:80".parse().expect("addr");
+        assert_eq!(reachable(one), one);
     }
 }

@@ -41,7 +41,7 @@ pub struct AppState {
     pub redis_timeout: std::time::Duration,
 }
 
-/// The ingest's router.
+/// The ingest's router; with [`Config::demo`] on, also the demo page of [`crate::demo`].
 pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     let v1 = Router::new()
         .route("/v1/notifications", post(append_one))
@@ -51,8 +51,15 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
             state.clone(),
             auth::authenticate,
         ));
+    // The demo page is public: it carries no secrets (see `crate::demo`).
+    let demo = if config.demo {
+        crate::demo::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(v1)
+        .merge(demo)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))

@@ -217,6 +217,9 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// Rate limits per API key and source address.
     pub rates: RateLimits,
+    /// Serve the browser demo page at `/demo` (see [`crate::demo`]). Only `gapless dev`
+    /// turns it on; `gapless-ingest` has no flag for it.
+    pub demo: bool,
 }
 
 impl Config {
@@ -233,6 +236,7 @@ impl Config {
             native_min_items: 4,
             listener: ListenerConfig::new(),
             rates: RateLimits::default(),
+            demo: false,
         }
     }
 

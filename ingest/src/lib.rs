@@ -4,7 +4,8 @@
 //! limits by [`body`], it is appended by [`append`]
 //! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
 //! be read back through [`history`]. [`config`] holds the settings and [`error`] the JSON
-//! error answers. [`run`] serves it all until the shutdown token fires.
+//! error answers; [`demo`] is the browser demo page `gapless dev` turns on. [`run`] serves
+//! it all until the shutdown token fires.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod append;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod history;
 pub mod native;

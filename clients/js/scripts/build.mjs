@@ -4,7 +4,7 @@
 //   node scripts/build.mjs           build
 //   node scripts/build.mjs --check   also fail when the committed dist/gapless.min.js is stale
 import { execFileSync } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as esbuild from 'esbuild';
@@ -19,7 +19,11 @@ const committed = (() => {
   }
 })();
 
-rmSync(join(root, 'dist'), { recursive: true, force: true });
+// Old outputs go, but the committed bundle stays in place until it is rewritten: the Rust
+// build embeds it (include_str!), and a cargo build at this moment must still find it.
+for (const name of existsSync(join(root, 'dist')) ? readdirSync(join(root, 'dist')) : []) {
+  if (name !== 'gapless.min.js') rmSync(join(root, 'dist', name), { recursive: true, force: true });
+}
 execFileSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p', join(root, 'tsconfig.json')], {
   stdio: 'inherit',
 });
