@@ -10,20 +10,15 @@
 // <repo>/target/debug), redis-server on PATH and Chromium (CHROMIUM, default /usr/bin/chromium).
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { inflateSync } from 'node:zlib';
 import { chromium } from 'playwright-core';
 
-const repo = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
-const binDir = process.env.GAPLESS_BIN_DIR ?? join(repo, 'target/debug');
-const CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-  '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+import { CHROMIUM_FLAGS, binDir, freePort } from './system.mjs';
+
 /** How long one step may take before the test fails. */
 const STEP_MS = 20_000;
 
@@ -32,8 +27,7 @@ const NOTE_BACKGROUND = [0xea, 0xf3, 0xff];
 const NOTE_ACCENT = [0x1f, 0x6f, 0xeb];
 
 test('the demo page of gapless dev shows the connection and renders notifications as they arrive', { timeout: 180_000 }, async (t) => {
-  const gapless = join(binDir, 'gapless');
-  assert.ok(existsSync(gapless), `no ${gapless}: run \`cargo build --workspace\` first (or set GAPLESS_BIN_DIR)`);
+  const gapless = join(binDir(), 'gapless');
   const dir = await mkdtemp(join(tmpdir(), 'gapless-demo-'));
   const dev = startDev(gapless, dir, await freePort());
   let context = null;
@@ -313,18 +307,6 @@ function decodePng(buffer) {
       return [pixels[i], pixels[i + 1], pixels[i + 2]];
     },
   };
-}
-
-/** A TCP port nobody listens on now. */
-function freePort() {
-  return new Promise((resolvePort, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolvePort(port));
-    });
-  });
 }
 
 /**
