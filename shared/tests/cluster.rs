@@ -1,0 +1,52 @@
+//! The local Redis Cluster harness itself: six real `redis-server` processes, slots that
+//! move with their keys, a manual failover and a SIGKILLed primary.
+
+use gapless_shared::testing::TestCluster;
+
+#[test]
+fn a_test_cluster_moves_slots_with_their_keys_and_fails_over() {
+    let mut cluster = TestCluster::start();
+    assert_eq!(cluster.primaries().len(), 3, "three primaries");
+    let key = "gl:{alice}:m";
+    let slot = cluster.slot_of(key);
+    let owner = cluster.owner_of(slot);
+    cluster
+        .on_node::<()>(owner, redis::cmd("SET").arg(key).arg("v1"))
+        .expect("the owner takes the write");
+
+    // Moved with its key: the new owner serves it, the old one redirects.
+    let target = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != owner)
+        .expect("another primary");
+    cluster.move_slot(slot, target);
+    assert_eq!(cluster.owner_of(slot), target);
+    let value: String = cluster
+        .on_node(target, redis::cmd("GET").arg(key))
+        .expect("the new owner has the key");
+    assert_eq!(value, "v1");
+    let moved = cluster
+        .on_node::<String>(owner, redis::cmd("GET").arg(key))
+        .expect_err("the old owner redirects");
+    assert!(moved.redirect_node().is_some(), "a MOVED redirect: {moved}");
+
+    // A manual failover keeps the data.
+    let promoted = cluster.failover(target);
+    assert_eq!(cluster.owner_of(slot), promoted);
+    let value: String = cluster
+        .on_node(promoted, redis::cmd("GET").arg(key))
+        .expect("the promoted replica has the key");
+    assert_eq!(value, "v1");
+
+    // A SIGKILLed primary is replaced by its replica after the node timeout.
+    let survivor = cluster.kill_primary(promoted);
+    assert_eq!(cluster.owner_of(slot), survivor);
+    let value: String = cluster
+        .on_node(survivor, redis::cmd("GET").arg(key))
+        .expect("the new primary has the key");
+    assert_eq!(value, "v1");
+    cluster.node_mut(promoted).restart().expect("restarts");
+    cluster.wait_stable();
+    assert_eq!(cluster.primaries().len(), 3);
+}
