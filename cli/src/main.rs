@@ -28,16 +28,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply the newest Redis Function library (FUNCTION LOAD REPLACE) and record its
-    /// version at gl:schema. Safe to repeat.
+    /// Apply the newest Redis Function library (FUNCTION LOAD REPLACE, on every primary of
+    /// a cluster) and record its version at gl:schema; then check that every primary holds
+    /// it. Safe to repeat, and the way to load a primary added later or restarted empty.
     Migrate {
-        /// Redis URL.
+        /// Redis URL; with --cluster, seed URLs of the cluster, comma-separated.
         #[arg(
             long,
             env = "GAPLESS_REDIS_URL",
             default_value = "redis://127.0.0.1:6379"
         )]
         redis: String,
+        /// `--redis` names seed nodes of a Redis Cluster.
+        #[arg(long, env = "GAPLESS_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true",
+            value_parser = clap::builder::BoolishValueParser::new())]
+        cluster: Option<bool>,
     },
     /// Mint an HS256 device token (for development and tests).
     Token {
@@ -87,12 +92,21 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     gapless_shared::telemetry::init_tracing();
     match Cli::parse().command {
-        Command::Migrate { redis } => {
-            let version = migrate(&redis).await?;
-            println!(
-                "gapless schema version {version} applied to {}",
-                mask(&redis)
-            );
+        Command::Migrate { redis, cluster } => {
+            let config = RedisConfig::from_args(&redis, cluster.unwrap_or(false))?;
+            let (version, primaries) = migrate_store(&config).await?;
+            if config.cluster {
+                println!(
+                    "gapless schema version {version} applied to {} primaries: {}",
+                    primaries.len(),
+                    primaries.join(", ")
+                );
+            } else {
+                println!(
+                    "gapless schema version {version} applied to {}",
+                    mask(&redis)
+                );
+            }
             Ok(())
         }
         Command::Token {
@@ -130,11 +144,33 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn migrate(url: &str) -> anyhow::Result<u32> {
-    let config = RedisConfig::new(url)?;
-    let mut conn = store::connect(&config)
+    Ok(migrate_store(&RedisConfig::new(url)?).await?.0)
+}
+
+/// Applies the library, then checks every primary holds it; returns the version and the
+/// primaries' addresses (empty for a single node).
+async fn migrate_store(config: &RedisConfig) -> anyhow::Result<(u32, Vec<String>)> {
+    let shown = config
+        .urls
+        .iter()
+        .map(|u| mask(u))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut conn = store::connect(config)
         .await
-        .with_context(|| format!("cannot reach Redis at {}", mask(url)))?;
-    Ok(schema::migrate(&mut conn).await?)
+        .with_context(|| format!("cannot reach Redis at {shown}"))?;
+    let version = schema::migrate(&mut conn).await?;
+    schema::check(&mut conn, config.command_timeout).await?;
+    let primaries = match conn {
+        store::Store::Cluster(_) => conn
+            .primaries(config.command_timeout)
+            .await?
+            .into_iter()
+            .map(|p| p.addr)
+            .collect(),
+        store::Store::Single(_) => Vec::new(),
+    };
+    Ok((version, primaries))
 }
 
 /// Settings of `gapless dev`.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
 use gapless_shared::schema::FN_ACK_DEVICES;
+use gapless_shared::store::Store;
 use gapless_shared::store::with_timeout;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ impl AckBook {
     }
 
     /// Writes everything pending; returns false if Redis failed (the positions stay pending).
-    pub async fn flush(&self, conn: &ConnectionManager, timeout: Duration) -> bool {
+    pub async fn flush(&self, conn: &Store, timeout: Duration) -> bool {
         let pending = self.take();
         if pending.is_empty() {
             return true;
@@ -199,7 +199,7 @@ impl AckBook {
     /// Flushes every `interval` and on [`flush_soon`](Self::flush_soon) until `shutdown`.
     pub async fn run(
         self,
-        conn: ConnectionManager,
+        conn: Store,
         interval: Duration,
         timeout: Duration,
         shutdown: CancellationToken,

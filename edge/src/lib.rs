@@ -82,9 +82,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let mut conn = store::connect(&config.redis).await?;
-    schema::check(&mut conn).await?;
+    schema::check(&mut conn, config.redis.command_timeout).await?;
     let verifier = Verifier::with_rules(&config.jwt, &config.jwt_rules)?;
-    let pubsub_client = redis::Client::open(config.redis.url.as_str())?;
+    let pubsub_client = redis::Client::open(config.redis.url())?;
 
     // Background tasks stop on `tasks`, which is cancelled after the drain, not before.
     let tasks = CancellationToken::new();
@@ -324,7 +324,12 @@ async fn ready(State((state, _)): State<AppState>) -> Response {
         );
     }
     let mut conn = state.conn.clone();
-    match tokio::time::timeout(state.config.redis.command_timeout, schema::check(&mut conn)).await {
+    match tokio::time::timeout(
+        state.config.redis.command_timeout,
+        schema::check(&mut conn, state.config.redis.command_timeout),
+    )
+    .await
+    {
         Ok(Ok(_)) => "ready\n".into_response(),
         Ok(Err(e)) => refuse(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e.to_string()),
         Err(_) => refuse(

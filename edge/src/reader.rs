@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
+use gapless_shared::store::Store;
 use gapless_shared::store::{StoreError, with_timeout};
 use redis::Value;
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -82,7 +82,7 @@ pub struct Reader {
 
 impl Reader {
     /// Starts the reader task; it ends when `shutdown` is cancelled.
-    pub fn spawn(conn: ConnectionManager, timeout: Duration, shutdown: CancellationToken) -> Self {
+    pub fn spawn(conn: Store, timeout: Duration, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(conn, timeout, rx, shutdown));
         Self { tx }
@@ -99,7 +99,7 @@ impl Reader {
 }
 
 async fn run(
-    conn: ConnectionManager,
+    conn: Store,
     timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<Request>,
     shutdown: CancellationToken,
@@ -128,7 +128,7 @@ async fn run(
     }
 }
 
-async fn execute(mut conn: ConnectionManager, timeout: Duration, batch: Vec<Request>) {
+async fn execute(mut conn: Store, timeout: Duration, batch: Vec<Request>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in &batch {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
+use gapless_shared::store::Store;
 use gapless_shared::store::with_timeout;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,7 @@ pub struct Registry {
 /// What the registry task needs.
 pub struct RegistryTask {
     /// Shared Redis connection.
-    pub conn: ConnectionManager,
+    pub conn: Store,
     /// This edge.
     pub edge_id: String,
     /// Lease length.
@@ -171,7 +171,7 @@ async fn refresh_shard(task: &RegistryTask, slot: usize) {
 }
 
 /// Removes every entry of this edge (at the end of a drain).
-pub async fn leave(conn: &ConnectionManager, edge_id: &str, timeout: Duration, users: &[UserId]) {
+pub async fn leave(conn: &Store, edge_id: &str, timeout: Duration, users: &[UserId]) {
     let mut conn = conn.clone();
     let mut pipe = redis::pipe();
     pipe.cmd("DEL").arg(keys::edge_lease(edge_id)).ignore();

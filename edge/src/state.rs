@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::rate::{AuthFailures, KeyedLimit};
-use redis::aio::ConnectionManager;
+use gapless_shared::store::Store;
 
 use crate::Config;
 use crate::acks::AckBook;
@@ -37,7 +37,7 @@ pub struct EdgeState {
     /// Set when draining: new connections are refused.
     pub(crate) draining: AtomicBool,
     /// Shared Redis connection (readiness, drain).
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Store,
     /// The metrics counted on every delivery and ack.
     pub(crate) hot: HotMetrics,
 }

@@ -10,9 +10,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
+use gapless_shared::store::Store;
 use gapless_shared::store::with_timeout;
 use gapless_shared::wakeup::{WakeItem, Wakeup};
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +95,7 @@ pub async fn subscribe(
 /// trickle of reads rather than one burst), and every user at once whenever `sweep_now` is
 /// notified (after a (re)subscription), until `shutdown`.
 pub async fn sweep_loop(
-    conn: ConnectionManager,
+    conn: Store,
     hub: Arc<Hub>,
     interval: Duration,
     timeout: Duration,
@@ -120,7 +120,7 @@ pub async fn sweep_loop(
 
 /// Reads the epoch and last seq of each of `users`' logs and hints each local session that
 /// is behind it. One `HMGET` per user, pipelined.
-pub async fn sweep(conn: &ConnectionManager, hub: &Hub, users: &[UserId], timeout: Duration) {
+pub async fn sweep(conn: &Store, hub: &Hub, users: &[UserId], timeout: Duration) {
     for chunk in users.chunks(SWEEP_CHUNK) {
         let mut pipe = redis::pipe();
         for user in chunk {

@@ -251,7 +251,11 @@ async fn read_history(
 /// `GET /readyz`: Redis answers and holds the schema this build needs.
 async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     let mut conn = state.appender.connection();
-    let checked = tokio::time::timeout(state.redis_timeout, schema::check(&mut conn)).await;
+    let checked = tokio::time::timeout(
+        state.redis_timeout,
+        schema::check(&mut conn, state.redis_timeout),
+    )
+    .await;
     match checked {
         Ok(Ok(_)) => Ok("ready\n"),
         Ok(Err(schema::SchemaError::Store(e))) => Err(e.into()),

@@ -11,9 +11,9 @@ use futures_util::future::join_all;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::schema::FN_APPEND;
+use gapless_shared::store::Store;
 use gapless_shared::store::{StoreError, with_timeout};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 use serde::Serialize;
 
@@ -61,7 +61,7 @@ pub struct Appended {
 #[derive(Clone)]
 pub struct Appender {
     /// The process's multiplexed Redis connection.
-    conn: ConnectionManager,
+    conn: Store,
     /// Dedicated connections for the native path's transactions.
     pool: Arc<native::Pool>,
     /// Bound of one pipeline.
@@ -77,7 +77,7 @@ pub struct Appender {
 impl Appender {
     /// An appender over `conn`.
     pub fn new(
-        conn: ConnectionManager,
+        conn: Store,
         pool: native::Pool,
         timeout: Duration,
         retention: Retention,
@@ -95,7 +95,7 @@ impl Appender {
     }
 
     /// The shared connection, for other handlers.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Store {
         self.conn.clone()
     }
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
+use gapless_shared::store::Store;
 use gapless_shared::store::{StoreError, with_timeout};
-use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -42,7 +42,7 @@ pub struct History {
 
 /// Reads up to `limit` entries after `after`.
 pub async fn read(
-    conn: &mut ConnectionManager,
+    conn: &mut Store,
     timeout: Duration,
     user: &UserId,
     after: u64,

@@ -54,9 +54,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let mut conn = store::connect(&config.redis).await?;
-    let version = schema::check(&mut conn).await?;
+    let version = schema::check(&mut conn, config.redis.command_timeout).await?;
     let pool = native::Pool::new(
-        config.redis.url.as_str(),
+        config.redis.url(),
         config.redis.connect_timeout,
         config.redis.command_timeout,
         TRANSACTION_CONNECTIONS,

@@ -145,8 +145,11 @@ fn mask_quoted(message: &str) -> String {
 /// How to reach Redis.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://` URL of the node (may hold a password, hence the masked `Debug`).
-    pub url: String,
+    /// `redis://` URLs: the node, or the seed nodes of a cluster (may hold a password,
+    /// hence the masked `Debug`).
+    pub urls: Vec<String>,
+    /// The URLs are seeds of a Redis Cluster (`--cluster`).
+    pub cluster: bool,
     /// Timeout of one command or pipeline; past it the operation fails as unavailable.
     pub command_timeout: Duration,
     /// Timeout of establishing a connection.
@@ -159,31 +162,52 @@ impl RedisConfig {
     /// Default connect timeout.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-    /// A configuration for `url` with default timeouts, after checking the URL.
+    /// A single node at `url`, with default timeouts, after checking the URL.
     pub fn new(url: &str) -> Result<Self, ConfigError> {
+        Self::from_args(url, false)
+    }
+
+    /// What `--redis` and `--cluster` say: one URL, or with `cluster` one or more seed URLs,
+    /// comma-separated.
+    pub fn from_args(redis: &str, cluster: bool) -> Result<Self, ConfigError> {
         let invalid = |reason: String| ConfigError::Invalid {
             setting: "--redis",
             reason,
         };
-        if url.contains(',') {
+        let urls = split_list(redis);
+        if urls.is_empty() {
+            return Err(invalid("no Redis URL given".into()));
+        }
+        if urls.len() > 1 && !cluster {
             return Err(invalid(
-                "several nodes need Redis Cluster mode, which this build does not support yet"
+                "several nodes are the seeds of a Redis Cluster: add --cluster (GAPLESS_REDIS_CLUSTER=1)"
                     .into(),
             ));
         }
-        redis::Client::open(url).map_err(|e| invalid(format!("{e}")))?;
+        for url in &urls {
+            redis::Client::open(url.as_str())
+                .map_err(|e| invalid(format!("{}: {e}", mask_url_password(url))))?;
+        }
         Ok(Self {
-            url: url.to_owned(),
+            urls,
+            cluster,
             command_timeout: Self::DEFAULT_COMMAND_TIMEOUT,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
         })
+    }
+
+    /// The first URL: the node of a single-node configuration.
+    pub fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
     }
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| mask_url_password(u)).collect();
         f.debug_struct("RedisConfig")
-            .field("url", &mask_url_password(&self.url))
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -232,7 +256,13 @@ mod tests {
     #[test]
     fn bad_redis_urls_are_refused() {
         assert!(RedisConfig::new("http://x").is_err());
-        assert!(RedisConfig::new("redis://a:1,redis://b:2").is_err());
+        let several = RedisConfig::new("redis://a:1,redis://b:2").expect_err("needs --cluster");
+        assert!(several.to_string().contains("--cluster"), "{several}");
+        let seeds = RedisConfig::from_args("redis://a:1, redis://b:2", true).expect("seeds");
+        assert_eq!(seeds.urls, ["redis://a:1", "redis://b:2"]);
+        assert!(seeds.cluster);
+        assert!(RedisConfig::from_args("redis://a:1,http://b", true).is_err());
+        assert!(RedisConfig::from_args(" , ", true).is_err());
     }
 
     #[test]

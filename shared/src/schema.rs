@@ -2,13 +2,17 @@
 //!
 //! `migrations/gapless.lua` holds the current library, its version written inside it (git
 //! keeps the earlier ones); applying it replaces whatever version Redis holds (`FUNCTION
-//! LOAD REPLACE`), then records the number. Services refuse to start against an older
-//! version.
+//! LOAD REPLACE`, which a cluster connection sends to every primary), then records the
+//! number. Services refuse to start against an older version, and check that every primary
+//! holds the library: Redis does not copy functions to a primary added later or restarted
+//! empty, and a call routed there would fail.
+
+use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
 use crate::keys;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// The current library's source.
 pub const LIBRARY: &str = include_str!("../../migrations/gapless.lua");
@@ -47,6 +51,20 @@ pub enum SchemaError {
     /// `gl:schema` holds something that is not a version.
     #[error("gl:schema holds {0:?}, which is not a schema version")]
     Corrupt(String),
+    /// A primary holds no library, or an older one (a node added later, or restarted
+    /// without its data).
+    #[error(
+        "Redis primary {node} holds {}, this build needs version {need}: run `gapless migrate` again",
+        found.map_or("no gapless library".to_owned(), |v| format!("gapless library version {v}"))
+    )]
+    Primary {
+        /// The primary's address.
+        node: String,
+        /// The library version it holds, if any.
+        found: Option<u32>,
+        /// Needed version.
+        need: u32,
+    },
     /// Redis failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -71,13 +89,15 @@ pub async fn migrate(conn: &mut impl ConnectionLike) -> Result<u32, StoreError> 
     Ok(version)
 }
 
-/// Checks that the applied version is at least [`VERSION`]; returns the applied version.
-pub async fn check(conn: &mut impl ConnectionLike) -> Result<u32, SchemaError> {
-    let found: Option<String> = redis::cmd("GET")
-        .arg(keys::SCHEMA)
-        .query_async(conn)
-        .await
-        .map_err(StoreError::from_redis)?;
+/// Checks that the applied version is at least [`VERSION`], and that every primary holds a
+/// library of at least that version (by the version line of its code); returns the applied
+/// version.
+pub async fn check(store: &mut Store, timeout: Duration) -> Result<u32, SchemaError> {
+    let found: Option<String> = crate::store::with_timeout(
+        timeout,
+        redis::cmd("GET").arg(keys::SCHEMA).query_async(store),
+    )
+    .await?;
     let found = found.ok_or(SchemaError::Missing)?;
     let found: u32 = found.parse().map_err(|_| SchemaError::Corrupt(found))?;
     if found < VERSION {
@@ -86,7 +106,65 @@ pub async fn check(conn: &mut impl ConnectionLike) -> Result<u32, SchemaError> {
             need: VERSION,
         });
     }
+    if let Store::Cluster(_) = store {
+        for primary in store.primaries(timeout).await? {
+            let listed: redis::Value = store
+                .on_node(
+                    &primary,
+                    redis::cmd("FUNCTION")
+                        .arg("LIST")
+                        .arg("LIBRARYNAME")
+                        .arg("gapless")
+                        .arg("WITHCODE"),
+                    timeout,
+                )
+                .await?;
+            let held = library_version(&listed);
+            if held.is_none_or(|v| v < VERSION) {
+                return Err(SchemaError::Primary {
+                    node: primary.addr,
+                    found: held,
+                    need: VERSION,
+                });
+            }
+        }
+    }
     Ok(found)
+}
+
+/// The version line (`-- gapless schema version: N`) of the `gapless` library in a
+/// `FUNCTION LIST … WITHCODE` answer; `None` when it lists no such library.
+fn library_version(listed: &redis::Value) -> Option<u32> {
+    let redis::Value::Array(libraries) = listed else {
+        return None;
+    };
+    libraries.iter().find_map(|library| {
+        let fields: Vec<(String, redis::Value)> = match library {
+            redis::Value::Map(pairs) => pairs
+                .iter()
+                .filter_map(|(k, v)| Some((redis::from_redis_value_ref(k).ok()?, v.clone())))
+                .collect(),
+            redis::Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|kv| {
+                    Some((
+                        redis::from_redis_value_ref(kv.first()?).ok()?,
+                        kv.get(1)?.clone(),
+                    ))
+                })
+                .collect(),
+            _ => return None,
+        };
+        let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let name: String = redis::from_redis_value_ref(field("library_name")?).ok()?;
+        if name != "gapless" {
+            return None;
+        }
+        let code: String = redis::from_redis_value_ref(field("library_code")?).ok()?;
+        code.lines()
+            .find_map(|l| l.strip_prefix("-- gapless schema version: "))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 #[cfg(test)]

@@ -1,16 +1,138 @@
-//! Redis connection setup (single node) and the timeout every Redis call goes through.
+//! Redis connection setup, single node or Redis Cluster, and the timeout every Redis call
+//! goes through.
 //!
-//! One multiplexed [`ConnectionManager`] per process serves every request: it pipelines
-//! concurrent commands over one socket and reconnects in the background after a failure.
+//! [`Store`] is the one connection type the services use: on a single node a multiplexed
+//! [`ConnectionManager`] (it pipelines concurrent commands over one socket and reconnects in
+//! the background), on a cluster a [`ClusterConnection`] (one multiplexed connection per
+//! primary; it follows `MOVED` and `ASK` and retries `TRYAGAIN` and `CLUSTERDOWN`). Both run
+//! any command or single-slot pipeline through [`ConnectionLike`], so callers do not know
+//! which they hold. What only a cluster has (several primaries) is asked through
+//! [`Store::primaries`] and [`Store::on_node`].
+//!
 //! Every call is bounded by the configured command timeout, so a dead Redis turns into a
 //! prompt [`StoreError::Unavailable`] rather than a hung request.
 
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::RedisConfig;
+
+/// A connection to Redis: one node, or a cluster. Cheap to clone (clones share sockets).
+#[derive(Clone)]
+pub enum Store {
+    /// One Redis node.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Store {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Store::Single(c) => c.req_packed_command(cmd),
+            Store::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Store::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Store::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Store::Single(c) => c.get_db(),
+            Store::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A primary of the store: its address (`host:port`), as Redis names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    /// `host:port`.
+    pub addr: String,
+}
+
+impl Store {
+    /// The primaries now: the node itself, or every primary of the cluster (from `CLUSTER
+    /// SLOTS` of one of them).
+    pub async fn primaries(&mut self, timeout: Duration) -> Result<Vec<Primary>, StoreError> {
+        let Store::Cluster(conn) = self else {
+            return Ok(vec![Primary {
+                addr: String::new(),
+            }]);
+        };
+        let slots: Vec<Value> = with_timeout(
+            timeout,
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<Value>>(conn),
+        )
+        .await?;
+        let mut primaries: Vec<Primary> = Vec::new();
+        for range in &slots {
+            let addr = primary_of_range(range)
+                .ok_or_else(|| StoreError::Redis(format!("CLUSTER SLOTS answered {range:?}")))?;
+            if !primaries.iter().any(|p| p.addr == addr) {
+                primaries.push(Primary { addr });
+            }
+        }
+        primaries.sort_by(|a, b| a.addr.cmp(&b.addr));
+        Ok(primaries)
+    }
+
+    /// Runs `cmd` on one primary (the node itself on a single node).
+    pub async fn on_node<T: redis::FromRedisValue>(
+        &mut self,
+        primary: &Primary,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Result<T, StoreError> {
+        match self {
+            Store::Single(conn) => with_timeout(timeout, cmd.query_async::<T>(conn)).await,
+            Store::Cluster(conn) => {
+                let (host, port) = primary
+                    .addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| {
+                        StoreError::Redis(format!("bad node address {}", primary.addr))
+                    })?;
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                let value = with_timeout(timeout, conn.route_command(cmd.clone(), routing)).await?;
+                redis::from_redis_value(value).map_err(|e| StoreError::Redis(e.to_string()))
+            }
+        }
+    }
+}
+
+/// `host:port` of the primary of one `CLUSTER SLOTS` range.
+fn primary_of_range(range: &Value) -> Option<String> {
+    let Value::Array(fields) = range else {
+        return None;
+    };
+    let Value::Array(primary) = fields.get(2)? else {
+        return None;
+    };
+    let host: String = redis::from_redis_value_ref(primary.first()?).ok()?;
+    let port: i64 = redis::from_redis_value_ref(primary.get(1)?).ok()?;
+    Some(format!("{host}:{port}"))
+}
 
 /// A Redis operation that failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,9 +178,36 @@ impl StoreError {
     }
 }
 
-/// Opens the process's Redis connection. Fails if Redis cannot be reached now.
-pub async fn connect(config: &RedisConfig) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(config.url.as_str()).map_err(StoreError::from_redis)?;
+/// Opens the process's Redis connection: to the node, or to the cluster its seeds belong to.
+/// Fails if Redis cannot be reached now.
+pub async fn connect(config: &RedisConfig) -> Result<Store, StoreError> {
+    if config.cluster {
+        return connect_cluster(config).await.map(Store::Cluster);
+    }
+    connect_single(config).await.map(Store::Single)
+}
+
+/// A cluster connection from the seeds. Redirects (`MOVED`, `ASK`) are followed, and
+/// `TRYAGAIN`/`CLUSTERDOWN` retried with short waits, within the command timeout the
+/// caller bounds every call with.
+async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConnection, StoreError> {
+    let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.command_timeout)
+        .retries(8)
+        .min_retry_wait(10)
+        .max_retry_wait(250)
+        .build()
+        .map_err(StoreError::from_redis)?;
+    with_timeout(
+        config.connect_timeout + config.command_timeout,
+        client.get_async_connection(),
+    )
+    .await
+}
+
+async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(config.url()).map_err(StoreError::from_redis)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.command_timeout))

@@ -50,3 +50,63 @@ fn a_test_cluster_moves_slots_with_their_keys_and_fails_over() {
     cluster.wait_stable();
     assert_eq!(cluster.primaries().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_loads_the_library_on_every_primary_and_check_names_a_primary_without_it() {
+    use gapless_shared::config::RedisConfig;
+    use gapless_shared::schema::{self, SchemaError};
+    use gapless_shared::store;
+    use std::time::Duration;
+
+    let cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .expect("the harness starts");
+    let config = RedisConfig::from_args(&cluster.urls(), true).expect("seeds");
+    let timeout = Duration::from_secs(2);
+    let mut store = store::connect(&config)
+        .await
+        .expect("connects to the cluster");
+    let primaries = store.primaries(timeout).await.expect("lists primaries");
+    assert_eq!(primaries.len(), 3, "{primaries:?}");
+
+    assert!(matches!(
+        schema::check(&mut store, timeout).await,
+        Err(SchemaError::Missing)
+    ));
+    schema::migrate(&mut store).await.expect("migrates");
+    assert_eq!(
+        schema::check(&mut store, timeout).await.expect("current"),
+        schema::VERSION
+    );
+
+    // A primary that lost its functions (restarted empty, or added later) is named.
+    let emptied = cluster.primaries()[1];
+    cluster
+        .on_node::<()>(emptied, redis::cmd("FUNCTION").arg("FLUSH"))
+        .expect("flushes one primary's functions");
+    let addr = format!("127.0.0.1:{}", cluster.node(emptied).port());
+    match schema::check(&mut store, timeout).await {
+        Err(SchemaError::Primary { node, found, .. }) => {
+            assert_eq!(node, addr);
+            assert_eq!(found, None);
+        }
+        other => panic!("expected the emptied primary to be named, got {other:?}"),
+    }
+    let message = schema::check(&mut store, timeout)
+        .await
+        .expect_err("still missing")
+        .to_string();
+    assert!(
+        message.contains(&addr) && message.contains("gapless migrate"),
+        "{message}"
+    );
+
+    // Migrating again fixes it.
+    schema::migrate(&mut store).await.expect("migrates again");
+    schema::check(&mut store, timeout)
+        .await
+        .expect("every primary current");
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("stops");
+}
