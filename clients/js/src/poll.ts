@@ -100,6 +100,11 @@ class PollConnection implements Connection {
       const handled = messages.length > 0 ? await p.idle() : null;
       if (this.#done) return;
       if (handled) resume = { epoch: handled.epoch, after: handled.seq };
+      // Past the first answer, a device without a position says `after=0`: its stored
+      // position, else the log's start. Naming nothing would fall back to the live end if
+      // the stored position went missing meanwhile (expired, or lost with Redis), and skip
+      // what was appended since the first poll.
+      else if (resume.after === undefined) resume = { after: 0 };
       waitMs = p.pollWaitMs;
     }
   }
