@@ -11,8 +11,7 @@ use futures_util::future::join_all;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::schema::FN_APPEND;
-use gapless_shared::store::Store;
-use gapless_shared::store::{StoreError, with_timeout};
+use gapless_shared::store::{Shard, Store, StoreError, with_timeout};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::{RedisResult, Value};
 use serde::Serialize;
@@ -162,31 +161,23 @@ impl Appender {
 
         let mut results: Vec<Option<Result<Appended, StoreError>>> =
             (0..items.len()).map(|_| None).collect();
-        let calls = pack(slow);
+        let calls = pack(slow, |group| self.conn.shard_of(&items[group[0]].user));
         if !calls.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for call in &calls {
-                pipe.add_command(self.fcall(items, call));
-            }
+            let cmds = calls
+                .iter()
+                .map(|(shard, call)| (*shard, self.fcall(items, call)))
+                .collect();
             let started = Instant::now();
-            let replies: Vec<RedisResult<Value>> =
-                with_timeout(self.timeout, pipe.query_async(&mut self.conn.clone()))
-                    .await
-                    .inspect_err(|_| {
-                        metrics::counter!("gapless_redis_errors_total", "op" => "append")
-                            .increment(1)
-                    })?;
+            let replies: Vec<RedisResult<Value>> = self
+                .conn
+                .run_per_shard(cmds, self.timeout)
+                .await
+                .inspect_err(|_| {
+                    metrics::counter!("gapless_redis_errors_total", "op" => "append").increment(1)
+                })?;
             metrics::histogram!("gapless_redis_duration_seconds", "op" => "append")
                 .record(started.elapsed().as_secs_f64());
-            if replies.len() != calls.len() {
-                return Err(StoreError::Redis(format!(
-                    "pipeline answered {} replies for {} calls",
-                    replies.len(),
-                    calls.len()
-                )));
-            }
-            for (call, reply) in calls.into_iter().zip(replies) {
+            for ((_, call), reply) in calls.into_iter().zip(replies) {
                 let reply = reply
                     .and_then(|v| Ok(redis::from_redis_value::<CallReply>(v)?))
                     .map_err(StoreError::from_redis)
@@ -313,7 +304,18 @@ type Call = Vec<Vec<usize>>;
 /// into Function calls ([`pack`]).
 #[cfg(test)]
 fn plan_calls(items: &[NewNotification<'_>]) -> Vec<Call> {
-    pack(group_by_user(items))
+    plan_calls_by(items, |_| Shard::default())
+}
+
+/// [`plan_calls`] with the users' shards given.
+#[cfg(test)]
+fn plan_calls_by(items: &[NewNotification<'_>], shard_of: impl Fn(&UserId) -> Shard) -> Vec<Call> {
+    pack(group_by_user(items), |group| {
+        shard_of(&items[group[0]].user)
+    })
+    .into_iter()
+    .map(|(_, call)| call)
+    .collect()
 }
 
 /// Item indexes per user, users in order of first appearance, items in request order.
@@ -330,27 +332,38 @@ fn group_by_user(items: &[NewNotification<'_>]) -> Vec<Vec<usize>> {
     groups
 }
 
-/// Packs user groups into Function calls of about [`MAX_ITEMS_PER_CALL`] items; a larger
-/// group is split over consecutive calls, which the pipeline runs in order.
+/// Packs user groups into Function calls of about [`MAX_ITEMS_PER_CALL`] items, each call
+/// of users of one shard (one slot on a cluster; anything on a single node); a larger group
+/// is split over consecutive calls of its shard, which that shard's pipeline runs in order.
 ///
 /// Several users share a call because a call's fixed cost dominates when each user has few
-/// items. On a single Redis any keys may share a call; a Cluster will pack per slot.
-fn pack(groups: Vec<Vec<usize>>) -> Vec<Call> {
-    let mut calls: Vec<Call> = Vec::new();
-    let mut current: Call = Vec::new();
-    let mut current_items = 0;
+/// items.
+fn pack(groups: Vec<Vec<usize>>, shard_of: impl Fn(&Vec<usize>) -> Shard) -> Vec<(Shard, Call)> {
+    let mut by_shard: Vec<(Shard, Vec<Vec<usize>>)> = Vec::new();
     for group in groups {
-        for segment in group.chunks(MAX_ITEMS_PER_CALL) {
-            if current_items > 0 && current_items + segment.len() > MAX_ITEMS_PER_CALL {
-                calls.push(std::mem::take(&mut current));
-                current_items = 0;
-            }
-            current_items += segment.len();
-            current.push(segment.to_vec());
+        let shard = shard_of(&group);
+        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, groups)) => groups.push(group),
+            None => by_shard.push((shard, vec![group])),
         }
     }
-    if !current.is_empty() {
-        calls.push(current);
+    let mut calls: Vec<(Shard, Call)> = Vec::new();
+    for (shard, groups) in by_shard {
+        let mut current: Call = Vec::new();
+        let mut current_items = 0;
+        for group in groups {
+            for segment in group.chunks(MAX_ITEMS_PER_CALL) {
+                if current_items > 0 && current_items + segment.len() > MAX_ITEMS_PER_CALL {
+                    calls.push((shard, std::mem::take(&mut current)));
+                    current_items = 0;
+                }
+                current_items += segment.len();
+                current.push(segment.to_vec());
+            }
+        }
+        if !current.is_empty() {
+            calls.push((shard, current));
+        }
     }
     calls
 }
@@ -557,6 +570,48 @@ impl Wakeups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_a_cluster_a_call_holds_users_of_one_slot_and_each_user_keeps_its_order() {
+        let users: Vec<UserId> = (0..40)
+            .map(|i| UserId::parse(&format!("user-{i}")).expect("valid"))
+            .collect();
+        let mut items = Vec::new();
+        for round in 0..30 {
+            for (u, user) in users.iter().enumerate() {
+                if (round + u) % 3 != 0 {
+                    items.push(NewNotification {
+                        user: user.clone(),
+                        payload: "1",
+                        idempotency_key: None,
+                    });
+                }
+            }
+        }
+        let slot = |user: &UserId| Shard::of_key(&keys::meta(user));
+        let calls = plan_calls_by(&items, slot);
+        for call in &calls {
+            let first = slot(&items[call[0][0]].user);
+            assert!(
+                call.iter()
+                    .all(|segment| slot(&items[segment[0]].user) == first),
+                "a call spans slots"
+            );
+        }
+        let flat: Vec<usize> = calls.iter().flatten().flatten().copied().collect();
+        assert_eq!(flat.len(), items.len(), "each item once");
+        for user in &users {
+            let order: Vec<usize> = flat
+                .iter()
+                .copied()
+                .filter(|&i| items[i].user == *user)
+                .collect();
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "{user:?} in request order"
+            );
+        }
+    }
 
     #[test]
     fn calls_group_per_user_in_order_and_split_large_groups() {

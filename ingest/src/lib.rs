@@ -61,13 +61,19 @@ pub async fn run(
         config.redis.command_timeout,
         TRANSACTION_CONNECTIONS,
     )?;
+    // The native path's transactions WATCH on dedicated connections to one node; on a
+    // cluster every user goes through the Function, which a cluster routes by its keys.
+    let native_min_items = match conn {
+        store::Store::Cluster(_) => usize::MAX,
+        store::Store::Single(_) => config.native_min_items,
+    };
     let appender = append::Appender::new(
         conn,
         pool,
         config.redis.command_timeout,
         config.retention,
         config.wakeup_payload_max,
-        config.native_min_items,
+        native_min_items,
     );
     let state = Arc::new(api::AppState {
         appender,

@@ -49,10 +49,11 @@ fn results_of(status: StatusCode, body: &Value) -> Vec<Value> {
         .clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_producers_get_exactly_contiguous_seqs() {
+on_both! {
+async fn concurrent_producers_get_exactly_contiguous_seqs(kind: Kind) {
     // Single appends go through the Function.
-    contiguous_under_concurrency(TestIngest::start().await).await;
+    contiguous_under_concurrency(TestIngest::start_on(kind).await).await;
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,9 +107,9 @@ async fn contiguous_under_concurrency(ingest: TestIngest) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_stores_valid_items_and_rejects_bad_ones_alone() {
-    let ingest = TestIngest::start_with(&[], |c| c.limits.payload_bytes = 64).await;
+on_both! {
+async fn batch_stores_valid_items_and_rejects_bad_ones_alone(kind: Kind) {
+    let ingest = TestIngest::start_on_with(kind, &[], |c| c.limits.payload_bytes = 64).await;
     let oversized = "x".repeat(100);
 
     // JSON array.
@@ -208,10 +209,11 @@ async fn batch_stores_valid_items_and_rejects_bad_ones_alone() {
         "nothing is stored for rejected items"
     );
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_idempotency_key_appends_nothing_and_returns_the_original_seq() {
-    let ingest = TestIngest::start().await;
+on_both! {
+async fn repeated_idempotency_key_appends_nothing_and_returns_the_original_seq(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let user = "idem";
     let single =
         |key: &str, n: u64| json!({ "user": user, "payload": { "n": n }, "idempotency_key": key });
@@ -283,6 +285,7 @@ async fn repeated_idempotency_key_appends_nothing_and_returns_the_original_seq()
     );
     assert_eq!(ingest.xlen("idem-other").await, 1);
 }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_stays_within_its_retention_bound() {
@@ -318,9 +321,9 @@ async fn log_stays_within_its_retention_bound() {
     assert_eq!(payloads.last().map(String::as_str), Some("1000"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_log_starts_a_new_epoch() {
-    let ingest = TestIngest::start_with(&[], |c| {
+on_both! {
+async fn expired_log_starts_a_new_epoch(kind: Kind) {
+    let ingest = TestIngest::start_on_with(kind, &[], |c| {
         c.retention.ttl = Duration::from_millis(300);
     })
     .await;
@@ -346,6 +349,7 @@ async fn expired_log_starts_a_new_epoch() {
         "nothing of the old log survives: {stored:?}"
     );
     assert_eq!(stored[0].payload, "3");
+}
 }
 
 async fn ingest_lacks(ingest: &TestIngest, key: &str) -> bool {
@@ -531,12 +535,12 @@ async fn wakeup_carries_every_appended_seq_once_per_request_per_edge() {
     assert_eq!(dead, None, "an expired lease is dropped from the registry");
 }
 
+on_both! {
 /// JSON escapes are legal in any string (`\/` is what PHP's `json_encode` writes for `/`, and
 /// a `"` in an idempotency key can only travel escaped): a valid user or key is accepted
 /// however the producer's encoder spelled it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_escaped_users_and_idempotency_keys_are_accepted() {
-    let ingest = TestIngest::start().await;
+async fn json_escaped_users_and_idempotency_keys_are_accepted(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let items = [
         r#"{"user":"al\u0069ce","payload":1}"#,
         r#"{"user":"alice","payload":2,"idempotency_key":"order\/17"}"#,
@@ -584,12 +588,13 @@ async fn json_escaped_users_and_idempotency_keys_are_accepted() {
         ]
     );
 }
+}
 
+on_both! {
 /// Redis refusing one user's part of a batch (here: a corrupted stream key) must not turn
 /// other users' items into errors, least of all items that were in fact appended.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_users_refused_write_does_not_sink_other_users() {
-    let ingest = TestIngest::start().await;
+async fn one_users_refused_write_does_not_sink_other_users(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let mut conn = ingest.redis_conn().await;
     let victim = user_keys("victim");
     let _: () = redis::cmd("HSET")
@@ -628,6 +633,7 @@ async fn one_users_refused_write_does_not_sink_other_users() {
         );
         assert_appended(&results[i], user, 1);
     }
+}
 }
 
 /// Replaces `user`'s stream with a string, as a foreign writer could: every write to it fails.

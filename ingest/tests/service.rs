@@ -103,9 +103,9 @@ async fn history_reads_entries_of_both_schema_versions() {
     assert!(all.notifications[1].ts >= before.saturating_sub(1_000));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_returns_retained_entries_after_a_seq() {
-    let ingest = TestIngest::start().await;
+on_both! {
+async fn history_returns_retained_entries_after_a_seq(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let user = "historian";
     let payloads = [
         r#"{"title": "héllo",  "n": [1, 2.50, null]}"#,
@@ -167,10 +167,11 @@ async fn history_returns_retained_entries_after_a_seq() {
     assert!(past_end.notifications.is_empty());
     assert_eq!(past_end.last_seq, 5);
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_of_an_unknown_user_is_empty_with_no_epoch() {
-    let ingest = TestIngest::start().await;
+on_both! {
+async fn history_of_an_unknown_user_is_empty_with_no_epoch(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let answer = history(&ingest, "stranger", "?after=3").await;
     assert_eq!(answer.user, "stranger");
     assert_eq!(answer.epoch, None);
@@ -180,10 +181,11 @@ async fn history_of_an_unknown_user_is_empty_with_no_epoch() {
     assert_eq!(body["epoch"], serde_json::Value::Null, "{body}");
     assert_eq!(body["notifications"], json!([]), "{body}");
 }
+}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_readiness_and_metrics_answer() {
-    let ingest = TestIngest::start().await;
+on_both! {
+async fn health_readiness_and_metrics_answer(kind: Kind) {
+    let ingest = TestIngest::start_on(kind).await;
     let get = |path: &str| ingest.http.get(ingest.url(path)).send();
 
     let healthz = get("/healthz").await.expect("healthz answers");
@@ -216,6 +218,32 @@ async fn health_readiness_and_metrics_answer() {
     ] {
         assert!(text.contains(needle), "/metrics lacks {needle}:\n{text}");
     }
+}
+}
+
+/// A cluster primary without the Function library (restarted empty, or added later) makes
+/// the ingest unready, and the answer names it; `gapless migrate` again makes it ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_cluster_primary_without_the_library() {
+    let ingest = TestIngest::start_on(common::Kind::Cluster).await;
+    let common::Backend::Cluster(cluster) = &ingest.redis else {
+        unreachable!("started on a cluster")
+    };
+    let readyz = || ingest.http.get(ingest.url("/readyz")).send();
+    assert_eq!(readyz().await.expect("answers").status(), StatusCode::OK);
+    let emptied = cluster.primaries()[0];
+    cluster
+        .on_node::<()>(emptied, redis::cmd("FUNCTION").arg("FLUSH"))
+        .expect("flushes one primary");
+    let answer = readyz().await.expect("answers");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = answer.text().await.expect("a body");
+    let addr = format!("127.0.0.1:{}", cluster.node(emptied).port());
+    assert!(body.contains(&addr), "names the primary: {body}");
+    gapless_shared::schema::migrate(&mut ingest.redis_conn().await)
+        .await
+        .expect("migrates again");
+    assert_eq!(readyz().await.expect("answers").status(), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,19 @@ impl ConnectionLike for Store {
     }
 }
 
+/// What one atomic call or one pipeline may span: a hash slot on a cluster, everything on a
+/// single node. Callers group per-user work by the shard of each user, and so never ask
+/// which kind of store they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Shard(Option<redis::cluster_routing::Slot>);
+
+impl Shard {
+    /// The shard of `key` on a cluster (its hash slot), for tests of per-shard planning.
+    pub fn of_key(key: &str) -> Self {
+        Shard(Some(redis::cluster_routing::Slot::for_key(key)))
+    }
+}
+
 /// A primary of the store: its address (`host:port`), as Redis names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Primary {
@@ -68,6 +81,72 @@ pub struct Primary {
 }
 
 impl Store {
+    /// The shard of `user`'s keys (they share the `{user}` hash tag, DESIGN.md §3).
+    pub fn shard_of(&self, user: &crate::ids::UserId) -> Shard {
+        match self {
+            Store::Single(_) => Shard(None),
+            Store::Cluster(_) => Shard(Some(redis::cluster_routing::Slot::for_key(
+                crate::keys::meta(user),
+            ))),
+        }
+    }
+
+    /// Runs commands that each touch the keys of one shard: one pipeline per shard, the
+    /// pipelines concurrently, each bounded by `timeout`. Answers one reply per command, in
+    /// the order given; a command Redis refused is an `Err` in its place. `Err` as a whole
+    /// when a pipeline could not run: its commands may or may not have been applied.
+    pub async fn run_per_shard(
+        &self,
+        cmds: Vec<(Shard, Cmd)>,
+        timeout: Duration,
+    ) -> Result<Vec<redis::RedisResult<Value>>, StoreError> {
+        let mut by_shard: Vec<(Shard, Vec<usize>, Pipeline)> = Vec::new();
+        for (i, (shard, cmd)) in cmds.into_iter().enumerate() {
+            let at = match by_shard.iter().position(|(s, _, _)| *s == shard) {
+                Some(at) => at,
+                None => {
+                    let mut pipe = redis::pipe();
+                    pipe.ignore_errors();
+                    by_shard.push((shard, Vec::new(), pipe));
+                    by_shard.len() - 1
+                }
+            };
+            by_shard[at].1.push(i);
+            by_shard[at].2.add_command(cmd);
+        }
+        let total = by_shard.iter().map(|(_, idx, _)| idx.len()).sum();
+        let answers = futures_util::future::join_all(by_shard.iter().map(|(_, _, pipe)| {
+            let mut conn = self.clone();
+            async move {
+                with_timeout(
+                    timeout,
+                    pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut conn),
+                )
+                .await
+            }
+        }))
+        .await;
+        let mut replies: Vec<Option<redis::RedisResult<Value>>> =
+            (0..total).map(|_| None).collect();
+        for ((_, indexes, _), answer) in by_shard.iter().zip(answers) {
+            let answer = answer?;
+            if answer.len() != indexes.len() {
+                return Err(StoreError::Redis(format!(
+                    "a pipeline answered {} replies for {} commands",
+                    answer.len(),
+                    indexes.len()
+                )));
+            }
+            for (&i, reply) in indexes.iter().zip(answer) {
+                replies[i] = Some(reply);
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| r.expect("every command is in exactly one pipeline"))
+            .collect())
+    }
+
     /// The primaries now: the node itself, or every primary of the cluster (from `CLUSTER
     /// SLOTS` of one of them).
     pub async fn primaries(&mut self, timeout: Duration) -> Result<Vec<Primary>, StoreError> {

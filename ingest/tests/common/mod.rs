@@ -1,11 +1,14 @@
 //! Shared harness of the ingest integration tests: a real `redis-server` (AOF, fsync always)
-//! started by [`TestRedis`], the migrated schema, and the ingest served in-process on
-//! `127.0.0.1:0`, plus helpers to call its HTTP API and to read back what Redis holds.
+//! started by [`TestRedis`], or a real local Redis Cluster ([`TestCluster`], six nodes), the
+//! migrated schema, and the ingest served in-process on `127.0.0.1:0`, plus helpers to call
+//! its HTTP API and to read back what Redis holds. [`on_both!`] runs one test body against
+//! each kind of Redis.
 //!
 //! Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use gapless_ingest::Config;
@@ -13,7 +16,8 @@ use gapless_ingest::RunError;
 use gapless_shared::config::{RedisConfig, Secret};
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
-use gapless_shared::testing::TestRedis;
+use gapless_shared::store::{self, Store};
+use gapless_shared::testing::{TestCluster, TestRedis};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
@@ -39,10 +43,97 @@ pub struct StoredEntry {
     pub idempotency_key: Option<String>,
 }
 
+/// Which kind of Redis a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One `redis-server`.
+    Single,
+    /// A local Redis Cluster: three primaries, three replicas.
+    Cluster,
+}
+
+/// The Redis of a test ingest. It derefs to the single node, for the tests that kill and
+/// restart it (they run on a single node only).
+pub enum Backend {
+    /// One node.
+    Single(TestRedis),
+    /// A cluster.
+    Cluster(TestCluster),
+}
+
+impl Backend {
+    fn start(kind: Kind, settings: &[(&str, &str)]) -> Self {
+        match kind {
+            Kind::Single => Backend::Single(TestRedis::start_with(settings)),
+            Kind::Cluster => {
+                assert!(settings.is_empty(), "cluster tests take no Redis settings");
+                Backend::Cluster(TestCluster::start())
+            }
+        }
+    }
+
+    /// The ingest's Redis settings for it.
+    pub fn config(&self) -> RedisConfig {
+        match self {
+            Backend::Single(r) => RedisConfig::new(&r.url()),
+            Backend::Cluster(c) => RedisConfig::from_args(&c.urls(), true),
+        }
+        .expect("harness URLs are valid")
+    }
+}
+
+impl Deref for Backend {
+    type Target = TestRedis;
+    fn deref(&self) -> &TestRedis {
+        match self {
+            Backend::Single(r) => r,
+            Backend::Cluster(_) => {
+                panic!("this helper needs a single node; the test runs on a cluster")
+            }
+        }
+    }
+}
+
+impl DerefMut for Backend {
+    fn deref_mut(&mut self) -> &mut TestRedis {
+        match self {
+            Backend::Single(r) => r,
+            Backend::Cluster(_) => {
+                panic!("this helper needs a single node; the test runs on a cluster")
+            }
+        }
+    }
+}
+
+/// Runs a test body once against a single node and once against a local cluster, as the
+/// tests `<name>::single` and `<name>::cluster`; the body gets the [`Kind`] to start with.
+#[macro_export]
+macro_rules! on_both {
+    ($(#[$meta:meta])* async fn $name:ident($kind:ident: Kind) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn single() {
+                let $kind = common::Kind::Single;
+                $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                let $kind = common::Kind::Cluster;
+                $body
+            }
+        }
+    };
+}
+
 /// An ingest served in-process against its own Redis.
 pub struct TestIngest {
-    /// The Redis the ingest writes to; tests may kill and restart it.
-    pub redis: TestRedis,
+    /// The Redis the ingest writes to; tests may kill and restart a single node.
+    pub redis: Backend,
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     /// Cancels the ingest; cancelled on drop.
@@ -59,20 +150,43 @@ impl TestIngest {
         Self::start_with(&[], |_| {}).await
     }
 
+    /// An ingest with default settings on the given kind of Redis.
+    pub async fn start_on(kind: Kind) -> Self {
+        Self::start_on_with(kind, &[], |_| {}).await
+    }
+
     /// An ingest whose Redis gets `redis_settings` and whose config `tweak` adjusts.
     pub async fn start_with(
         redis_settings: &[(&str, &str)],
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
-        let redis = TestRedis::start_with(redis_settings);
-        let mut conn = connect(&redis).await;
+        Self::start_on_with(Kind::Single, redis_settings, tweak).await
+    }
+
+    /// [`start_with`](Self::start_with) on the given kind of Redis.
+    pub async fn start_on_with(
+        kind: Kind,
+        redis_settings: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let settings: Vec<(String, String)> = redis_settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let redis = tokio::task::spawn_blocking(move || {
+            let settings: Vec<(&str, &str)> = settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            Backend::start(kind, &settings)
+        })
+        .await
+        .expect("the test Redis starts");
+        let mut conn = store::connect(&redis.config()).await.expect("connects");
         gapless_shared::schema::migrate(&mut conn)
             .await
             .expect("migrations apply to a fresh Redis");
-        let mut config = Config::new(
-            RedisConfig::new(&redis.url()).expect("harness URL is valid"),
-            vec![Secret::new(API_KEY)],
-        );
+        let mut config = Config::new(redis.config(), vec![Secret::new(API_KEY)]);
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -123,9 +237,12 @@ impl TestIngest {
         format!("{}{path}", self.base)
     }
 
-    /// A new connection to the ingest's Redis, for assertions (a new one survives restarts).
-    pub async fn redis_conn(&self) -> MultiplexedConnection {
-        connect(&self.redis).await
+    /// A new connection to the ingest's Redis, for assertions (a new one survives restarts):
+    /// to the node, or to the cluster.
+    pub async fn redis_conn(&self) -> Store {
+        store::connect(&self.redis.config())
+            .await
+            .expect("the test Redis accepts connections")
     }
 
     /// POSTs `body` with `content_type` and the API key.
