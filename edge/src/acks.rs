@@ -11,8 +11,7 @@ use std::time::Duration;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
 use gapless_shared::schema::FN_ACK_DEVICES;
-use gapless_shared::store::Store;
-use gapless_shared::store::with_timeout;
+use gapless_shared::store::{Shard, Store, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -122,24 +121,21 @@ impl AckBook {
         if pending.is_empty() {
             return true;
         }
-        let mut by_user: HashMap<&UserId, Vec<(&str, &str, u64)>> = HashMap::new();
-        let mut markers = redis::pipe();
+        let mut by_user: HashMap<&UserId, Positions<'_>> = HashMap::new();
+        let mut markers = Vec::new();
         for ((user, device), (epoch, seq)) in &pending {
             if epoch.is_empty() {
                 // Only where the device has no position yet; a real one always wins.
                 let acks = keys::acks(user);
-                markers
-                    .cmd("HSETNX")
-                    .arg(&acks)
-                    .arg(device)
-                    .arg(":0")
-                    .ignore();
-                markers
-                    .cmd("PEXPIRE")
+                let mut set = redis::cmd("HSETNX");
+                set.arg(&acks).arg(device).arg(":0");
+                let mut expire = redis::cmd("PEXPIRE");
+                expire
                     .arg(&acks)
                     .arg(MARKER_TTL.as_millis() as u64)
-                    .arg("NX")
-                    .ignore();
+                    .arg("NX");
+                markers.push((conn.shard_of(user), set));
+                markers.push((conn.shard_of(user), expire));
                 continue;
             }
             by_user
@@ -147,27 +143,33 @@ impl AckBook {
                 .or_default()
                 .push((device.as_str(), epoch.as_str(), *seq));
         }
-        let users: Vec<_> = by_user.into_iter().collect();
         let mut ok = true;
         if !markers.is_empty()
-            && let Err(e) =
-                with_timeout(timeout, markers.query_async::<()>(&mut conn.clone())).await
+            && let Err(e) = all_ok(conn.run_per_shard(markers, timeout).await)
         {
             metrics::counter!("gapless_redis_errors_total", "op" => "ack").increment(1);
             tracing::warn!(error = %e, "start markers not written; retrying");
             ok = false;
         }
-        for chunk in users.chunks(USERS_PER_CALL * CALLS_PER_PIPELINE) {
-            let mut pipe = redis::pipe();
-            for call in chunk.chunks(USERS_PER_CALL) {
+        // One call holds users of one shard (a slot on a cluster): group them first.
+        let mut by_shard: Vec<(Shard, Vec<(&UserId, Positions<'_>)>)> = Vec::new();
+        for (user, positions) in by_user {
+            let shard = conn.shard_of(user);
+            match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, users)) => users.push((user, positions)),
+                None => by_shard.push((shard, vec![(user, positions)])),
+            }
+        }
+        let mut calls = Vec::new();
+        for (shard, users) in &by_shard {
+            for call in users.chunks(USERS_PER_CALL) {
                 let mut names = Vec::with_capacity(2 * call.len());
                 for (user, _) in call {
                     names.push(keys::meta(user));
                     names.push(keys::acks(user));
                 }
-                let cmd = pipe
-                    .cmd("FCALL")
-                    .arg(FN_ACK_DEVICES)
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg(FN_ACK_DEVICES)
                     .arg(names.len())
                     .arg(names)
                     .arg(self.inner.device_ttl_s);
@@ -177,10 +179,14 @@ impl AckBook {
                         cmd.arg(*device).arg(*epoch).arg(*seq);
                     }
                 }
-                cmd.ignore();
+                calls.push((*shard, cmd));
             }
+        }
+        let mut calls = calls.into_iter().peekable();
+        while calls.peek().is_some() {
+            let round: Vec<_> = calls.by_ref().take(CALLS_PER_PIPELINE).collect();
             let started = std::time::Instant::now();
-            let result = with_timeout(timeout, pipe.query_async::<()>(&mut conn.clone())).await;
+            let result = all_ok(conn.run_per_shard(round, timeout).await);
             metrics::histogram!("gapless_redis_duration_seconds", "op" => "ack")
                 .record(started.elapsed().as_secs_f64());
             if let Err(e) = result {
@@ -215,6 +221,19 @@ impl AckBook {
             self.flush(&conn, timeout).await;
         }
     }
+}
+
+/// One user's positions to write: `(device, epoch, seq)`.
+type Positions<'a> = Vec<(&'a str, &'a str, u64)>;
+
+/// `Err` when the pipelines failed or Redis refused any of their commands.
+fn all_ok(
+    replies: Result<Vec<redis::RedisResult<redis::Value>>, StoreError>,
+) -> Result<(), StoreError> {
+    for reply in replies? {
+        reply.map_err(StoreError::from_redis)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -272,14 +272,6 @@ impl Config {
             .redis_url
             .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
         let mut redis = RedisConfig::from_args(&redis_url, args.cluster.unwrap_or(false))?;
-        if redis.cluster {
-            // Not yet: its multi-user pipelines and calls are not grouped per slot, and its
-            // wakeups are not sharded (issue #14). `gapless migrate --cluster` works.
-            return Err(ConfigError::Invalid {
-                setting: "--cluster",
-                reason: "gapless-edge does not run on Redis Cluster yet (in progress); `gapless migrate --cluster` does".into(),
-            });
-        }
         if let Some(ms) = args.redis_timeout_ms.filter(|ms| *ms > 0) {
             redis.command_timeout = Duration::from_millis(ms);
         }

@@ -84,7 +84,14 @@ pub async fn run(
     let mut conn = store::connect(&config.redis).await?;
     schema::check(&mut conn, config.redis.command_timeout).await?;
     let verifier = Verifier::with_rules(&config.jwt, &config.jwt_rules)?;
-    let pubsub_client = redis::Client::open(config.redis.url())?;
+    // Wakeups arrive over pub/sub through any one node (a cluster broadcasts a PUBLISH to
+    // every node): the subscriber moves to the next seed when its node fails.
+    let pubsub_clients = config
+        .redis
+        .urls
+        .iter()
+        .map(|url| redis::Client::open(url.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
 
     // Background tasks stop on `tasks`, which is cancelled after the drain, not before.
     let tasks = CancellationToken::new();
@@ -109,7 +116,7 @@ pub async fn run(
     ));
     let sweep_now = Arc::new(Notify::new());
     tokio::spawn(wakeup::subscribe(
-        pubsub_client,
+        pubsub_clients,
         config.edge_id.clone(),
         hub.clone(),
         sweep_now.clone(),

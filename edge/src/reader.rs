@@ -8,7 +8,7 @@ use std::time::Duration;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
 use gapless_shared::store::Store;
-use gapless_shared::store::{StoreError, with_timeout};
+use gapless_shared::store::StoreError;
 use redis::Value;
 use redis::streams::StreamRangeReply;
 use serde_json::value::RawValue;
@@ -128,38 +128,40 @@ async fn run(
     }
 }
 
-async fn execute(mut conn: Store, timeout: Duration, batch: Vec<Request>) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
+async fn execute(conn: Store, timeout: Duration, batch: Vec<Request>) {
+    let mut cmds = Vec::with_capacity(2 * batch.len());
     for req in &batch {
-        match &req.op {
+        // Both commands of a read go to its user's shard, in this order, in one pipeline.
+        let mut state = redis::cmd("HMGET");
+        let second = match &req.op {
             ReadOp::Position { user, device } => {
-                pipe.cmd("HMGET")
-                    .arg(keys::meta(user))
-                    .arg("epoch")
-                    .arg("seq");
-                pipe.cmd("HGET").arg(keys::acks(user)).arg(device);
+                state.arg(keys::meta(user)).arg("epoch").arg("seq");
+                let mut get = redis::cmd("HGET");
+                get.arg(keys::acks(user)).arg(device);
+                (user, get)
             }
             ReadOp::Range { user, from, count } => {
                 // The log's state first, then the entries: appends may run between the two,
                 // so only in this order does "last_seq > from but no entry from `from` on"
                 // prove that entries were trimmed, rather than appended in between.
-                pipe.cmd("HMGET")
-                    .arg(keys::meta(user))
-                    .arg("epoch")
-                    .arg("seq");
-                pipe.cmd("XRANGE")
+                state.arg(keys::meta(user)).arg("epoch").arg("seq");
+                let mut range = redis::cmd("XRANGE");
+                range
                     .arg(keys::stream(user))
                     .arg(keys::entry_id(*from))
                     .arg("+")
                     .arg("COUNT")
                     .arg(*count);
+                (user, range)
             }
-        }
+        };
+        let shard = conn.shard_of(second.0);
+        cmds.push((shard, state));
+        cmds.push((shard, second.1));
     }
     let started = std::time::Instant::now();
     let result: Result<Vec<redis::RedisResult<Value>>, StoreError> =
-        with_timeout(timeout, pipe.query_async(&mut conn)).await;
+        conn.run_per_shard(cmds, timeout).await;
     metrics::histogram!("gapless_redis_duration_seconds", "op" => "read")
         .record(started.elapsed().as_secs_f64());
     let replies = match result {

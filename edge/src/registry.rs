@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
-use gapless_shared::store::Store;
-use gapless_shared::store::with_timeout;
+use gapless_shared::store::{Shard, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -98,42 +97,51 @@ fn lease_until(lease: Duration) -> u64 {
     gapless_shared::now_ms() + lease.as_millis() as u64
 }
 
-fn add_cmds(pipe: &mut redis::Pipeline, task: &RegistryTask, user: &UserId, until: u64) {
+/// The commands that add (or refresh) this edge's entry for `user`, with their shard.
+fn add_cmds(cmds: &mut Vec<(Shard, redis::Cmd)>, task: &RegistryTask, user: &UserId, until: u64) {
     let registry = keys::registry(user);
-    pipe.cmd("ZADD")
-        .arg(&registry)
-        .arg(until)
-        .arg(&task.edge_id)
-        .ignore();
+    let shard = task.conn.shard_of(user);
+    let mut add = redis::cmd("ZADD");
+    add.arg(&registry).arg(until).arg(&task.edge_id);
     // The set outlives no lease by much: a crashed edge's entries vanish with it.
-    pipe.cmd("PEXPIRE")
-        .arg(&registry)
-        .arg(2 * task.lease.as_millis() as u64)
-        .ignore();
+    let mut expire = redis::cmd("PEXPIRE");
+    expire.arg(&registry).arg(2 * task.lease.as_millis() as u64);
+    cmds.push((shard, add));
+    cmds.push((shard, expire));
+}
+
+/// Runs registry commands, one pipeline per shard; `Err` when a pipeline or a command failed.
+async fn execute(task: &RegistryTask, cmds: Vec<(Shard, redis::Cmd)>) -> Result<(), StoreError> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    for reply in task.conn.run_per_shard(cmds, task.timeout).await? {
+        reply.map_err(StoreError::from_redis)?;
+    }
+    Ok(())
 }
 
 async fn apply(task: &RegistryTask, ops: Vec<Op>) {
     let until = lease_until(task.lease);
-    let mut pipe = redis::pipe();
+    let mut cmds = Vec::new();
     let mut waiting = Vec::new();
     for op in ops {
         match op {
             Op::Add(user, done) => {
-                add_cmds(&mut pipe, task, &user, until);
+                add_cmds(&mut cmds, task, &user, until);
                 waiting.push(done);
             }
             // A connection of the user may have arrived since its last one closed (its
             // add queued before this remove): then the entry stays.
             Op::Remove(user) if !task.hub.conns_of(&user).is_empty() => {}
             Op::Remove(user) => {
-                pipe.cmd("ZREM")
-                    .arg(keys::registry(&user))
-                    .arg(&task.edge_id)
-                    .ignore();
+                let mut rem = redis::cmd("ZREM");
+                rem.arg(keys::registry(&user)).arg(&task.edge_id);
+                cmds.push((task.conn.shard_of(&user), rem));
             }
         }
     }
-    let result = with_timeout(task.timeout, pipe.query_async::<()>(&mut task.conn.clone())).await;
+    let result = execute(task, cmds).await;
     if let Err(e) = result {
         metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
         tracing::warn!(error = %e, "registry update failed; the next refresh retries");
@@ -145,47 +153,43 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
 
 async fn refresh_shard(task: &RegistryTask, slot: usize) {
     let until = lease_until(task.lease);
-    let mut conn = task.conn.clone();
     let users = task.hub.shard_users(slot);
-    let mut pipe = redis::pipe();
-    pipe.cmd("SET")
-        .arg(keys::edge_lease(&task.edge_id))
+    let lease_key = keys::edge_lease(&task.edge_id);
+    let mut lease = redis::cmd("SET");
+    lease
+        .arg(&lease_key)
         .arg(gapless_shared::now_ms())
         .arg("PX")
-        .arg(task.lease.as_millis() as u64)
-        .ignore();
+        .arg(task.lease.as_millis() as u64);
+    let mut cmds = vec![(task.conn.shard_of_key(&lease_key), lease)];
     for chunk in users.chunks(REFRESH_CHUNK) {
         for user in chunk {
-            add_cmds(&mut pipe, task, user, until);
+            add_cmds(&mut cmds, task, user, until);
         }
-        if let Err(e) = with_timeout(task.timeout, pipe.query_async::<()>(&mut conn)).await {
+        if let Err(e) = execute(task, std::mem::take(&mut cmds)).await {
             metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
             tracing::warn!(error = %e, "registry refresh failed; retrying next period");
             return;
         }
-        pipe = redis::pipe();
     }
-    if !pipe.is_empty() {
-        let _ = with_timeout(task.timeout, pipe.query_async::<()>(&mut conn)).await;
-    }
+    let _ = execute(task, cmds).await;
 }
 
 /// Removes every entry of this edge (at the end of a drain).
 pub async fn leave(conn: &Store, edge_id: &str, timeout: Duration, users: &[UserId]) {
-    let mut conn = conn.clone();
-    let mut pipe = redis::pipe();
-    pipe.cmd("DEL").arg(keys::edge_lease(edge_id)).ignore();
+    let lease_key = keys::edge_lease(edge_id);
+    let mut del = redis::cmd("DEL");
+    del.arg(&lease_key);
+    let mut cmds = vec![(conn.shard_of_key(&lease_key), del)];
     for chunk in users.chunks(REFRESH_CHUNK) {
         for user in chunk {
-            pipe.cmd("ZREM")
-                .arg(keys::registry(user))
-                .arg(edge_id)
-                .ignore();
+            let mut rem = redis::cmd("ZREM");
+            rem.arg(keys::registry(user)).arg(edge_id);
+            cmds.push((conn.shard_of(user), rem));
         }
-        let _ = with_timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
-        pipe = redis::pipe();
+        let _ = conn.run_per_shard(std::mem::take(&mut cmds), timeout).await;
     }
-    if !pipe.is_empty() {
-        let _ = with_timeout(timeout, pipe.query_async::<()>(&mut conn)).await;
+    if !cmds.is_empty() {
+        let _ = conn.run_per_shard(cmds, timeout).await;
     }
 }

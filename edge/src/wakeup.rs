@@ -11,7 +11,6 @@ use futures_util::StreamExt;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
 use gapless_shared::store::Store;
-use gapless_shared::store::with_timeout;
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -48,9 +47,10 @@ pub fn dispatch(hub: &Hub, bytes: &[u8]) {
 }
 
 /// Subscribes to this edge's wakeup channel and dispatches, resubscribing after any loss of
-/// the subscription; every (re)subscription triggers a sweep.
+/// the subscription, each time through the next of `clients` (the seed nodes); every
+/// (re)subscription triggers a sweep.
 pub async fn subscribe(
-    client: redis::Client,
+    clients: Vec<redis::Client>,
     edge_id: String,
     hub: Arc<Hub>,
     sweep_now: Arc<Notify>,
@@ -58,7 +58,7 @@ pub async fn subscribe(
 ) {
     let channel = keys::wake_channel(&edge_id);
     let mut backoff = Duration::from_millis(50);
-    loop {
+    for client in clients.iter().cycle() {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {
@@ -122,24 +122,26 @@ pub async fn sweep_loop(
 /// is behind it. One `HMGET` per user, pipelined.
 pub async fn sweep(conn: &Store, hub: &Hub, users: &[UserId], timeout: Duration) {
     for chunk in users.chunks(SWEEP_CHUNK) {
-        let mut pipe = redis::pipe();
-        for user in chunk {
-            pipe.cmd("HMGET")
-                .arg(keys::meta(user))
-                .arg("epoch")
-                .arg("seq");
-        }
-        let states: Vec<(Option<String>, Option<u64>)> =
-            match with_timeout(timeout, pipe.query_async(&mut conn.clone())).await {
-                Ok(s) => s,
-                Err(e) => {
-                    metrics::counter!("gapless_redis_errors_total", "op" => "sweep").increment(1);
-                    tracing::warn!(error = %e, "sweep failed; retrying next period");
-                    return;
-                }
-            };
-        for (user, (epoch, seq)) in chunk.iter().zip(states) {
-            let (Some(epoch), Some(seq)) = (epoch, seq) else {
+        let cmds = chunk
+            .iter()
+            .map(|user| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(keys::meta(user)).arg("epoch").arg("seq");
+                (conn.shard_of(user), cmd)
+            })
+            .collect();
+        let states = match conn.run_per_shard(cmds, timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                metrics::counter!("gapless_redis_errors_total", "op" => "sweep").increment(1);
+                tracing::warn!(error = %e, "sweep failed; retrying next period");
+                return;
+            }
+        };
+        for (user, state) in chunk.iter().zip(states) {
+            let state: Option<(Option<String>, Option<u64>)> =
+                state.ok().and_then(|v| redis::from_redis_value(v).ok());
+            let Some((Some(epoch), Some(seq))) = state else {
                 continue;
             };
             for conn in hub.conns_of(user) {

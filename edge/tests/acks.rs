@@ -7,7 +7,7 @@ mod common;
 use common::System;
 
 async fn fcall(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut gapless_shared::store::Store,
     keys: &[&str],
     args: &[&str],
 ) -> redis::RedisResult<i64> {
@@ -20,11 +20,7 @@ async fn fcall(
         .await
 }
 
-async fn hget(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-    field: &str,
-) -> Option<String> {
+async fn hget(conn: &mut gapless_shared::store::Store, key: &str, field: &str) -> Option<String> {
     redis::cmd("HGET")
         .arg(key)
         .arg(field)
@@ -181,7 +177,7 @@ async fn a_new_epoch_replaces_old_positions_and_a_late_flush_of_the_old_epoch_ca
 }
 
 async fn fcall_devices(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut gapless_shared::store::Store,
     ttl_s: &str,
     keys: &[&str],
     args: &[&str],

@@ -2,13 +2,15 @@
 
 mod common;
 
+use gapless_shared::on_both;
+
 use std::time::Duration;
 
 use common::{Client, System};
 
-#[tokio::test]
-async fn live_delivery_in_order() {
-    let sys = System::start().await;
+on_both! {
+async fn live_delivery_in_order(kind: Kind) {
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let mut c = Client::connect(&edge.ws_url(), "alice", "phone", (None, None)).await;
     // Give the registration a moment to be visible, then append.
@@ -18,10 +20,11 @@ async fn live_delivery_in_order() {
     }
     assert_eq!(c.take(5).await, vec![1, 2, 3, 4, 5]);
 }
+}
 
-#[tokio::test]
-async fn reconnect_replays_exactly_the_gap() {
-    let sys = System::start().await;
+on_both! {
+async fn reconnect_replays_exactly_the_gap(kind: Kind) {
+    let sys = System::start_on(kind).await;
     let edge_a = sys.edge(sys.edge_config("edge-a")).await;
     let edge_b = sys.edge(sys.edge_config("edge-b")).await;
     let mut c = Client::connect(&edge_a.ws_url(), "alice", "phone", (None, None)).await;
@@ -51,4 +54,5 @@ async fn reconnect_replays_exactly_the_gap() {
     // And live after the replay.
     sys.send("alice", serde_json::json!(10)).await;
     assert_eq!(c.take(1).await, vec![10]);
+}
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use gapless_shared::on_both;
+
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
@@ -255,10 +257,10 @@ async fn notifications_appended_during_a_replay_arrive_after_it_in_order_without
 // Where a resume starts
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn resume_without_position_uses_the_stored_ack() {
+on_both! {
+async fn resume_without_position_uses_the_stored_ack(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     // Acks are written at the latest on disconnect: with a flush interval of an hour, only
     // the disconnect can write this one.
     let mut config = sys.edge_config("edge-a");
@@ -288,11 +290,12 @@ async fn resume_without_position_uses_the_stored_ack() {
     assert_eq!(c.take(4).await, vec![4, 5, 6, 7]);
     c.assert_quiet(Duration::from_millis(300)).await;
 }
+}
 
-#[tokio::test]
-async fn a_new_device_starts_at_the_live_end() {
+on_both! {
+async fn a_new_device_starts_at_the_live_end(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let mut epoch = String::new();
     for i in 1..=5 {
@@ -320,14 +323,15 @@ async fn a_new_device_starts_at_the_live_end() {
     c.ack(1).await;
     c.assert_quiet(Duration::from_millis(200)).await;
 }
+}
 
+on_both! {
 /// Found by the drill: a device that connected before its user had a log, was sent the
 /// log's first notification and restarted before acking it (so it resumes with no position)
 /// started over at the live end and never got it.
-#[tokio::test]
-async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_entry() {
+async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_entry(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let mut c = Client::connect(&edge.ws_url(), "carol", "watch", (None, None)).await;
     sys.wait_registered("carol", "edge-a").await;
@@ -346,6 +350,7 @@ async fn a_device_that_started_before_the_log_existed_resumes_from_its_first_ent
     let mut c = Client::connect(&edge.ws_url(), "carol", "watch", (None, None)).await;
     assert_eq!(c.take(2).await, vec![1, 2]);
     c.assert_quiet(Duration::from_millis(300)).await;
+}
 }
 
 /// Found by the drill: a device that connected before its user had any log and was offline
@@ -377,12 +382,12 @@ async fn a_device_known_before_the_log_existed_resumes_from_its_first_entry_afte
 // Resets
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn reset_when_the_gap_was_trimmed() {
+on_both! {
+async fn reset_when_the_gap_was_trimmed(kind: Kind) {
     const TOTAL: u64 = 12_000;
     let _shared = share_the_process().await;
     // Default retention: about 10,000 entries, trimmed in whole stream nodes.
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     sys.send_batch("alice", 10_000).await;
     assert_eq!(sys.send_batch("alice", 2_000).await, TOTAL);
@@ -415,11 +420,12 @@ async fn reset_when_the_gap_was_trimmed() {
     read_exactly(&mut c, first_seq..=TOTAL, |n| assert_eq!(n.epoch, epoch)).await;
     c.assert_quiet(Duration::from_millis(300)).await;
 }
+}
 
-#[tokio::test]
-async fn reset_when_the_epoch_changed() {
+on_both! {
+async fn reset_when_the_epoch_changed(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let mut epoch = String::new();
     for i in 1..=5 {
@@ -476,15 +482,16 @@ async fn reset_when_the_epoch_changed() {
     }
     c.assert_quiet(Duration::from_millis(300)).await;
 }
+}
 
 // ---------------------------------------------------------------------------------------
 // Isolation and authentication
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_user_never_receives_another_users_stream() {
+on_both! {
+async fn a_user_never_receives_another_users_stream(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge = sys.edge(sys.edge_config("edge-a")).await;
     let users = ["alice", "bob"];
     let mut clients = Vec::new();
@@ -517,6 +524,7 @@ async fn a_user_never_receives_another_users_stream() {
         }
         c.assert_quiet(Duration::from_millis(200)).await;
     }
+}
 }
 
 /// Base64url without padding, for hand-made tokens.
@@ -627,10 +635,10 @@ async fn forged_expired_and_unsigned_tokens_are_refused() {
     assert_eq!(c.notification().await.payload.get(), r#""secret""#);
 }
 
-#[tokio::test]
-async fn two_devices_of_one_user_on_two_edges_both_receive() {
+on_both! {
+async fn two_devices_of_one_user_on_two_edges_both_receive(kind: Kind) {
     let _shared = share_the_process().await;
-    let sys = System::start().await;
+    let sys = System::start_on(kind).await;
     let edge_a = sys.edge(sys.edge_config("edge-a")).await;
     let edge_b = sys.edge(sys.edge_config("edge-b")).await;
     let (epoch, _) = sys.send("alice", json!(1)).await;
@@ -654,6 +662,7 @@ async fn two_devices_of_one_user_on_two_edges_both_receive() {
         }
         c.assert_quiet(Duration::from_millis(200)).await;
     }
+}
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::schema::FN_APPEND;
-use gapless_shared::store::{Shard, Store, StoreError, with_timeout};
+use gapless_shared::store::{Shard, Store, StoreError};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::{RedisResult, Value};
 use serde::Serialize;
@@ -278,15 +278,29 @@ impl Appender {
         if wakeups.by_edge.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for (edge, items) in wakeups.by_edge {
-            pipe.cmd("PUBLISH")
-                .arg(keys::wake_channel(&edge))
-                .arg(Wakeup::V1(items).encode())
-                .ignore();
-        }
-        let n = pipe.len() as u64;
-        match with_timeout(self.timeout, pipe.query_async::<()>(&mut self.conn.clone())).await {
+        // A channel has a slot of its own on a cluster (its `{edge}` tag): one pipeline per
+        // shard, as for any keyed command.
+        let cmds: Vec<_> = wakeups
+            .by_edge
+            .into_iter()
+            .map(|(edge, items)| {
+                let channel = keys::wake_channel(&edge);
+                let mut publish = redis::cmd("PUBLISH");
+                publish.arg(&channel).arg(Wakeup::V1(items).encode());
+                (self.conn.shard_of_key(&channel), publish)
+            })
+            .collect();
+        let n = cmds.len() as u64;
+        let published = self
+            .conn
+            .run_per_shard(cmds, self.timeout)
+            .await
+            .and_then(|replies| {
+                replies
+                    .into_iter()
+                    .try_for_each(|r| r.map(drop).map_err(StoreError::from_redis))
+            });
+        match published {
             Ok(()) => metrics::counter!("gapless_ingest_wakeups_total").increment(n),
             Err(e) => {
                 metrics::counter!("gapless_redis_errors_total", "op" => "publish").increment(1);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use gapless_shared::on_both;
+
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 
 mod common;
 
+use gapless_shared::on_both;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;

@@ -83,11 +83,14 @@ pub struct Primary {
 impl Store {
     /// The shard of `user`'s keys (they share the `{user}` hash tag, DESIGN.md §3).
     pub fn shard_of(&self, user: &crate::ids::UserId) -> Shard {
+        self.shard_of_key(&crate::keys::meta(user))
+    }
+
+    /// The shard of `key`.
+    pub fn shard_of_key(&self, key: &str) -> Shard {
         match self {
             Store::Single(_) => Shard(None),
-            Store::Cluster(_) => Shard(Some(redis::cluster_routing::Slot::for_key(
-                crate::keys::meta(user),
-            ))),
+            Store::Cluster(_) => Shard::of_key(key),
         }
     }
 

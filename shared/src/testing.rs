@@ -410,3 +410,91 @@ fn owner_id_of(slots: &[redis::Value], slot: u16) -> Option<String> {
         redis::from_redis_value_ref(primary.get(2)?).ok()
     })
 }
+
+/// Which kind of Redis a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One `redis-server`.
+    Single,
+    /// A local Redis Cluster: three primaries, three replicas.
+    Cluster,
+}
+
+/// The Redis of a test system. It derefs to the single node, for the tests that kill and
+/// restart it (they run on a single node only).
+pub enum Backend {
+    /// One node.
+    Single(TestRedis),
+    /// A cluster.
+    Cluster(TestCluster),
+}
+
+impl Backend {
+    /// Starts one of `kind`; a single node gets `settings` (`--name value`).
+    pub fn start(kind: Kind, settings: &[(&str, &str)]) -> Self {
+        match kind {
+            Kind::Single => Backend::Single(TestRedis::start_with(settings)),
+            Kind::Cluster => {
+                assert!(settings.is_empty(), "cluster tests take no Redis settings");
+                Backend::Cluster(TestCluster::start())
+            }
+        }
+    }
+
+    /// The services' Redis settings for it.
+    pub fn config(&self) -> crate::config::RedisConfig {
+        match self {
+            Backend::Single(r) => crate::config::RedisConfig::new(&r.url()),
+            Backend::Cluster(c) => crate::config::RedisConfig::from_args(&c.urls(), true),
+        }
+        .expect("harness URLs are valid")
+    }
+}
+
+impl Deref for Backend {
+    type Target = TestRedis;
+    fn deref(&self) -> &TestRedis {
+        match self {
+            Backend::Single(r) => r,
+            Backend::Cluster(_) => {
+                panic!("this helper needs a single node; the test runs on a cluster")
+            }
+        }
+    }
+}
+
+impl DerefMut for Backend {
+    fn deref_mut(&mut self) -> &mut TestRedis {
+        match self {
+            Backend::Single(r) => r,
+            Backend::Cluster(_) => {
+                panic!("this helper needs a single node; the test runs on a cluster")
+            }
+        }
+    }
+}
+
+/// Runs a test body once against a single node and once against a local cluster, as the
+/// tests `<name>::single` and `<name>::cluster`; the body gets the [`testing::Kind`](crate::testing::Kind) to start with.
+#[macro_export]
+macro_rules! on_both {
+    ($(#[$meta:meta])* async fn $name:ident($kind:ident: Kind) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn single() {
+                let $kind = $crate::testing::Kind::Single;
+                $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                let $kind = $crate::testing::Kind::Cluster;
+                $body
+            }
+        }
+    };
+}

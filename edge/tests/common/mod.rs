@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gapless_edge::auth::{JwtKey, mint_hs256};
-use gapless_shared::config::{RedisConfig, Secret};
+use gapless_shared::config::Secret;
 use gapless_shared::protocol::{self, ClientMessage, Notification, ServerMessage};
-use gapless_shared::testing::TestRedis;
+pub use gapless_shared::testing::{Backend, Kind};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 pub const SECRET: &str = "test-secret-of-thirty-two-bytes!";
 pub const API_KEY: &str = "test-key";
 
-/// A whole system: Redis, one ingest, edges added on demand.
+/// A whole system: Redis (a node or a local cluster), one ingest, edges added on demand.
 pub struct System {
-    pub redis: TestRedis,
+    pub redis: Backend,
     pub ingest_url: String,
     ingest_stop: CancellationToken,
     pub http: reqwest::Client,
@@ -37,13 +37,26 @@ impl System {
         Self::start_with(|_| {}).await
     }
 
+    /// A system on the given kind of Redis.
+    pub async fn start_on(kind: Kind) -> Self {
+        Self::start_on_with(kind, |_| {}).await
+    }
+
     /// Like [`System::start`], with the ingest's configuration adjusted by `adjust` (a
     /// longer retention, larger batches…).
     pub async fn start_with(adjust: impl FnOnce(&mut gapless_ingest::Config)) -> Self {
-        let redis = TestRedis::start();
-        let mut conn = redis
-            .client()
-            .get_multiplexed_async_connection()
+        Self::start_on_with(Kind::Single, adjust).await
+    }
+
+    /// [`start_with`](Self::start_with) on the given kind of Redis.
+    pub async fn start_on_with(
+        kind: Kind,
+        adjust: impl FnOnce(&mut gapless_ingest::Config),
+    ) -> Self {
+        let redis = tokio::task::spawn_blocking(move || Backend::start(kind, &[]))
+            .await
+            .expect("the test Redis starts");
+        let mut conn = gapless_shared::store::connect(&redis.config())
             .await
             .expect("redis connection");
         gapless_shared::schema::migrate(&mut conn)
@@ -53,10 +66,7 @@ impl System {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut config = gapless_ingest::Config::new(
-            RedisConfig::new(&redis.url()).expect("url"),
-            vec![Secret::new(API_KEY)],
-        );
+        let mut config = gapless_ingest::Config::new(redis.config(), vec![Secret::new(API_KEY)]);
         adjust(&mut config);
         let ingest_stop = CancellationToken::new();
         tokio::spawn(gapless_ingest::run(listener, config, ingest_stop.clone()));
@@ -75,7 +85,7 @@ impl System {
     /// An edge config for this system.
     pub fn edge_config(&self, edge_id: &str) -> gapless_edge::Config {
         let mut config = gapless_edge::Config::new(
-            RedisConfig::new(&self.redis.url()).expect("url"),
+            self.redis.config(),
             edge_id.to_owned(),
             JwtKey::Hs256(Secret::new(SECRET)),
         );
@@ -169,10 +179,9 @@ impl System {
             .expect("a seq")
     }
 
-    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
-        self.redis
-            .client()
-            .get_multiplexed_async_connection()
+    /// A new connection to the system's Redis (the node, or the cluster).
+    pub async fn redis_conn(&self) -> gapless_shared::store::Store {
+        gapless_shared::store::connect(&self.redis.config())
             .await
             .expect("redis connection")
     }

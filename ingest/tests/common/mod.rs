@@ -1,23 +1,23 @@
 //! Shared harness of the ingest integration tests: a real `redis-server` (AOF, fsync always)
 //! started by [`TestRedis`], or a real local Redis Cluster ([`TestCluster`], six nodes), the
 //! migrated schema, and the ingest served in-process on `127.0.0.1:0`, plus helpers to call
-//! its HTTP API and to read back what Redis holds. [`on_both!`] runs one test body against
-//! each kind of Redis.
+//! its HTTP API and to read back what Redis holds. `gapless_shared::on_both!` runs one test
+//! body against each kind of Redis.
 //!
 //! Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use gapless_ingest::Config;
 use gapless_ingest::RunError;
-use gapless_shared::config::{RedisConfig, Secret};
+use gapless_shared::config::Secret;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::store::{self, Store};
-use gapless_shared::testing::{TestCluster, TestRedis};
+use gapless_shared::testing::TestRedis;
+pub use gapless_shared::testing::{Backend, Kind};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
@@ -41,93 +41,6 @@ pub struct StoredEntry {
     pub payload: String,
     /// The idempotency key, when the producer gave one.
     pub idempotency_key: Option<String>,
-}
-
-/// Which kind of Redis a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// One `redis-server`.
-    Single,
-    /// A local Redis Cluster: three primaries, three replicas.
-    Cluster,
-}
-
-/// The Redis of a test ingest. It derefs to the single node, for the tests that kill and
-/// restart it (they run on a single node only).
-pub enum Backend {
-    /// One node.
-    Single(TestRedis),
-    /// A cluster.
-    Cluster(TestCluster),
-}
-
-impl Backend {
-    fn start(kind: Kind, settings: &[(&str, &str)]) -> Self {
-        match kind {
-            Kind::Single => Backend::Single(TestRedis::start_with(settings)),
-            Kind::Cluster => {
-                assert!(settings.is_empty(), "cluster tests take no Redis settings");
-                Backend::Cluster(TestCluster::start())
-            }
-        }
-    }
-
-    /// The ingest's Redis settings for it.
-    pub fn config(&self) -> RedisConfig {
-        match self {
-            Backend::Single(r) => RedisConfig::new(&r.url()),
-            Backend::Cluster(c) => RedisConfig::from_args(&c.urls(), true),
-        }
-        .expect("harness URLs are valid")
-    }
-}
-
-impl Deref for Backend {
-    type Target = TestRedis;
-    fn deref(&self) -> &TestRedis {
-        match self {
-            Backend::Single(r) => r,
-            Backend::Cluster(_) => {
-                panic!("this helper needs a single node; the test runs on a cluster")
-            }
-        }
-    }
-}
-
-impl DerefMut for Backend {
-    fn deref_mut(&mut self) -> &mut TestRedis {
-        match self {
-            Backend::Single(r) => r,
-            Backend::Cluster(_) => {
-                panic!("this helper needs a single node; the test runs on a cluster")
-            }
-        }
-    }
-}
-
-/// Runs a test body once against a single node and once against a local cluster, as the
-/// tests `<name>::single` and `<name>::cluster`; the body gets the [`Kind`] to start with.
-#[macro_export]
-macro_rules! on_both {
-    ($(#[$meta:meta])* async fn $name:ident($kind:ident: Kind) $body:block) => {
-        $(#[$meta])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn single() {
-                let $kind = common::Kind::Single;
-                $body
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cluster() {
-                let $kind = common::Kind::Cluster;
-                $body
-            }
-        }
-    };
 }
 
 /// An ingest served in-process against its own Redis.
