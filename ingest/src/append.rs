@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::schema::FN_APPEND;
-use gapless_shared::store::{Shard, Store, StoreError};
+use gapless_shared::store::{ReplyThen, Shard, Store, StoreError};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::{RedisResult, Value};
 use serde::Serialize;
@@ -71,6 +71,8 @@ pub struct Appender {
     wakeup_payload_max: usize,
     /// Fewest items of one user for the native path.
     native_min_items: usize,
+    /// Replicas that must hold a call's writes before its items are answered (0: none).
+    min_replicas: u32,
 }
 
 impl Appender {
@@ -90,7 +92,21 @@ impl Appender {
             retention,
             wakeup_payload_max,
             native_min_items,
+            min_replicas: 0,
         }
+    }
+
+    /// Answers appends only once `n` replicas hold them (`WAIT n` after each shard's calls,
+    /// bounded by half the Redis timeout); items of a call fewer replicas hold are answered
+    /// [`StoreError::NotReplicated`]: written, but not safe from a failover yet.
+    /// The native path's transactions do not `WAIT`: with replicas asked for, every user
+    /// goes through the Function.
+    pub fn with_min_replicas(mut self, n: u32) -> Self {
+        self.min_replicas = n;
+        if n > 0 {
+            self.native_min_items = usize::MAX;
+        }
+        self
     }
 
     /// The shared connection, for other handlers.
@@ -167,21 +183,30 @@ impl Appender {
                 .iter()
                 .map(|(shard, call)| (*shard, self.fcall(items, call)))
                 .collect();
+            // `WAIT` after each shard's calls, on the same connection: it counts the replicas
+            // that hold every write sent before it.
+            let wait = (self.min_replicas > 0).then(|| {
+                let mut wait = redis::cmd("WAIT");
+                wait.arg(self.min_replicas)
+                    .arg((self.timeout / 2).as_millis() as u64);
+                wait
+            });
             let started = Instant::now();
-            let replies: Vec<RedisResult<Value>> = self
+            let replies: Vec<ReplyThen> = self
                 .conn
-                .run_per_shard(cmds, self.timeout)
+                .run_per_shard_then(cmds, wait.as_ref(), self.timeout)
                 .await
                 .inspect_err(|_| {
                     metrics::counter!("gapless_redis_errors_total", "op" => "append").increment(1)
                 })?;
             metrics::histogram!("gapless_redis_duration_seconds", "op" => "append")
                 .record(started.elapsed().as_secs_f64());
-            for ((_, call), reply) in calls.into_iter().zip(replies) {
+            for ((_, call), (reply, waited)) in calls.into_iter().zip(replies) {
                 let reply = reply
                     .and_then(|v| Ok(redis::from_redis_value::<CallReply>(v)?))
                     .map_err(StoreError::from_redis)
-                    .and_then(|r| r.check(&call));
+                    .and_then(|r| r.check(&call))
+                    .and_then(|r| self.replicated(waited).map(|()| r));
                 match reply {
                     Ok(reply) => {
                         let ts = reply.ts;
@@ -224,6 +249,25 @@ impl Appender {
             .into_iter()
             .map(|r| r.expect("every item belongs to exactly one user's settlement"))
             .collect())
+    }
+
+    /// Whether the `WAIT` after a call saw enough replicas (always, when none are asked for).
+    fn replicated(&self, waited: Option<RedisResult<Value>>) -> Result<(), StoreError> {
+        let Some(waited) = waited else {
+            return Ok(());
+        };
+        let acked: i64 = waited
+            .and_then(|v| Ok(redis::from_redis_value(v)?))
+            .map_err(StoreError::from_redis)?;
+        let acked = u32::try_from(acked.max(0)).unwrap_or(u32::MAX);
+        if acked < self.min_replicas {
+            metrics::counter!("gapless_ingest_not_replicated_total").increment(1);
+            return Err(StoreError::NotReplicated {
+                wanted: self.min_replicas,
+                acked,
+            });
+        }
+        Ok(())
     }
 
     /// The Function call for one planned call: segments of items, each of one user. The

@@ -36,6 +36,9 @@ pub struct Args {
     #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
     #[serde(rename = "redis")]
     pub redis_url: Option<String>,
+    /// Answer an append only once this many replicas hold it (`WAIT`), else 503 [default: 0].
+    #[arg(long, env = "GAPLESS_MIN_REPLICAS_ACK")]
+    pub min_replicas_ack: Option<u32>,
     /// `--redis` names seed nodes of a Redis Cluster (comma-separated).
     #[arg(long, env = "GAPLESS_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true",
         value_parser = clap::builder::BoolishValueParser::new())]
@@ -122,6 +125,7 @@ impl Args {
             listen: self.listen.or(other.listen),
             redis_url: self.redis_url.or(other.redis_url),
             cluster: self.cluster.or(other.cluster),
+            min_replicas_ack: self.min_replicas_ack.or(other.min_replicas_ack),
             redis_timeout_ms: self.redis_timeout_ms.or(other.redis_timeout_ms),
             api_keys: self.api_keys.or(other.api_keys),
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
@@ -222,6 +226,9 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// Rate limits per API key and source address.
     pub rates: RateLimits,
+    /// Replicas that must hold an append before it is answered (`WAIT`, DESIGN.md §7.1);
+    /// fewer within half the Redis timeout is a 503 `not_replicated` (written, not safe).
+    pub min_replicas_ack: u32,
     /// Serve the browser demo page at `/demo` (see [`crate::demo`]). Only `gapless dev`
     /// turns it on; `gapless-ingest` has no flag for it.
     pub demo: bool,
@@ -241,6 +248,7 @@ impl Config {
             native_min_items: 4,
             listener: ListenerConfig::new(),
             rates: RateLimits::default(),
+            min_replicas_ack: 0,
             demo: false,
         }
     }
@@ -273,6 +281,7 @@ impl Config {
         if let Some(listen) = args.listen {
             config.listen = listen;
         }
+        config.min_replicas_ack = args.min_replicas_ack.unwrap_or(0);
         let l = &mut config.limits;
         if let Some(n) = args.max_body_bytes {
             l.body_bytes = positive_usize("--max-body-bytes", n)?;

@@ -80,12 +80,21 @@ impl From<StoreError> for ApiError {
         // An operator must hear that Redis is gone, once per interval, not once per request.
         static UNAVAILABLE: LogThrottle = LogThrottle::new();
         static REFUSED: LogThrottle = LogThrottle::new();
+        static UNREPLICATED: LogThrottle = LogThrottle::new();
         match &e {
             StoreError::Unavailable(msg) => UNAVAILABLE.warn(|suppressed| {
                 tracing::warn!(error = %msg, suppressed, "Redis is unavailable; answering 503");
             }),
             StoreError::Redis(msg) => REFUSED.warn(|suppressed| {
                 tracing::warn!(error = %msg, suppressed, "Redis refused a request; answering 500");
+            }),
+            StoreError::NotReplicated { wanted, acked } => UNREPLICATED.warn(|suppressed| {
+                tracing::warn!(
+                    wanted,
+                    acked,
+                    suppressed,
+                    "appends not on enough replicas; answering 503"
+                );
             }),
         }
         match e {
@@ -98,6 +107,14 @@ impl From<StoreError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "store_error",
                 format!("storage refused the request: {msg}"),
+            ),
+            StoreError::NotReplicated { wanted, acked } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_replicated",
+                format!(
+                    "written, but not safe yet: {acked} of the {wanted} replicas asked for hold it, so a failover now could lose it; \
+                     retry with the same idempotency key (it answers the original seq and appends nothing)"
+                ),
             ),
         }
     }

@@ -74,7 +74,8 @@ pub async fn run(
         config.retention,
         config.wakeup_payload_max,
         native_min_items,
-    );
+    )
+    .with_min_replicas(config.min_replicas_ack);
     let state = Arc::new(api::AppState {
         appender,
         limits: config.limits,

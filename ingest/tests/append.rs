@@ -797,3 +797,74 @@ async fn a_corrupted_existing_log_fails_alone_beside_native_appends() {
         "the victim's recorded seq did not move"
     );
 }
+
+/// `--min-replicas-ack 1` on a cluster whose primaries each have a replica: answered 200
+/// after `WAIT`. With the replica of the user's primary gone: 503 `not_replicated`, and the
+/// body says the item is written (it is: it is in the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_ack_answers_only_what_a_replica_holds() {
+    let mut ingest = TestIngest::start_on_with(common::Kind::Cluster, &[], |c| {
+        c.min_replicas_ack = 1;
+    })
+    .await;
+    let answer = ingest.append("replicated", json!(1)).await;
+    assert_eq!(answer["seq"], 1);
+    let (status, body) = ingest
+        .post_json(
+            "/v1/notifications/batch",
+            &json!([{ "user": "replicated", "payload": 2 }, { "user": "other", "payload": 3 }]),
+        )
+        .await;
+    let results = results_of(status, &body);
+    assert_appended(&results[0], "replicated", 2);
+    assert_appended(&results[1], "other", 1);
+
+    let common::Backend::Cluster(cluster) = &mut ingest.redis else {
+        unreachable!("started on a cluster")
+    };
+    let slot = cluster.slot_of(&user_keys("replicated").meta);
+    let primary = cluster.owner_of(slot);
+    let replica = cluster.wait_replica_of(primary);
+    cluster.node_mut(replica).kill();
+    let (status, body) = ingest
+        .post_json(
+            "/v1/notifications",
+            &json!({ "user": "replicated", "payload": 4, "idempotency_key": "four" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(error_code(&body), "not_replicated");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("written"), "{message}");
+    assert_eq!(
+        ingest.xrange_seqs("replicated").await,
+        [1, 2, 3],
+        "it is written"
+    );
+}
+
+/// With no replica at all, `--min-replicas-ack 1` refuses to call anything safe: the native
+/// path is off too (its transactions do not `WAIT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_ack_without_replicas_answers_503_for_every_path() {
+    let ingest = TestIngest::start_with(&[], |c| {
+        c.min_replicas_ack = 1;
+        c.native_min_items = 2;
+    })
+    .await;
+    let items: Vec<Value> = (0..5)
+        .map(|i| json!({ "user": "lonely", "payload": i }))
+        .collect();
+    let (status, body) = ingest
+        .post_json("/v1/notifications/batch", &Value::Array(items))
+        .await;
+    let results = results_of(status, &body);
+    for result in &results {
+        assert_rejected(result, "not_replicated");
+    }
+    assert_eq!(
+        ingest.xlen("lonely").await,
+        5,
+        "written, though not replicated"
+    );
+}

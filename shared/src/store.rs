@@ -73,6 +73,9 @@ impl Shard {
     }
 }
 
+/// A command's reply, with the reply of the command run after its pipeline (if any).
+pub type ReplyThen = (redis::RedisResult<Value>, Option<redis::RedisResult<Value>>);
+
 /// A primary of the store: its address (`host:port`), as Redis names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Primary {
@@ -103,6 +106,23 @@ impl Store {
         cmds: Vec<(Shard, Cmd)>,
         timeout: Duration,
     ) -> Result<Vec<redis::RedisResult<Value>>, StoreError> {
+        Ok(self
+            .run_per_shard_then(cmds, None, timeout)
+            .await?
+            .into_iter()
+            .map(|(reply, _)| reply)
+            .collect())
+    }
+
+    /// [`run_per_shard`](Self::run_per_shard), with `then` appended to every shard's
+    /// pipeline (it runs on the same connection right after that shard's commands, e.g.
+    /// `WAIT`); each reply comes with the reply of `then` in its pipeline.
+    pub async fn run_per_shard_then(
+        &self,
+        cmds: Vec<(Shard, Cmd)>,
+        then: Option<&Cmd>,
+        timeout: Duration,
+    ) -> Result<Vec<ReplyThen>, StoreError> {
         let mut by_shard: Vec<(Shard, Vec<usize>, Pipeline)> = Vec::new();
         for (i, (shard, cmd)) in cmds.into_iter().enumerate() {
             let at = match by_shard.iter().position(|(s, _, _)| *s == shard) {
@@ -117,6 +137,12 @@ impl Store {
             by_shard[at].1.push(i);
             by_shard[at].2.add_command(cmd);
         }
+        if let Some(then) = then {
+            for (_, _, pipe) in &mut by_shard {
+                pipe.add_command(then.clone());
+            }
+        }
+        let trailer = usize::from(then.is_some());
         let total = by_shard.iter().map(|(_, idx, _)| idx.len()).sum();
         let answers = futures_util::future::join_all(by_shard.iter().map(|(_, _, pipe)| {
             let mut conn = self.clone();
@@ -129,19 +155,19 @@ impl Store {
             }
         }))
         .await;
-        let mut replies: Vec<Option<redis::RedisResult<Value>>> =
-            (0..total).map(|_| None).collect();
+        let mut replies: Vec<Option<ReplyThen>> = (0..total).map(|_| None).collect();
         for ((_, indexes, _), answer) in by_shard.iter().zip(answers) {
-            let answer = answer?;
-            if answer.len() != indexes.len() {
+            let mut answer = answer?;
+            if answer.len() != indexes.len() + trailer {
                 return Err(StoreError::Redis(format!(
                     "a pipeline answered {} replies for {} commands",
                     answer.len(),
-                    indexes.len()
+                    indexes.len() + trailer
                 )));
             }
+            let then_reply = if trailer == 1 { answer.pop() } else { None };
             for (&i, reply) in indexes.iter().zip(answer) {
-                replies[i] = Some(reply);
+                replies[i] = Some((reply, then_reply.clone()));
             }
         }
         Ok(replies
@@ -225,6 +251,15 @@ pub enum StoreError {
     /// Redis answered with an error, or with something we cannot read.
     #[error("redis error: {0}")]
     Redis(String),
+    /// The write is on its primary, but `WAIT` saw fewer replicas hold it than asked for
+    /// within its timeout: it is not yet safe from a failover of that primary.
+    #[error("written, but on {acked} of the {wanted} replicas asked for")]
+    NotReplicated {
+        /// Replicas asked for (`--min-replicas-ack`).
+        wanted: u32,
+        /// Replicas `WAIT` counted.
+        acked: u32,
+    },
 }
 
 impl StoreError {

@@ -145,7 +145,20 @@ impl TestCluster {
         );
         let cluster = Self { nodes };
         cluster.wait_stable();
+        cluster.wait_until(
+            |c| {
+                (0..c.nodes.len())
+                    .all(|i| c.role(i).as_deref() == Some("master") || c.replicating(i))
+            },
+            "every replica to be in sync with its primary",
+        );
         cluster
+    }
+
+    /// The node is a replica whose link to its primary is up (its first sync is done).
+    pub fn replicating(&self, index: usize) -> bool {
+        self.on_node::<String>(index, redis::cmd("INFO").arg("replication"))
+            .is_ok_and(|info| info.contains("role:slave") && info.contains("master_link_status:up"))
     }
 
     /// Seed URLs of every node, comma-separated (what `--redis` takes with `--cluster`).
