@@ -84,8 +84,8 @@ pub async fn run(
     let mut conn = store::connect(&config.redis).await?;
     schema::check(&mut conn, config.redis.command_timeout).await?;
     let verifier = Verifier::with_rules(&config.jwt, &config.jwt_rules)?;
-    // Wakeups arrive over pub/sub through any one node (a cluster broadcasts a PUBLISH to
-    // every node): the subscriber moves to the next seed when its node fails.
+    // On one node, wakeups arrive over classic pub/sub (through the next seed, were there
+    // several, when a subscription fails).
     let pubsub_clients = config
         .redis
         .urls
@@ -115,13 +115,24 @@ pub async fn run(
         tasks.clone(),
     ));
     let sweep_now = Arc::new(Notify::new());
-    tokio::spawn(wakeup::subscribe(
-        pubsub_clients,
-        config.edge_id.clone(),
-        hub.clone(),
-        sweep_now.clone(),
-        tasks.clone(),
-    ));
+    // A cluster carries wakeups over sharded pub/sub; one node over classic pub/sub.
+    if config.redis.cluster {
+        tokio::spawn(wakeup::subscribe_sharded(
+            config.redis.urls.clone(),
+            config.edge_id.clone(),
+            hub.clone(),
+            sweep_now.clone(),
+            tasks.clone(),
+        ));
+    } else {
+        tokio::spawn(wakeup::subscribe(
+            pubsub_clients,
+            config.edge_id.clone(),
+            hub.clone(),
+            sweep_now.clone(),
+            tasks.clone(),
+        ));
+    }
     tokio::spawn(wakeup::sweep_loop(
         conn.clone(),
         hub.clone(),

@@ -91,6 +91,96 @@ pub async fn subscribe(
     }
 }
 
+/// Pushes a sharded subscription may hold before it drops them (and sweeps instead).
+const PUSH_QUEUE: usize = 4096;
+
+/// On a Redis Cluster: subscribes to this edge's channel with sharded pub/sub (`SSUBSCRIBE`,
+/// so a wakeup travels to the one shard that owns the channel's slot) on a dedicated
+/// connection, and dispatches. Redis pushes an unsolicited `sunsubscribe` when the slot
+/// moves or its primary fails over, which redis-rs passes on and does not act on: this
+/// resubscribes at the channel's new owner. When the node holding the subscription goes
+/// away, it starts over from the seeds. Every (re)subscription, and every dropped push,
+/// triggers a sweep, which covers the moments in between.
+pub async fn subscribe_sharded(
+    urls: Vec<String>,
+    edge_id: String,
+    hub: Arc<Hub>,
+    sweep_now: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let channel = keys::wake_channel(&edge_id);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<redis::PushInfo>(PUSH_QUEUE);
+        let overflow = sweep_now.clone();
+        // Past the queue's bound a push is dropped and a sweep finds what it announced.
+        let sender = move |push: redis::PushInfo| -> Result<(), ()> {
+            if tx.try_send(push).is_err() {
+                overflow.notify_one();
+            }
+            Ok(())
+        };
+        let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(sender)
+            .build();
+        let conn = match client {
+            Ok(client) => client.get_async_connection().await,
+            Err(e) => Err(e),
+        };
+        match conn {
+            Ok(mut conn) => match conn.ssubscribe(&channel).await {
+                Ok(()) => {
+                    tracing::info!(%channel, "subscribed to wakeups (sharded)");
+                    metrics::counter!("gapless_edge_subscriptions_total").increment(1);
+                    backoff = Duration::from_millis(50);
+                    sweep_now.notify_one();
+                    loop {
+                        let push = tokio::select! {
+                            push = rx.recv() => push,
+                            () = shutdown.cancelled() => return,
+                        };
+                        let Some(push) = push else { break };
+                        match push.kind {
+                            redis::PushKind::SMessage => {
+                                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
+                                    dispatch(&hub, payload);
+                                }
+                            }
+                            redis::PushKind::SUnsubscribe => {
+                                tracing::info!(%channel, "the channel's slot moved; resubscribing at its new owner");
+                                metrics::counter!("gapless_edge_resubscriptions_total")
+                                    .increment(1);
+                                if let Err(e) = conn.ssubscribe(&channel).await {
+                                    tracing::warn!(error = %e, "cannot resubscribe; reconnecting");
+                                    break;
+                                }
+                                sweep_now.notify_one();
+                            }
+                            // The node holding the subscription went away (a failover, a
+                            // restart): redis-rs does not resubscribe elsewhere, so start
+                            // over from the seeds; a sweep finds what was published meanwhile.
+                            redis::PushKind::Disconnection => {
+                                sweep_now.notify_one();
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                    tracing::warn!(%channel, "wakeup subscription lost; resubscribing");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wakeups"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot open the wakeup connection"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Sweeps every user once per `interval`, one shard of the hub per 1/64 of it (a steady
 /// trickle of reads rather than one burst), and every user at once whenever `sweep_now` is
 /// notified (after a (re)subscription), until `shutdown`.

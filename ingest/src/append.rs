@@ -329,7 +329,7 @@ impl Appender {
             .into_iter()
             .map(|(edge, items)| {
                 let channel = keys::wake_channel(&edge);
-                let mut publish = redis::cmd("PUBLISH");
+                let mut publish = redis::cmd(self.conn.publish_command());
                 publish.arg(&channel).arg(Wakeup::V1(items).encode());
                 (self.conn.shard_of_key(&channel), publish)
             })

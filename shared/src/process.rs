@@ -1,5 +1,5 @@
-//! Starting and stopping a local `redis-server` process: used by `gapless dev` and by the
-//! test harness.
+//! Starting and stopping a local `redis-server` process, and a local Redis Cluster of them
+//! ([`RedisCluster`]): used by `gapless dev`, the bench's fleet and the test harness.
 //!
 //! Readiness is polled with a deadline (a `PING` answered `+PONG`), never guessed with sleeps.
 
@@ -8,6 +8,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod cluster;
+pub use cluster::{ClusterOptions, RedisCluster};
 
 /// How long a starting Redis may take to answer `PING`.
 const READY_DEADLINE: Duration = Duration::from_secs(20);
@@ -34,6 +37,12 @@ pub enum ProcessError {
     /// The process did not answer `PING` in time.
     #[error("redis-server on port {0} did not become ready in time")]
     NotReady(u16),
+    /// A local cluster could not be created or did not reach the state asked for.
+    #[error("local Redis Cluster: {0}")]
+    Cluster(String),
+    /// A node of a local cluster refused a command.
+    #[error("local Redis Cluster: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 /// What a Redis process is started with.

@@ -89,6 +89,16 @@ impl Store {
         self.shard_of_key(&crate::keys::meta(user))
     }
 
+    /// The command that publishes a wakeup: `SPUBLISH` on a cluster (sharded pub/sub: the
+    /// message travels to the shard owning the channel's slot, not to every node), `PUBLISH`
+    /// on one node.
+    pub fn publish_command(&self) -> &'static str {
+        match self {
+            Store::Single(_) => "PUBLISH",
+            Store::Cluster(_) => "SPUBLISH",
+        }
+    }
+
     /// The shard of `key`.
     pub fn shard_of_key(&self, key: &str) -> Shard {
         match self {
@@ -278,6 +288,11 @@ impl StoreError {
                         | redis::ServerErrorKind::MasterDown
                         | redis::ServerErrorKind::ClusterDown
                         | redis::ServerErrorKind::ReadOnly
+                        // A redirect still left after the client's retries: the slot's
+                        // owner is moving or failing over (the survivors name the dead
+                        // primary until its replica is promoted). Not written; retry later.
+                        | redis::ServerErrorKind::Moved
+                        | redis::ServerErrorKind::Ask
                 )
             )
             // Out of memory: writes fail until memory is freed; retrying later can work.

@@ -4,7 +4,7 @@
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 
-use crate::process::{ProcessError, RedisOptions, RedisProcess};
+use crate::process::{ClusterOptions, ProcessError, RedisCluster, RedisOptions, RedisProcess};
 
 /// A throwaway Redis with AOF `appendfsync always`; its directory is removed on drop.
 #[derive(Debug)]
@@ -94,334 +94,119 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
-/// A throwaway local Redis Cluster: three primaries and three replicas (`redis-cli --cluster
-/// create … --cluster-replicas 1`), each a `redis-server` on free ports (its own bus port)
-/// with AOF `appendfsync always` and a short `cluster-node-timeout`, so a failover takes
-/// about a second. Its directories are removed on drop.
+/// A throwaway local Redis Cluster ([`RedisCluster`]): three primaries and three replicas on
+/// free ports (their own bus ports) with AOF `appendfsync always` and a short
+/// `cluster-node-timeout`, so a failover takes about a second. It derefs to the
+/// [`RedisCluster`]; the operations a test inflicts panic with the reason when they fail,
+/// which is what a test wants. Its directory is removed on drop.
 #[derive(Debug)]
 pub struct TestCluster {
-    /// The nodes, in creation order (the first three start as primaries).
-    nodes: Vec<TestRedis>,
+    /// The nodes (declared first so they are killed before the directory goes).
+    cluster: RedisCluster,
+    /// The temporary directory holding every node's.
+    dir: PathBuf,
 }
 
 /// `cluster-node-timeout` of a test cluster, ms: a primary silent this long is failed over.
 pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
 
-/// How long the cluster may take to agree after a change.
-const CLUSTER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl TestCluster {
     /// Starts six nodes, creates the cluster and waits until every node reports
-    /// `cluster_state:ok` and agrees on the slots. Panics with the reason when it cannot.
+    /// `cluster_state:ok`, all agree on the slots and every replica is in sync.
     pub fn start() -> Self {
-        let mut nodes = Vec::with_capacity(6);
-        for _ in 0..6 {
-            let bus = free_port().to_string();
-            let timeout = CLUSTER_NODE_TIMEOUT_MS.to_string();
-            nodes.push(TestRedis::start_with(&[
-                ("cluster-enabled", "yes"),
-                ("cluster-config-file", "nodes.conf"),
-                ("cluster-node-timeout", &timeout),
-                ("cluster-port", &bus),
-                // A replica may be promoted however long its primary was gone.
-                ("cluster-replica-validity-factor", "0"),
-                ("cluster-require-full-coverage", "yes"),
-            ]));
+        let mut last = None;
+        // Free ports can be taken before the nodes bind them; a few attempts make that
+        // race harmless.
+        for _ in 0..3 {
+            let dir = temp_dir();
+            let options = ClusterOptions {
+                ports: (0..6).map(|_| (free_port(), free_port())).collect(),
+                dir: dir.clone(),
+                appendfsync: "always".into(),
+                node_timeout_ms: CLUSTER_NODE_TIMEOUT_MS,
+            };
+            match RedisCluster::start(options) {
+                Ok(cluster) => return Self { cluster, dir },
+                Err(e @ ProcessError::NotInstalled) => panic!("{e}"),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    last = Some(e);
+                }
+            }
         }
-        let mut create = std::process::Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
-        for node in &nodes {
-            create.arg(format!("127.0.0.1:{}", node.port()));
-        }
-        let out = create
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .expect("redis-cli runs (Debian: apt-get install redis-tools)");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cluster = Self { nodes };
-        cluster.wait_stable();
-        cluster.wait_until(
-            |c| {
-                (0..c.nodes.len())
-                    .all(|i| c.role(i).as_deref() == Some("master") || c.replicating(i))
-            },
-            "every replica to be in sync with its primary",
-        );
-        cluster
-    }
-
-    /// The node is a replica whose link to its primary is up (its first sync is done).
-    pub fn replicating(&self, index: usize) -> bool {
-        self.on_node::<String>(index, redis::cmd("INFO").arg("replication"))
-            .is_ok_and(|info| info.contains("role:slave") && info.contains("master_link_status:up"))
-    }
-
-    /// Seed URLs of every node, comma-separated (what `--redis` takes with `--cluster`).
-    pub fn urls(&self) -> String {
-        self.seeds().join(",")
-    }
-
-    /// Seed URLs of every node.
-    pub fn seeds(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.url()).collect()
-    }
-
-    /// The node at `index` (creation order).
-    pub fn node(&self, index: usize) -> &TestRedis {
-        &self.nodes[index]
-    }
-
-    /// The node at `index`, to kill or restart it.
-    pub fn node_mut(&mut self, index: usize) -> &mut TestRedis {
-        &mut self.nodes[index]
-    }
-
-    /// Runs a command on one node (a plain connection, no redirects).
-    pub fn on_node<T: redis::FromRedisValue>(
-        &self,
-        index: usize,
-        cmd: &redis::Cmd,
-    ) -> redis::RedisResult<T> {
-        let client = self.nodes[index].client();
-        let mut conn = client.get_connection_with_timeout(std::time::Duration::from_secs(2))?;
-        cmd.query(&mut conn)
-    }
-
-    /// Indexes of the nodes that are primaries now.
-    pub fn primaries(&self) -> Vec<usize> {
-        (0..self.nodes.len())
-            .filter(|&i| self.role(i).as_deref() == Some("master"))
-            .collect()
-    }
-
-    /// `master` or `slave`, as the node says; `None` when it does not answer.
-    pub fn role(&self, index: usize) -> Option<String> {
-        let info: String = self
-            .on_node(index, redis::cmd("INFO").arg("replication"))
-            .ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("role:"))
-            .map(|r| r.trim().to_owned())
+        panic!("cannot start a test cluster: {last:?}");
     }
 
     /// The hash slot of `key`.
     pub fn slot_of(&self, key: &str) -> u16 {
-        let live = self.live_node();
-        self.on_node(live, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
-            .expect("CLUSTER KEYSLOT answers")
+        self.cluster.slot_of(key).expect("CLUSTER KEYSLOT answers")
     }
 
     /// The node serving `slot` now, as a live primary sees it.
     pub fn owner_of(&self, slot: u16) -> usize {
-        let live = self.primaries().into_iter().next().expect("a live primary");
-        let id: String = self
-            .on_node(live, redis::cmd("CLUSTER").arg("SLOTS"))
-            .ok()
-            .and_then(|slots: Vec<redis::Value>| owner_id_of(&slots, slot))
-            .expect("the slot has an owner");
-        self.index_of(&id).expect("the owner is one of our nodes")
+        self.cluster.owner_of(slot).expect("the slot has an owner")
     }
 
-    /// Moves `slot` to the primary `to`, keys and all, the way `redis-cli --cluster reshard`
-    /// does: `SETSLOT IMPORTING` on the target, `MIGRATING` on the source, `MIGRATE … KEYS`
-    /// in batches, then `SETSLOT … NODE` on both and on every other primary. Clients see
-    /// `ASK` during the move and `MOVED` after it.
+    /// Moves `slot` to the primary `to` ([`RedisCluster::move_slot`]).
     pub fn move_slot(&self, slot: u16, to: usize) {
-        let from = self.owner_of(slot);
-        if from == to {
-            return;
-        }
-        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
-        let setslot = |node: usize, args: &[&str]| {
-            let mut cmd = redis::cmd("CLUSTER");
-            cmd.arg("SETSLOT").arg(slot);
-            for a in args {
-                cmd.arg(*a);
-            }
-            self.on_node::<()>(node, &cmd)
-                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {args:?} on {node}: {e}"));
-        };
-        setslot(to, &["IMPORTING", &from_id]);
-        setslot(from, &["MIGRATING", &to_id]);
-        loop {
-            let keys: Vec<String> = self
-                .on_node(
-                    from,
-                    redis::cmd("CLUSTER")
-                        .arg("GETKEYSINSLOT")
-                        .arg(slot)
-                        .arg(100),
-                )
-                .expect("GETKEYSINSLOT answers");
-            if keys.is_empty() {
-                break;
-            }
-            let mut migrate = redis::cmd("MIGRATE");
-            migrate
-                .arg("127.0.0.1")
-                .arg(self.nodes[to].port())
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("REPLACE")
-                .arg("KEYS")
-                .arg(&keys);
-            self.on_node::<()>(from, &migrate)
-                .unwrap_or_else(|e| panic!("MIGRATE of slot {slot}: {e}"));
-        }
-        setslot(to, &["NODE", &to_id]);
-        setslot(from, &["NODE", &to_id]);
-        for other in self.primaries() {
-            if other != to && other != from {
-                setslot(other, &["NODE", &to_id]);
-            }
-        }
-        self.wait_until(
-            |c| c.owner_of(slot) == to,
-            "every node to see the slot's new owner",
-        );
+        self.cluster
+            .move_slot(slot, to)
+            .unwrap_or_else(|e| panic!("moving slot {slot} to node {to}: {e}"));
     }
 
-    /// A manual failover: the replica of `primary` takes over (`CLUSTER FAILOVER` on it);
-    /// returns the replica's index once it is a primary and the cluster is stable.
+    /// A manual failover of `primary` ([`RedisCluster::failover`]); returns the new primary.
     pub fn failover(&self, primary: usize) -> usize {
-        let replica = self.wait_replica_of(primary);
-        self.on_node::<()>(replica, redis::cmd("CLUSTER").arg("FAILOVER"))
-            .expect("CLUSTER FAILOVER answers");
-        self.wait_until(
-            |c| c.role(replica).as_deref() == Some("master"),
-            "the replica to become primary",
-        );
-        self.wait_stable();
-        replica
+        self.cluster
+            .failover(primary)
+            .unwrap_or_else(|e| panic!("failing node {primary} over: {e}"))
     }
 
-    /// SIGKILLs the primary `primary` and waits until its replica took over (after
-    /// `cluster-node-timeout`); returns the new primary. Restart the old one with
-    /// `node_mut(i).restart()`: it rejoins as a replica.
+    /// SIGKILLs `primary` and waits for its replica to take over
+    /// ([`RedisCluster::kill_primary`]); returns the new primary.
     pub fn kill_primary(&mut self, primary: usize) -> usize {
-        let replica = self.wait_replica_of(primary);
-        self.nodes[primary].kill();
-        self.wait_until(
-            |c| c.role(replica).as_deref() == Some("master"),
-            "the replica to be promoted",
-        );
-        self.wait_until(
-            |c| c.cluster_ok(replica),
-            "the cluster to be ok after the promotion",
-        );
-        self.wait_stable();
-        replica
+        self.cluster
+            .kill_primary(primary)
+            .unwrap_or_else(|e| panic!("killing primary {primary}: {e}"))
     }
 
-    /// The replica of `primary`, waiting until the primary knows one (right after a
-    /// failover the old primary takes a moment to be listed as the new one's replica).
+    /// The replica of `primary`, waiting until the primary lists one.
     pub fn wait_replica_of(&self, primary: usize) -> usize {
-        self.wait_until(
-            |c| c.replica_of(primary).is_some(),
-            "the primary to list a replica",
-        );
-        self.replica_of(primary).expect("listed a moment ago")
-    }
-
-    /// The replica of `primary` (by `CLUSTER REPLICAS`).
-    pub fn replica_of(&self, primary: usize) -> Option<usize> {
-        let id = self.node_id(primary);
-        let lines: Vec<String> = self
-            .on_node(primary, redis::cmd("CLUSTER").arg("REPLICAS").arg(&id))
-            .ok()?;
-        lines
-            .iter()
-            .filter(|l| !l.contains("fail"))
-            .find_map(|l| l.split_whitespace().next().and_then(|id| self.index_of(id)))
+        self.cluster
+            .wait_replica_of(primary)
+            .unwrap_or_else(|e| panic!("the replica of node {primary}: {e}"))
     }
 
     /// The node id of the node at `index`.
     pub fn node_id(&self, index: usize) -> String {
-        self.on_node(index, redis::cmd("CLUSTER").arg("MYID"))
-            .expect("CLUSTER MYID answers")
+        self.cluster.node_id(index).expect("CLUSTER MYID answers")
     }
 
     /// Waits until every live node says `cluster_state:ok` and all agree on slot owners.
     pub fn wait_stable(&self) {
-        self.wait_until(
-            |c| {
-                let live: Vec<usize> = (0..c.nodes.len())
-                    .filter(|&i| c.nodes[i].pid().is_some())
-                    .collect();
-                live.iter().all(|&i| c.cluster_ok(i)) && {
-                    let views: Vec<Option<Vec<redis::Value>>> = live
-                        .iter()
-                        .map(|&i| c.on_node(i, redis::cmd("CLUSTER").arg("SLOTS")).ok())
-                        .collect();
-                    views.iter().all(|v| v.is_some())
-                        && (0..=16383u16).step_by(997).all(|slot| {
-                            let owners: Vec<Option<String>> = views
-                                .iter()
-                                .map(|v| v.as_ref().and_then(|v| owner_id_of(v, slot)))
-                                .collect();
-                            owners.iter().all(|o| o.is_some() && *o == owners[0])
-                        })
-                }
-            },
-            "the cluster to be stable",
-        );
-    }
-
-    fn cluster_ok(&self, index: usize) -> bool {
-        self.on_node::<String>(index, redis::cmd("CLUSTER").arg("INFO"))
-            .map(|info| info.contains("cluster_state:ok"))
-            .unwrap_or(false)
-    }
-
-    fn live_node(&self) -> usize {
-        (0..self.nodes.len())
-            .find(|&i| self.nodes[i].pid().is_some())
-            .expect("a live node")
-    }
-
-    fn index_of(&self, id: &str) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| {
-            self.nodes[i].pid().is_some()
-                && self
-                    .on_node::<String>(i, redis::cmd("CLUSTER").arg("MYID"))
-                    .is_ok_and(|mine| mine == id)
-        })
-    }
-
-    fn wait_until(&self, check: impl Fn(&Self) -> bool, what: &str) {
-        let deadline = std::time::Instant::now() + CLUSTER_DEADLINE;
-        while !check(self) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        self.cluster.wait_stable().unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
-/// The node id owning `slot` in a `CLUSTER SLOTS` answer.
-fn owner_id_of(slots: &[redis::Value], slot: u16) -> Option<String> {
-    slots.iter().find_map(|range| {
-        let redis::Value::Array(fields) = range else {
-            return None;
-        };
-        let start: i64 = redis::from_redis_value_ref(fields.first()?).ok()?;
-        let end: i64 = redis::from_redis_value_ref(fields.get(1)?).ok()?;
-        if !(start..=end).contains(&i64::from(slot)) {
-            return None;
+impl Deref for TestCluster {
+    type Target = RedisCluster;
+    fn deref(&self) -> &RedisCluster {
+        &self.cluster
+    }
+}
+
+impl DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut RedisCluster {
+        &mut self.cluster
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.cluster.len() {
+            self.cluster.node_mut(i).kill();
         }
-        let redis::Value::Array(primary) = fields.get(2)? else {
-            return None;
-        };
-        redis::from_redis_value_ref(primary.get(2)?).ok()
-    })
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Which kind of Redis a test runs against.
