@@ -1,6 +1,7 @@
-//! Starts the system under test as separate processes: a `redis-server`, the migrations
-//! (in-process, the same code as `gapless migrate`), one `gapless-ingest` and any number of
-//! `gapless-edge`s from the same build as this binary. Everything is killed on drop.
+//! Starts the system under test as separate processes: a `redis-server` or a local Redis
+//! Cluster (three primaries, three replicas), the migrations (in-process, the same code as
+//! `gapless migrate`), one `gapless-ingest` and any number of `gapless-edge`s from the same
+//! build as this binary. Everything is killed on drop.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use gapless_shared::config::RedisConfig;
-use gapless_shared::process::{RedisOptions, RedisProcess};
+use gapless_shared::process::{ClusterOptions, RedisCluster, RedisOptions, RedisProcess};
 use gapless_shared::{schema, store};
 
 /// An existing deployment to aim at instead of starting a fleet (`drill` and `load`).
@@ -50,10 +51,82 @@ pub struct EdgeProcess {
     pub http_url: String,
 }
 
+/// The fleet's Redis: one node or a local cluster.
+pub enum FleetRedis {
+    /// One `redis-server`.
+    Single(RedisProcess),
+    /// Three primaries with a replica each.
+    Cluster(RedisCluster),
+}
+
+/// `cluster-node-timeout` of the fleet's cluster, ms: a killed primary is failed over after
+/// about this long.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+
+impl FleetRedis {
+    /// What `--redis` takes: the URL, or the cluster's seed URLs comma-separated.
+    pub fn url(&self) -> String {
+        match self {
+            FleetRedis::Single(r) => r.url(),
+            FleetRedis::Cluster(c) => c.urls(),
+        }
+    }
+
+    /// A cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, FleetRedis::Cluster(_))
+    }
+
+    /// The services' Redis settings for it.
+    pub fn config(&self) -> anyhow::Result<RedisConfig> {
+        Ok(RedisConfig::from_args(&self.url(), self.is_cluster())?)
+    }
+
+    /// The one node, for the scenarios that run on one node only.
+    pub fn single(&self) -> anyhow::Result<&RedisProcess> {
+        match self {
+            FleetRedis::Single(r) => Ok(r),
+            FleetRedis::Cluster(_) => bail!("this scenario runs on a single Redis node"),
+        }
+    }
+
+    /// Process ids of the running Redis processes.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            FleetRedis::Single(r) => r.pid().into_iter().collect(),
+            FleetRedis::Cluster(c) => c.pids(),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            FleetRedis::Single(r) => r.kill(),
+            FleetRedis::Cluster(c) => (0..c.len()).for_each(|i| c.node_mut(i).kill()),
+        }
+    }
+}
+
+/// What a fleet is started with.
+#[derive(Debug, Clone, Default)]
+pub struct FleetOptions {
+    /// `appendfsync` of every Redis process (`always`, `everysec`, `no`).
+    pub appendfsync: String,
+    /// How many edges.
+    pub edges: usize,
+    /// A local Redis Cluster instead of one node.
+    pub cluster: bool,
+    /// Extra `GAPLESS_*` settings of every edge.
+    pub edge_env: Vec<(String, String)>,
+    /// Extra `GAPLESS_*` settings of the ingest.
+    pub ingest_env: Vec<(String, String)>,
+    /// Extra `redis-server` settings (`name`, `value`); one node only.
+    pub redis_extra: Vec<(String, String)>,
+}
+
 /// A running system: Redis, one ingest, edges.
 pub struct Fleet {
-    /// The Redis process.
-    pub redis: RedisProcess,
+    /// Redis: one node or a cluster.
+    pub redis: FleetRedis,
     /// The ingest process.
     ingest: Child,
     /// `http://127.0.0.1:<port>` of the ingest.
@@ -81,25 +154,53 @@ impl Fleet {
         edges: usize,
         edge_env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        Self::start_full(appendfsync, edges, edge_env, Vec::new()).await
+        Self::start_full(FleetOptions {
+            appendfsync: appendfsync.to_owned(),
+            edges,
+            edge_env,
+            ..FleetOptions::default()
+        })
+        .await
     }
 
-    /// Like [`start_with`](Self::start_with), with extra `redis-server` settings.
-    pub async fn start_full(
-        appendfsync: &str,
-        edges: usize,
-        edge_env: Vec<(String, String)>,
-        redis_extra: Vec<(String, String)>,
-    ) -> anyhow::Result<Self> {
+    /// Starts a fleet as `options` say.
+    pub async fn start_full(options: FleetOptions) -> anyhow::Result<Self> {
+        let FleetOptions {
+            appendfsync,
+            edges,
+            cluster,
+            edge_env,
+            ingest_env,
+            redis_extra,
+        } = options;
         let dir = std::env::temp_dir().join(format!("gapless-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let redis = RedisProcess::start(RedisOptions {
-            port: free_port()?,
-            dir: dir.join("redis"),
-            appendfsync: appendfsync.to_owned(),
-            extra: redis_extra,
-        })?;
-        let mut conn = store::connect(&RedisConfig::new(&redis.url())?).await?;
+        let redis = if cluster {
+            let ports = (0..6)
+                .map(|_| Ok((free_port()?, free_port()?)))
+                .collect::<anyhow::Result<_>>()?;
+            let dir = dir.join("cluster");
+            FleetRedis::Cluster(
+                tokio::task::spawn_blocking(move || {
+                    RedisCluster::start(ClusterOptions {
+                        ports,
+                        dir,
+                        appendfsync,
+                        node_timeout_ms: CLUSTER_NODE_TIMEOUT_MS,
+                    })
+                })
+                .await??,
+            )
+        } else {
+            FleetRedis::Single(RedisProcess::start(RedisOptions {
+                port: free_port()?,
+                dir: dir.join("redis"),
+                appendfsync,
+                extra: redis_extra,
+            })?)
+        };
+        let redis_config = redis.config()?;
+        let mut conn = store::connect(&redis_config).await?;
         schema::migrate(&mut conn).await?;
 
         let port = free_port()?;
@@ -107,8 +208,10 @@ impl Fleet {
         let ingest = Command::new(sibling_binary("gapless-ingest")?)
             .env("GAPLESS_LISTEN", format!("127.0.0.1:{port}"))
             .env("GAPLESS_REDIS_URL", redis.url())
+            .env("GAPLESS_REDIS_CLUSTER", redis.is_cluster().to_string())
             .env("GAPLESS_API_KEYS", &api_key)
             .env("GAPLESS_LOG", "warn")
+            .envs(ingest_env)
             .stdin(Stdio::null())
             .stderr(log_file(&dir, "ingest")?)
             .spawn()
@@ -148,6 +251,7 @@ impl Fleet {
         let child = Command::new(sibling_binary("gapless-edge")?)
             .env("GAPLESS_LISTEN", format!("127.0.0.1:{}", edge.port))
             .env("GAPLESS_REDIS_URL", self.redis.url())
+            .env("GAPLESS_REDIS_CLUSTER", self.redis.is_cluster().to_string())
             .env("GAPLESS_JWT_SECRET", JWT_SECRET)
             .env("GAPLESS_EDGE_ID", &edge.id)
             .env("GAPLESS_LOG", "warn")
@@ -204,24 +308,35 @@ impl Fleet {
         }
     }
 
-    /// Sets the Redis process's nice value (negative: ahead of the other processes). Returns
-    /// whether the system allowed it (a negative value needs root or CAP_SYS_NICE).
+    /// Sets the Redis processes' nice value (negative: ahead of the other processes).
+    /// Returns whether the system allowed it (a negative value needs root or CAP_SYS_NICE).
     pub fn renice_redis(&self, nice: i32) -> bool {
-        let Some(pid) = self.redis.pid() else {
-            return false;
-        };
-        Command::new("renice")
-            .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        let pids = self.redis.pids();
+        !pids.is_empty()
+            && pids.iter().all(|pid| {
+                Command::new("renice")
+                    .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
     }
 
     /// Pids of the running processes, by role.
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut pids = vec![("ingest".to_owned(), self.ingest.id())];
-        pids.extend(self.redis.pid().map(|p| ("redis".to_owned(), p)));
+        let redis = self.redis.pids();
+        if let [pid] = redis[..] {
+            pids.push(("redis".to_owned(), pid));
+        } else {
+            pids.extend(
+                redis
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| (format!("redis-{i}"), p)),
+            );
+        }
         for (i, edge) in self.edges.iter().enumerate() {
             if let Some(child) = &edge.child {
                 pids.push((format!("edge-{i}"), child.id()));

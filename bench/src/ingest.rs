@@ -94,7 +94,7 @@ pub async fn run(args: IngestArgs, appendfsync: &str) -> anyhow::Result<serde_js
     let client = reqwest::Client::new();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(24));
     let xadd = XaddBench {
-        port: fleet.redis.port(),
+        port: fleet.redis.single()?.port(),
         requests: args.xadd_requests,
         payload: format!("{{\"n\":1234567,\"pad\":\"{pad}\"}}"),
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gapless_client::{Client, ClientConfig, Event, Transport};
 use gapless_shared::protocol::ResetReason;
+use gapless_shared::store::Store;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +60,7 @@ pub struct DeviceShared {
 }
 
 /// How a device behaves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DeviceSpec {
     /// The user.
     pub user: String,
@@ -71,8 +72,8 @@ pub struct DeviceSpec {
     pub flappy: bool,
     /// Frozen sockets last this long (beyond two heartbeat intervals).
     pub freeze_for: Duration,
-    /// Redis URL, to read the stored ack when the app "restarts".
-    pub redis_url: String,
+    /// The deployment's Redis, to read the stored ack when the app "restarts".
+    pub store: Store,
 }
 
 /// Runs a device until `stop`; returns its log.
@@ -117,7 +118,7 @@ pub async fn run(
                         // the ack the edge stored (after the old connection's last flush).
                         client.close().await;
                         tokio::time::sleep(Duration::from_millis(1500)).await;
-                        let stored = stored_ack(&spec.redis_url, &spec.user, &spec.device)
+                        let stored = stored_ack(spec.store.clone(), &spec.user, &spec.device)
                             .await
                             .unwrap_or(0);
                         absorb_stats(&mut log, &client);
@@ -174,13 +175,11 @@ fn flap_delay() -> Duration {
 }
 
 /// The device's stored ack seq (`<epoch>:<seq>[:<unix s>]` at `gl:{user}:a`).
-async fn stored_ack(redis_url: &str, user: &str, device: &str) -> Option<u64> {
-    let client = redis::Client::open(redis_url).ok()?;
-    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+async fn stored_ack(mut store: Store, user: &str, device: &str) -> Option<u64> {
     let value: Option<String> = redis::cmd("HGET")
         .arg(format!("gl:{{{user}}}:a"))
         .arg(device)
-        .query_async(&mut conn)
+        .query_async(&mut store)
         .await
         .ok()?;
     gapless_edge::reader::parse_position(&value?).map(|(_, seq)| seq)

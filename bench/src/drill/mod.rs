@@ -25,10 +25,14 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, JWT_SECRET};
+use crate::fleet::{Fleet, FleetOptions, FleetRedis, JWT_SECRET};
 use crate::stats::{median, rss_kib};
 use crate::transports::TransportMix;
 use device::{DeviceLog, DeviceShared, DeviceSpec};
+use gapless_shared::config::RedisConfig;
+use gapless_shared::ids::UserId;
+use gapless_shared::keys;
+use gapless_shared::store::{self, Store};
 use producer::{Ledger, Mode, Producer};
 use proxy::Proxy;
 
@@ -64,6 +68,13 @@ pub struct DrillArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Run on a local Redis Cluster (three primaries, three replicas; the ingest at
+    /// `--min-replicas-ack 1`), or, with --ingest-url, on the cluster --redis names (seed
+    /// URLs, comma-separated). Adds two fault kinds: a user's slot migrated to another
+    /// primary, and a manual failover of the primary holding it; Redis kill SIGKILLs a
+    /// primary.
+    #[arg(long)]
+    cluster: bool,
     /// An existing deployment to drill instead of starting one (faults that need the
     /// processes, edge kill and drain, Redis kill, edge memory, are then skipped).
     #[command(flatten)]
@@ -79,7 +90,8 @@ struct Target {
     /// `host:port` and `ws://` URL of each edge.
     edges: Vec<(String, String)>,
     jwt_secret: String,
-    redis_url: String,
+    /// The deployment's Redis, to read stored acks and kill pub/sub connections.
+    store: Store,
 }
 
 impl Target {
@@ -126,16 +138,40 @@ enum Fault {
     PubsubKill,
     SlowConsumer,
     Blackhole,
+    SlotMigration,
+    PrimaryFailover,
 }
 
-const FAULTS: [Fault; 6] = [
-    Fault::EdgeKill,
-    Fault::PubsubKill,
-    Fault::EdgeDrain,
-    Fault::Blackhole,
-    Fault::RedisKill,
-    Fault::SlowConsumer,
-];
+impl Fault {
+    /// It needs the processes the drill started (to kill, restart or reconfigure them).
+    fn needs_fleet(self) -> bool {
+        matches!(
+            self,
+            Fault::EdgeKill
+                | Fault::EdgeDrain
+                | Fault::RedisKill
+                | Fault::SlotMigration
+                | Fault::PrimaryFailover
+        )
+    }
+}
+
+/// The fault kinds in schedule order: on a cluster, with a slot migration and a failover.
+fn schedule(cluster: bool) -> Vec<Fault> {
+    let mut faults = vec![
+        Fault::EdgeKill,
+        Fault::PubsubKill,
+        Fault::EdgeDrain,
+        Fault::Blackhole,
+        Fault::RedisKill,
+        Fault::SlowConsumer,
+    ];
+    if cluster {
+        faults.insert(2, Fault::SlotMigration);
+        faults.insert(5, Fault::PrimaryFailover);
+    }
+    faults
+}
 
 /// One injected fault.
 #[derive(Debug, Clone, Serialize)]
@@ -217,6 +253,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("--devices, --users and --rate must be positive and --edges at least 2");
     }
     let hb = args.heartbeat_ms;
+    let faults = schedule(args.cluster);
     let mut target = match &args.target.ingest_url {
         Some(ingest_url) => Target {
             fleet: None,
@@ -231,20 +268,34 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
                 .map(|u| Ok((host_port(&u)?, u)))
                 .collect::<anyhow::Result<_>>()?,
             jwt_secret: args.target.jwt_secret.clone().unwrap_or_default(),
-            redis_url: args.target.redis.clone().unwrap_or_default(),
+            store: store::connect(&RedisConfig::from_args(
+                args.target.redis.as_deref().unwrap_or_default(),
+                args.cluster,
+            )?)
+            .await?,
         },
         None => {
-            let fleet = Fleet::start_with(
-                "always",
-                args.edges,
-                vec![
+            // On a cluster, an append is answered only once a replica holds it: what a
+            // SIGKILLed primary's replica takes over is then everything acknowledged.
+            let ingest_env = if args.cluster {
+                vec![("GAPLESS_MIN_REPLICAS_ACK".into(), "1".into())]
+            } else {
+                Vec::new()
+            };
+            let fleet = Fleet::start_full(FleetOptions {
+                appendfsync: "always".into(),
+                edges: args.edges,
+                cluster: args.cluster,
+                edge_env: vec![
                     ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
                     ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
                     ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
                     ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
                     ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
                 ],
-            )
+                ingest_env,
+                ..FleetOptions::default()
+            })
             .await?;
             Target {
                 ingest_url: fleet.ingest_url.clone(),
@@ -255,7 +306,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
                     .map(|e| (format!("127.0.0.1:{}", e.port), e.ws_url.clone()))
                     .collect(),
                 jwt_secret: JWT_SECRET.to_owned(),
-                redis_url: fleet.redis.url(),
+                store: store::connect(&fleet.redis.config()?).await?,
                 fleet: Some(fleet),
             }
         }
@@ -304,7 +355,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             config,
             flappy: i % 4 != 0,
             freeze_for: Duration::from_millis(3 * hb),
-            redis_url: target.redis_url.clone(),
+            store: target.store.clone(),
         };
         let s = Arc::new(DeviceShared::default());
         shared.push(s.clone());
@@ -352,7 +403,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
 
     // The fault schedule: one fault every `every`, cycling through the kinds.
     let every = args.fault_every.unwrap_or_else(|| {
-        (args.duration / (FAULTS.len() as u32 + 1)).min(Duration::from_secs(30))
+        (args.duration / (faults.len() as u32 + 1)).min(Duration::from_secs(30))
     });
     let mut injections: Vec<Injection> = Vec::new();
     let mut slow_growth = 0u64;
@@ -366,12 +417,10 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             continue;
         }
         next_fault += every;
-        let kind = FAULTS[k % FAULTS.len()];
-        let edge = (k / FAULTS.len()) % target.edges.len();
+        let kind = faults[k % faults.len()];
+        let edge = (k / faults.len()) % target.edges.len();
         k += 1;
-        if target.fleet.is_none()
-            && matches!(kind, Fault::EdgeKill | Fault::EdgeDrain | Fault::RedisKill)
-        {
+        if target.fleet.is_none() && kind.needs_fleet() {
             continue;
         }
         let at_ms = start.elapsed().as_millis() as u64;
@@ -445,12 +494,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .lock()
         .expect("ledger lock is never poisoned")
         .clone();
-    let applicable: Vec<Fault> = FAULTS
+    let applicable: Vec<Fault> = faults
         .into_iter()
-        .filter(|k| {
-            target.fleet.is_some()
-                || !matches!(k, Fault::EdgeKill | Fault::EdgeDrain | Fault::RedisKill)
-        })
+        .filter(|k| target.fleet.is_some() || !k.needs_fleet())
         .collect();
     let report = check(
         &args,
@@ -543,21 +589,73 @@ async fn inject(
             ))
         }
         Fault::RedisKill => {
-            let fleet = target.fleet(kind)?;
-            fleet.redis.kill();
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            fleet.redis.restart()?;
-            Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
+            let user = &users[edge % users.len()];
+            match &mut target.fleet(kind)?.redis {
+                FleetRedis::Single(redis) => {
+                    redis.kill();
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    redis.restart()?;
+                    Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
+                }
+                FleetRedis::Cluster(cluster) => tokio::task::block_in_place(|| {
+                    let owner =
+                        cluster.owner_of(cluster.slot_of(&keys::meta(&UserId::parse(user)?))?)?;
+                    let promoted = cluster.kill_primary(owner)?;
+                    cluster.node_mut(owner).restart()?;
+                    cluster.wait_stable()?;
+                    Ok(format!(
+                        "SIGKILL of node {owner}, the primary of {user}'s slot; node {promoted} promoted, node {owner} restarted as its replica"
+                    ))
+                }),
+            }
+        }
+        Fault::SlotMigration => {
+            let user = &users[edge % users.len()];
+            let FleetRedis::Cluster(cluster) = &target.fleet(kind)?.redis else {
+                bail!("slot migration needs a cluster");
+            };
+            tokio::task::block_in_place(|| {
+                let slot = cluster.slot_of(&keys::meta(&UserId::parse(user)?))?;
+                let from = cluster.owner_of(slot)?;
+                let to = cluster
+                    .primaries()
+                    .into_iter()
+                    .find(|&p| p != from)
+                    .context("another primary")?;
+                cluster.move_slot(slot, to)?;
+                Ok(format!(
+                    "moved slot {slot} ({user}) from node {from} to node {to}"
+                ))
+            })
+        }
+        Fault::PrimaryFailover => {
+            let user = &users[edge % users.len()];
+            let FleetRedis::Cluster(cluster) = &target.fleet(kind)?.redis else {
+                bail!("a failover needs a cluster");
+            };
+            tokio::task::block_in_place(|| {
+                let owner =
+                    cluster.owner_of(cluster.slot_of(&keys::meta(&UserId::parse(user)?))?)?;
+                let promoted = cluster.failover(owner)?;
+                Ok(format!(
+                    "CLUSTER FAILOVER: node {promoted} took over {user}'s slot from node {owner}"
+                ))
+            })
         }
         Fault::PubsubKill => {
-            let client = redis::Client::open(target.redis_url.as_str())?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            let killed: u64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("pubsub")
-                .query_async(&mut conn)
-                .await?;
+            // Every primary: on a cluster each edge's subscription is at its channel's shard.
+            let timeout = Duration::from_secs(2);
+            let mut killed = 0u64;
+            for primary in target.store.primaries(timeout).await? {
+                killed += target
+                    .store
+                    .on_node::<u64>(
+                        &primary,
+                        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
+                        timeout,
+                    )
+                    .await?;
+            }
             Ok(format!("CLIENT KILL TYPE pubsub: {killed} connections"))
         }
         Fault::Blackhole => {

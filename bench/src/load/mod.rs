@@ -29,7 +29,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, JWT_SECRET};
+use crate::fleet::{Fleet, FleetOptions, JWT_SECRET};
 use crate::stats::{Percentiles, cpu_seconds, percentiles, rss_kib};
 use crate::transports::TransportMix;
 use report::{Pid1, ProcessSummary, Report, Stage, Storm, Tick};
@@ -114,6 +114,9 @@ pub struct LoadArgs {
     /// AOF fsync policy of the Redis the bench starts.
     #[arg(long, default_value = "everysec")]
     appendfsync: String,
+    /// Start a local Redis Cluster (three primaries, three replicas) instead of one node.
+    #[arg(long)]
+    cluster: bool,
     /// Nice value of the redis-server the bench starts. Every process of the run shares two
     /// cores here; Redis is the one every notification waits on, and in production it has
     /// cores of its own. 0 leaves it level with the rest.
@@ -484,7 +487,15 @@ async fn start_target(args: &LoadArgs, edges: usize) -> anyhow::Result<Target> {
             .with_context(|| format!("--redis-config {setting:?} is not name=value"))?;
         redis.push((name.trim().to_owned(), value.trim().to_owned()));
     }
-    let fleet = Fleet::start_full(&args.appendfsync, edges, env, redis).await?;
+    let fleet = Fleet::start_full(FleetOptions {
+        appendfsync: args.appendfsync.clone(),
+        edges,
+        cluster: args.cluster,
+        edge_env: env,
+        redis_extra: redis,
+        ..FleetOptions::default()
+    })
+    .await?;
     if args.redis_nice != 0 && !fleet.renice_redis(args.redis_nice) {
         eprintln!(
             "note: could not set redis-server's nice value to {} (needs root); it runs level with the rest",
@@ -965,7 +976,9 @@ async fn produce(
 
 /// Redis PING every 50 ms until `stop`.
 async fn sample_rtt(url: String, live: Shared, stop: CancellationToken) {
-    let Ok(client) = redis::Client::open(url) else {
+    // On a cluster: the round trip to its first seed node.
+    let first = url.split(',').next().unwrap_or_default();
+    let Ok(client) = redis::Client::open(first) else {
         return;
     };
     let mut conn = None;
@@ -1117,39 +1130,47 @@ fn bucket_quantiles(text: &str, name: &str, label: &str) -> Option<(u64, f64, f6
     Some((total as u64, at(0.5), at(0.99)))
 }
 
-/// Redis's `INFO commandstats`: (command, calls, µs per call, total s), busiest first.
-async fn command_stats(url: &str) -> Vec<(String, u64, f64, f64)> {
-    let info = async {
-        let client = redis::Client::open(url).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-    };
-    let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(2), info).await else {
-        return Vec::new();
-    };
-    let mut stats: Vec<(String, u64, f64, f64)> = info
-        .lines()
-        .filter_map(|line| {
-            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+/// Redis's `INFO commandstats`: (command, calls, µs per call, total s), busiest first;
+/// summed over every node of a cluster (`urls` comma-separated; replicas count the
+/// commands they replay).
+async fn command_stats(urls: &str) -> Vec<(String, u64, f64, f64)> {
+    let mut totals: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
+    for url in urls.split(',') {
+        let info = async {
+            let client = redis::Client::open(url).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
+        };
+        let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(2), info).await else {
+            continue;
+        };
+        for line in info.lines() {
+            let Some((name, fields)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
             let field = |key: &str| {
                 fields
                     .split(',')
                     .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
                     .and_then(|v| v.parse::<f64>().ok())
             };
-            let calls = field("calls")? as u64;
-            let usec = field("usec")?;
-            Some((
-                name.to_owned(),
-                calls,
-                usec / calls.max(1) as f64,
-                usec / 1e6,
-            ))
-        })
+            if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
+                let total = totals.entry(name.to_owned()).or_default();
+                total.0 += calls as u64;
+                total.1 += usec;
+            }
+        }
+    }
+    let mut stats: Vec<(String, u64, f64, f64)> = totals
+        .into_iter()
+        .map(|(name, (calls, usec))| (name, calls, usec / calls.max(1) as f64, usec / 1e6))
         .collect();
     stats.sort_by(|a, b| b.3.total_cmp(&a.3));
     stats
