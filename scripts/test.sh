@@ -80,6 +80,11 @@ bin_dir="$(realpath -m "$target_dir")/debug"
 "$target_dir/debug/gapless-bench" drill --duration 100s --devices 200 --users 80 --rate 100 --edges 3 \
   --json "$target_dir/drill-ci.json"
 
+# The same drill on a local Redis Cluster (3 primaries, 3 replicas; the ingest at
+# --min-replicas-ack 1), with the slot-migration and primary-failover fault kinds: about 80 s.
+"$target_dir/debug/gapless-bench" drill --cluster --duration 80s --devices 120 --users 48 --rate 80 \
+  --edges 3 --json "$target_dir/drill-cluster-ci.json"
+
 # A smoke run of the load generator (2,000 connections from two load processes, 10 s at
 # 500 notifications/s): it must complete with nothing lost. No timing thresholds here;
 # performance is measured with release builds (BENCHMARKS.md).
