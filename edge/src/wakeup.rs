@@ -46,6 +46,52 @@ pub fn dispatch(hub: &Hub, bytes: &[u8]) {
     }
 }
 
+/// How one subscription attempt ended.
+enum Ended {
+    /// It was up, then lost.
+    Lost,
+    /// It never came up.
+    Failed,
+    /// The edge is stopping.
+    Stop,
+}
+
+/// The wait before the next attempt after a subscription was up.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The wait between subscription attempts: [`FIRST_BACKOFF`] after a subscription that was
+/// up, doubled after each attempt that failed.
+struct Backoff(Duration);
+
+impl Backoff {
+    /// Waits after an attempt that `ended` so; false when the edge is stopping.
+    async fn wait(&mut self, ended: Ended, channel: &str, shutdown: &CancellationToken) -> bool {
+        match ended {
+            Ended::Stop => return false,
+            Ended::Lost => {
+                tracing::warn!(%channel, "wakeup subscription lost; resubscribing");
+                self.0 = FIRST_BACKOFF;
+            }
+            Ended::Failed => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(self.0) => {}
+            () = shutdown.cancelled() => return false,
+        }
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        true
+    }
+}
+
+/// A subscription is up: counted, and a sweep finds what was appended while none was.
+fn subscribed(channel: &str, sweep_now: &Notify, how: &str) {
+    tracing::info!(%channel, how, "subscribed to wakeups");
+    metrics::counter!("gapless_edge_subscriptions_total").increment(1);
+    sweep_now.notify_one();
+}
+
 /// Subscribes to this edge's wakeup channel and dispatches, resubscribing after any loss of
 /// the subscription, each time through the next of `clients` (the seed nodes); every
 /// (re)subscription triggers a sweep.
@@ -57,37 +103,44 @@ pub async fn subscribe(
     shutdown: CancellationToken,
 ) {
     let channel = keys::wake_channel(&edge_id);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff(FIRST_BACKOFF);
     for client in clients.iter().cycle() {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                Ok(()) => {
-                    tracing::info!(%channel, "subscribed to wakeups");
-                    metrics::counter!("gapless_edge_subscriptions_total").increment(1);
-                    backoff = Duration::from_millis(50);
-                    // Anything appended while we were not subscribed was never announced.
-                    sweep_now.notify_one();
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        tokio::select! {
-                            msg = messages.next() => match msg {
-                                Some(msg) => dispatch(&hub, msg.get_payload_bytes()),
-                                None => break,
-                            },
-                            () = shutdown.cancelled() => return,
-                        }
-                    }
-                    tracing::warn!(%channel, "wakeup subscription lost; resubscribing");
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wakeups"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot open the wakeup connection"),
+        let ended = subscribe_classic_once(client, &channel, &hub, &sweep_now, &shutdown).await;
+        if !backoff.wait(ended, &channel, &shutdown).await {
+            return;
         }
+    }
+}
+
+/// One classic subscription through `client`, dispatching until it is lost.
+async fn subscribe_classic_once(
+    client: &redis::Client,
+    channel: &str,
+    hub: &Hub,
+    sweep_now: &Notify,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut pubsub = match client.get_async_pubsub().await {
+        Ok(pubsub) => pubsub,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the wakeup connection");
+            return Ended::Failed;
+        }
+    };
+    if let Err(e) = pubsub.subscribe(channel).await {
+        tracing::warn!(error = %e, "cannot subscribe to wakeups");
+        return Ended::Failed;
+    }
+    subscribed(channel, sweep_now, "classic");
+    let mut messages = pubsub.on_message();
+    loop {
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = shutdown.cancelled() => return,
+            msg = messages.next() => match msg {
+                Some(msg) => dispatch(hub, msg.get_payload_bytes()),
+                None => return Ended::Lost,
+            },
+            () = shutdown.cancelled() => return Ended::Stop,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -109,75 +162,84 @@ pub async fn subscribe_sharded(
     shutdown: CancellationToken,
 ) {
     let channel = keys::wake_channel(&edge_id);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff(FIRST_BACKOFF);
     loop {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<redis::PushInfo>(PUSH_QUEUE);
-        let overflow = sweep_now.clone();
-        // Past the queue's bound a push is dropped and a sweep finds what it announced.
-        let sender = move |push: redis::PushInfo| -> Result<(), ()> {
-            if tx.try_send(push).is_err() {
-                overflow.notify_one();
-            }
-            Ok(())
+        let ended = subscribe_sharded_once(&urls, &channel, &hub, &sweep_now, &shutdown).await;
+        if !backoff.wait(ended, &channel, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// One sharded subscription from the seeds `urls`, dispatching until it is lost.
+async fn subscribe_sharded_once(
+    urls: &[String],
+    channel: &str,
+    hub: &Hub,
+    sweep_now: &Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<redis::PushInfo>(PUSH_QUEUE);
+    let overflow = sweep_now.clone();
+    // Past the queue's bound a push is dropped and a sweep finds what it announced.
+    let sender = move |push: redis::PushInfo| -> Result<(), ()> {
+        if tx.try_send(push).is_err() {
+            overflow.notify_one();
+        }
+        Ok(())
+    };
+    let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(sender)
+        .build();
+    let conn = match client {
+        Ok(client) => client.get_async_connection().await,
+        Err(e) => Err(e),
+    };
+    let mut conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the wakeup connection");
+            return Ended::Failed;
+        }
+    };
+    if let Err(e) = conn.ssubscribe(channel).await {
+        tracing::warn!(error = %e, "cannot subscribe to wakeups");
+        return Ended::Failed;
+    }
+    subscribed(channel, sweep_now, "sharded");
+    loop {
+        let push = tokio::select! {
+            push = rx.recv() => push,
+            () = shutdown.cancelled() => return Ended::Stop,
         };
-        let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(sender)
-            .build();
-        let conn = match client {
-            Ok(client) => client.get_async_connection().await,
-            Err(e) => Err(e),
+        let Some(push) = push else {
+            return Ended::Lost;
         };
-        match conn {
-            Ok(mut conn) => match conn.ssubscribe(&channel).await {
-                Ok(()) => {
-                    tracing::info!(%channel, "subscribed to wakeups (sharded)");
-                    metrics::counter!("gapless_edge_subscriptions_total").increment(1);
-                    backoff = Duration::from_millis(50);
-                    sweep_now.notify_one();
-                    loop {
-                        let push = tokio::select! {
-                            push = rx.recv() => push,
-                            () = shutdown.cancelled() => return,
-                        };
-                        let Some(push) = push else { break };
-                        match push.kind {
-                            redis::PushKind::SMessage => {
-                                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
-                                    dispatch(&hub, payload);
-                                }
-                            }
-                            redis::PushKind::SUnsubscribe => {
-                                tracing::info!(%channel, "the channel's slot moved; resubscribing at its new owner");
-                                metrics::counter!("gapless_edge_resubscriptions_total")
-                                    .increment(1);
-                                if let Err(e) = conn.ssubscribe(&channel).await {
-                                    tracing::warn!(error = %e, "cannot resubscribe; reconnecting");
-                                    break;
-                                }
-                                sweep_now.notify_one();
-                            }
-                            // The node holding the subscription went away (a failover, a
-                            // restart): redis-rs does not resubscribe elsewhere, so start
-                            // over from the seeds; a sweep finds what was published meanwhile.
-                            redis::PushKind::Disconnection => {
-                                sweep_now.notify_one();
-                                break;
-                            }
-                            _ => {}
-                        }
-                    }
-                    tracing::warn!(%channel, "wakeup subscription lost; resubscribing");
+        match push.kind {
+            redis::PushKind::SMessage => {
+                if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
+                    dispatch(hub, payload);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wakeups"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot open the wakeup connection"),
+            }
+            redis::PushKind::SUnsubscribe => {
+                tracing::info!(%channel, "the channel's slot moved; resubscribing at its new owner");
+                metrics::counter!("gapless_edge_resubscriptions_total").increment(1);
+                if let Err(e) = conn.ssubscribe(channel).await {
+                    tracing::warn!(error = %e, "cannot resubscribe; reconnecting");
+                    return Ended::Lost;
+                }
+                sweep_now.notify_one();
+            }
+            // The node holding the subscription went away (a failover, a restart):
+            // redis-rs does not resubscribe elsewhere, so start over from the seeds; a
+            // sweep finds what was published meanwhile.
+            redis::PushKind::Disconnection => {
+                sweep_now.notify_one();
+                return Ended::Lost;
+            }
+            _ => {}
         }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = shutdown.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

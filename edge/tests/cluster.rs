@@ -49,11 +49,7 @@ async fn a_wakeup_published_after_its_channel_slot_moved_reaches_the_edge() {
     };
     let slot = cluster.slot_of(&keys::wake_channel("edge-m"));
     let owner = cluster.owner_of(slot);
-    let target = cluster
-        .primaries()
-        .into_iter()
-        .find(|&p| p != owner)
-        .expect("another primary");
+    let target = cluster.other_primary(owner);
     // Redis pushes sunsubscribe to the edge when the slot is handed over; redis-rs would
     // drop the subscription for good there.
     tokio::task::block_in_place(|| cluster.move_slot(slot, target));

@@ -69,13 +69,9 @@ async fn a_slot_move_under_load_loses_nothing() {
     let Backend::Cluster(cluster) = &sys.redis else {
         unreachable!("started on a cluster")
     };
-    let slot = user_slot(cluster, "ursula");
+    let slot = cluster.slot_of_user("ursula");
     let owner = cluster.owner_of(slot);
-    let target = cluster
-        .primaries()
-        .into_iter()
-        .find(|&p| p != owner)
-        .expect("another primary");
+    let target = cluster.other_primary(owner);
     let started = Instant::now();
     // ASK redirects while the keys migrate, MOVED after: the ingest and edges follow both.
     tokio::task::block_in_place(|| cluster.move_slot(slot, target));
@@ -98,7 +94,7 @@ async fn a_manual_failover_under_load_loses_nothing() {
     let Backend::Cluster(cluster) = &sys.redis else {
         unreachable!("started on a cluster")
     };
-    let slot = user_slot(cluster, "uma");
+    let slot = cluster.slot_of_user("uma");
     let owner = cluster.owner_of(slot);
     let started = Instant::now();
     // `CLUSTER FAILOVER` without FORCE: the primary pauses its clients until the replica has
@@ -126,7 +122,7 @@ async fn a_sigkilled_primary_with_min_replicas_ack_loses_no_acknowledged_notific
     let Backend::Cluster(cluster) = &mut sys.redis else {
         unreachable!("started on a cluster")
     };
-    let slot = user_slot(cluster, "ulrich");
+    let slot = cluster.slot_of_user("ulrich");
     let owner = cluster.owner_of(slot);
     let started = Instant::now();
     let promoted = tokio::task::block_in_place(|| cluster.kill_primary(owner));
@@ -157,11 +153,6 @@ async fn a_sigkilled_primary_with_min_replicas_ack_loses_no_acknowledged_notific
     drill.finish(&sys, &fault, window).await;
 }
 
-/// The hash slot of `user`'s keys (they share the `{user}` tag).
-fn user_slot(cluster: &TestCluster, user: &str) -> u16 {
-    cluster.slot_of(&keys::meta(&UserId::parse(user).expect("a valid user id")))
-}
-
 /// Another user whose keys share `user`'s slot.
 fn neighbour_of(user: &str) -> String {
     let slot = Shard::of_key(&keys::meta(&UserId::parse(user).expect("a valid user id")));
@@ -178,19 +169,7 @@ async fn fill(sys: &System, user: &str, n: usize) {
         let items: Vec<serde_json::Value> = (start..n.min(start + 1000))
             .map(|i| json!({"user": user, "payload": i, "idempotency_key": format!("fill-{i}")}))
             .collect();
-        let answer: serde_json::Value = sys
-            .http
-            .post(format!("{}/v1/notifications/batch", sys.ingest_url))
-            .bearer_auth(API_KEY)
-            .json(&items)
-            .send()
-            .await
-            .expect("the ingest answers")
-            .error_for_status()
-            .expect("the filler batch is 200")
-            .json()
-            .await
-            .expect("a JSON answer");
+        let answer = sys.post_batch(&items).await;
         let results = answer["results"].as_array().expect("results");
         assert!(
             results.iter().all(|r| r["seq"].is_u64()),

@@ -142,6 +142,19 @@ impl TestCluster {
         self.cluster.slot_of(key).expect("CLUSTER KEYSLOT answers")
     }
 
+    /// The hash slot of `user`'s keys.
+    pub fn slot_of_user(&self, user: &str) -> u16 {
+        let user = crate::ids::UserId::parse(user).expect("a valid user id");
+        self.cluster
+            .slot_of_user(&user)
+            .expect("CLUSTER KEYSLOT answers")
+    }
+
+    /// A primary other than `node`.
+    pub fn other_primary(&self, node: usize) -> usize {
+        self.cluster.other_primary(node).expect("another primary")
+    }
+
     /// The node serving `slot` now, as a live primary sees it.
     pub fn owner_of(&self, slot: u16) -> usize {
         self.cluster.owner_of(slot).expect("the slot has an owner")

@@ -148,6 +148,22 @@ impl System {
         self.send_padded_batch(user, n, 0).await
     }
 
+    /// Posts `items` as one batch and expects 200; returns the answer.
+    pub async fn post_batch(&self, items: &[serde_json::Value]) -> serde_json::Value {
+        self.http
+            .post(format!("{}/v1/notifications/batch", self.ingest_url))
+            .bearer_auth(API_KEY)
+            .json(items)
+            .send()
+            .await
+            .expect("ingest answers")
+            .error_for_status()
+            .expect("200")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// Appends `n` notifications with `pad` bytes of padding each (none when 0), in one batch;
     /// returns the last seq.
     pub async fn send_padded_batch(&self, user: &str, n: usize, pad: usize) -> u64 {
@@ -158,19 +174,7 @@ impl System {
                 _ => serde_json::json!({"user": user, "payload": {"i": i, "pad": padding}}),
             })
             .collect();
-        let r: serde_json::Value = self
-            .http
-            .post(format!("{}/v1/notifications/batch", self.ingest_url))
-            .bearer_auth(API_KEY)
-            .json(&items)
-            .send()
-            .await
-            .expect("ingest answers")
-            .error_for_status()
-            .expect("200")
-            .json()
-            .await
-            .expect("json");
+        let r = self.post_batch(&items).await;
         let results = r["results"].as_array().expect("results");
         assert_eq!(results.len(), n);
         results
@@ -395,19 +399,7 @@ impl System {
             .into_iter()
             .map(|payload| serde_json::json!({"user": user, "payload": payload}))
             .collect();
-        let r: serde_json::Value = self
-            .http
-            .post(format!("{}/v1/notifications/batch", self.ingest_url))
-            .bearer_auth(API_KEY)
-            .json(&items)
-            .send()
-            .await
-            .expect("ingest answers")
-            .error_for_status()
-            .expect("200")
-            .json()
-            .await
-            .expect("json");
+        let r = self.post_batch(&items).await;
         let results = r["results"].as_array().expect("results");
         assert_eq!(results.len(), items.len(), "one result per item");
         let epoch = results[0]["epoch"].as_str().expect("an epoch").to_owned();

@@ -180,6 +180,16 @@ impl RedisCluster {
         Ok(self.on_node(live, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))?)
     }
 
+    /// The hash slot of `user`'s keys (they share the `{user}` tag).
+    pub fn slot_of_user(&self, user: &crate::ids::UserId) -> Result<u16, ProcessError> {
+        self.slot_of(&crate::keys::meta(user))
+    }
+
+    /// A primary other than `node`, where a slot of `node` can move.
+    pub fn other_primary(&self, node: usize) -> Option<usize> {
+        self.primaries().into_iter().find(|&p| p != node)
+    }
+
     /// The node serving `slot` now, as a live primary sees it.
     pub fn owner_of(&self, slot: u16) -> Result<usize, ProcessError> {
         let live = self
