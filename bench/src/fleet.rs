@@ -137,8 +137,10 @@ pub struct Fleet {
     pub edges: Vec<EdgeProcess>,
     /// Extra environment of every edge.
     edge_env: Vec<(String, String)>,
-    /// Scratch directory, removed on drop.
+    /// Scratch directory, removed on drop unless [`keep`](Self::keep) was called.
     dir: PathBuf,
+    /// Keep `dir` (the logs, the Redis data) when dropped.
+    keep: bool,
 }
 
 impl Fleet {
@@ -224,6 +226,7 @@ impl Fleet {
             edges: Vec::new(),
             edge_env,
             dir,
+            keep: false,
         };
         for i in 0..edges {
             let port = free_port()?;
@@ -387,7 +390,9 @@ impl Drop for Fleet {
         let _ = self.ingest.kill();
         let _ = self.ingest.wait();
         self.redis.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -405,6 +410,44 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         "{name} not found beside {}: build the workspace first (cargo build --release --workspace)",
         exe.display()
     )
+}
+
+impl Fleet {
+    /// Keeps the scratch directory (every process's log, the Redis data) past the drop, for
+    /// a failed run to be looked into, and prints where it is with the last warnings and
+    /// errors of each log.
+    pub fn keep(&mut self) {
+        self.keep = true;
+        eprintln!(
+            "the fleet's logs and data are kept in {}",
+            self.dir.display()
+        );
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let Ok(text) = std::fs::read_to_string(&log) else {
+                continue;
+            };
+            let notable: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            eprintln!(
+                "--- {}: {} warnings and errors, the last 15:",
+                log.display(),
+                notable.len()
+            );
+            for line in &notable[notable.len().saturating_sub(15)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
 }
 
 /// The log file of a process of the fleet (appended across restarts).

@@ -31,7 +31,7 @@ use crate::transports::TransportMix;
 use device::{DeviceLog, DeviceShared, DeviceSpec};
 use gapless_shared::config::RedisConfig;
 use gapless_shared::ids::UserId;
-use gapless_shared::keys;
+use gapless_shared::process::RedisCluster;
 use gapless_shared::store::{self, Store};
 use producer::{Ledger, Mode, Producer};
 use proxy::Proxy;
@@ -75,6 +75,10 @@ pub struct DrillArgs {
     /// primary.
     #[arg(long)]
     cluster: bool,
+    /// Only these fault kinds, in this order (comma-separated, e.g.
+    /// `redis-kill,primary-failover`) [default: every kind the target can suffer]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
     /// An existing deployment to drill instead of starting one (faults that need the
     /// processes, edge kill and drain, Redis kill, edge memory, are then skipped).
     #[command(flatten)]
@@ -100,6 +104,14 @@ impl Target {
         self.fleet
             .as_mut()
             .with_context(|| format!("{kind:?} needs process control"))
+    }
+
+    /// The fleet's cluster, or an error saying the fault needs one.
+    fn cluster(&mut self, kind: Fault) -> anyhow::Result<&mut RedisCluster> {
+        match &mut self.fleet(kind)?.redis {
+            FleetRedis::Cluster(cluster) => Ok(cluster),
+            FleetRedis::Single(_) => bail!("{kind:?} needs a Redis Cluster (--cluster)"),
+        }
     }
 }
 
@@ -129,7 +141,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The kinds of fault, in schedule order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 enum Fault {
     EdgeKill,
@@ -253,7 +265,18 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("--devices, --users and --rate must be positive and --edges at least 2");
     }
     let hb = args.heartbeat_ms;
-    let faults = schedule(args.cluster);
+    let faults = if args.faults.is_empty() {
+        schedule(args.cluster)
+    } else {
+        args.faults.clone()
+    };
+    if !args.cluster
+        && let Some(kind) = faults
+            .iter()
+            .find(|k| matches!(k, Fault::SlotMigration | Fault::PrimaryFailover))
+    {
+        bail!("{kind:?} needs --cluster");
+    }
     let mut target = match &args.target.ingest_url {
         Some(ingest_url) => Target {
             fleet: None,
@@ -515,6 +538,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     }
     let failed = report.lost + report.out_of_order + report.non_contiguous + report.bad_duplicates;
     if failed > 0 || report.slow_consumer_edge_rss_growth_kib > MEMORY_BOUND_KIB {
+        if let Some(fleet) = target.fleet.as_mut() {
+            fleet.keep();
+        }
         bail!("the drill found violations: see the table");
     }
     Ok(())
@@ -598,8 +624,7 @@ async fn inject(
                     Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
                 }
                 FleetRedis::Cluster(cluster) => tokio::task::block_in_place(|| {
-                    let owner =
-                        cluster.owner_of(cluster.slot_of(&keys::meta(&UserId::parse(user)?))?)?;
+                    let owner = cluster.owner_of(cluster.slot_of_user(&UserId::parse(user)?)?)?;
                     let promoted = cluster.kill_primary(owner)?;
                     cluster.node_mut(owner).restart()?;
                     cluster.wait_stable()?;
@@ -611,17 +636,11 @@ async fn inject(
         }
         Fault::SlotMigration => {
             let user = &users[edge % users.len()];
-            let FleetRedis::Cluster(cluster) = &target.fleet(kind)?.redis else {
-                bail!("slot migration needs a cluster");
-            };
+            let cluster = target.cluster(kind)?;
             tokio::task::block_in_place(|| {
-                let slot = cluster.slot_of(&keys::meta(&UserId::parse(user)?))?;
+                let slot = cluster.slot_of_user(&UserId::parse(user)?)?;
                 let from = cluster.owner_of(slot)?;
-                let to = cluster
-                    .primaries()
-                    .into_iter()
-                    .find(|&p| p != from)
-                    .context("another primary")?;
+                let to = cluster.other_primary(from).context("another primary")?;
                 cluster.move_slot(slot, to)?;
                 Ok(format!(
                     "moved slot {slot} ({user}) from node {from} to node {to}"
@@ -630,12 +649,9 @@ async fn inject(
         }
         Fault::PrimaryFailover => {
             let user = &users[edge % users.len()];
-            let FleetRedis::Cluster(cluster) = &target.fleet(kind)?.redis else {
-                bail!("a failover needs a cluster");
-            };
+            let cluster = target.cluster(kind)?;
             tokio::task::block_in_place(|| {
-                let owner =
-                    cluster.owner_of(cluster.slot_of(&keys::meta(&UserId::parse(user)?))?)?;
+                let owner = cluster.owner_of(cluster.slot_of_user(&UserId::parse(user)?)?)?;
                 let promoted = cluster.failover(owner)?;
                 Ok(format!(
                     "CLUSTER FAILOVER: node {promoted} took over {user}'s slot from node {owner}"
