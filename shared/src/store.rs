@@ -11,12 +11,19 @@
 //!
 //! Every call is bounded by the configured command timeout, so a dead Redis turns into a
 //! prompt [`StoreError::Unavailable`] rather than a hung request.
+//!
+//! A cluster connection can wedge after primaries die and come back (seen in the cluster
+//! drill with redis-rs 1.8: it held no socket to two of three primaries and every call to
+//! their slots timed out, minutes after the cluster was healthy again). [`ClusterStore`]
+//! therefore watches its calls, and after repeated timeouts replaces the connection with a
+//! fresh one from the seeds; see [`ClusterStore::timed_out`].
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -29,14 +36,20 @@ pub enum Store {
     /// One Redis node.
     Single(ConnectionManager),
     /// A Redis Cluster.
-    Cluster(ClusterConnection),
+    Cluster(ClusterStore),
 }
 
 impl ConnectionLike for Store {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Store::Single(c) => c.req_packed_command(cmd),
-            Store::Cluster(c) => c.req_packed_command(cmd),
+            Store::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    c.watched(|mut conn| async move { conn.req_packed_command(cmd).await })
+                        .await
+                })
+            }
         }
     }
 
@@ -48,14 +61,22 @@ impl ConnectionLike for Store {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Store::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Store::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Store::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    c.watched(|mut conn| async move {
+                        conn.req_packed_commands(pipeline, offset, count).await
+                    })
+                    .await
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Store::Single(c) => c.get_db(),
-            Store::Cluster(c) => c.get_db(),
+            Store::Cluster(c) => c.current().get_db(),
         }
     }
 }
@@ -189,16 +210,16 @@ impl Store {
     /// The primaries now: the node itself, or every primary of the cluster (from `CLUSTER
     /// SLOTS` of one of them).
     pub async fn primaries(&mut self, timeout: Duration) -> Result<Vec<Primary>, StoreError> {
-        let Store::Cluster(conn) = self else {
+        if let Store::Single(_) = self {
             return Ok(vec![Primary {
                 addr: String::new(),
             }]);
-        };
+        }
         let slots: Vec<Value> = with_timeout(
             timeout,
             redis::cmd("CLUSTER")
                 .arg("SLOTS")
-                .query_async::<Vec<Value>>(conn),
+                .query_async::<Vec<Value>>(self),
         )
         .await?;
         let mut primaries: Vec<Primary> = Vec::new();
@@ -232,7 +253,13 @@ impl Store {
                     })?;
                 let routing =
                     RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-                let value = with_timeout(timeout, conn.route_command(cmd.clone(), routing)).await?;
+                let value = with_timeout(
+                    timeout,
+                    conn.watched(
+                        |mut c| async move { c.route_command(cmd.clone(), routing).await },
+                    ),
+                )
+                .await?;
                 redis::from_redis_value(value).map_err(|e| StoreError::Redis(e.to_string()))
             }
         }
@@ -322,7 +349,7 @@ pub async fn connect(config: &RedisConfig) -> Result<Store, StoreError> {
 /// A cluster connection from the seeds. Redirects (`MOVED`, `ASK`) are followed, and
 /// `TRYAGAIN`/`CLUSTERDOWN` retried with short waits, within the command timeout the
 /// caller bounds every call with.
-async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConnection, StoreError> {
+async fn connect_cluster(config: &RedisConfig) -> Result<ClusterStore, StoreError> {
     let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
         .connection_timeout(config.connect_timeout)
         .response_timeout(config.command_timeout)
@@ -331,11 +358,158 @@ async fn connect_cluster(config: &RedisConfig) -> Result<ClusterConnection, Stor
         .max_retry_wait(250)
         .build()
         .map_err(StoreError::from_redis)?;
-    with_timeout(
-        config.connect_timeout + config.command_timeout,
-        client.get_async_connection(),
-    )
-    .await
+    let open_within = config.connect_timeout + config.command_timeout;
+    let conn = with_timeout(open_within, client.get_async_connection()).await?;
+    Ok(ClusterStore(Arc::new(ClusterInner {
+        client,
+        open_within,
+        command_timeout: config.command_timeout,
+        conn: Mutex::new(conn),
+        health: Mutex::new(Health::default()),
+    })))
+}
+
+/// Timed-out calls within [`TIMEOUT_WINDOW`] of each other that make a cluster connection
+/// suspect: one or two are a failover in progress, more than that in a row while the
+/// connection is replaced anyway cost nothing but a reconnect.
+const TIMEOUTS_TO_REPLACE: u32 = 3;
+/// A timeout older than this no longer counts towards [`TIMEOUTS_TO_REPLACE`].
+const TIMEOUT_WINDOW: Duration = Duration::from_secs(10);
+/// Least time between two replacements, so a cluster that is down (every call times out)
+/// is reconnected to every few seconds rather than in a loop.
+const REPLACE_EVERY: Duration = Duration::from_secs(5);
+
+/// A Redis Cluster connection that replaces itself when it stops answering (module docs).
+/// Cheap to clone: clones share the connection and its replacement.
+#[derive(Clone)]
+pub struct ClusterStore(Arc<ClusterInner>);
+
+struct ClusterInner {
+    /// Where replacements come from (the seeds and the connection settings).
+    client: ClusterClient,
+    /// Bound on opening a replacement.
+    open_within: Duration,
+    /// A call that took this long without an answer counts as timed out.
+    command_timeout: Duration,
+    /// The connection in use; calls clone it (clones share sockets).
+    conn: Mutex<ClusterConnection>,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Timed-out calls in the current window.
+    timeouts: u32,
+    /// The last timed-out call.
+    last_timeout: Option<Instant>,
+    /// The last replacement started.
+    last_replace: Option<Instant>,
+    /// A replacement is being opened.
+    replacing: bool,
+}
+
+impl ClusterStore {
+    /// The connection in use.
+    fn current(&self) -> ClusterConnection {
+        self.0
+            .conn
+            .lock()
+            .expect("connection lock is never poisoned")
+            .clone()
+    }
+
+    /// Runs `call` on the connection in use and notes whether it timed out: Redis said so
+    /// (a node's response timeout), or the caller gave up on it (dropped it) after the
+    /// command timeout.
+    async fn watched<'a, T, F, Fut>(&self, call: F) -> redis::RedisResult<T>
+    where
+        F: FnOnce(ClusterConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>> + 'a,
+    {
+        let mut watch = Watch {
+            store: self,
+            started: Instant::now(),
+            answered: false,
+        };
+        let result = call(self.current()).await;
+        watch.answered = true;
+        if let Err(e) = &result
+            && e.is_timeout()
+        {
+            self.timed_out();
+        }
+        result
+    }
+
+    /// Counts a timed-out call; past [`TIMEOUTS_TO_REPLACE`] in a window, opens a fresh
+    /// connection in the background and swaps it in once it is up (calls in flight finish
+    /// on the old one, which closes when the last of them drops it). While the new one
+    /// cannot be opened the old one stays, and the next timeouts try again.
+    fn timed_out(&self) {
+        let now = Instant::now();
+        {
+            let mut health = self.0.health.lock().expect("health lock is never poisoned");
+            if health
+                .last_timeout
+                .is_none_or(|t| now.duration_since(t) > TIMEOUT_WINDOW)
+            {
+                health.timeouts = 0;
+            }
+            health.timeouts += 1;
+            health.last_timeout = Some(now);
+            let due = health
+                .last_replace
+                .is_none_or(|t| now.duration_since(t) >= REPLACE_EVERY);
+            if health.timeouts < TIMEOUTS_TO_REPLACE || health.replacing || !due {
+                return;
+            }
+            health.replacing = true;
+            health.last_replace = Some(now);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.0
+                .health
+                .lock()
+                .expect("health lock is never poisoned")
+                .replacing = false;
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let opened = with_timeout(store.0.open_within, store.0.client.get_async_connection()).await;
+            let mut health = store.0.health.lock().expect("health lock is never poisoned");
+            health.replacing = false;
+            match opened {
+                Ok(conn) => {
+                    *store.0.conn.lock().expect("connection lock is never poisoned") = conn;
+                    tracing::warn!(
+                        timeouts = health.timeouts,
+                        "the cluster connection stopped answering; replaced it with a new one"
+                    );
+                    health.timeouts = 0;
+                    metrics::counter!("gapless_redis_reconnects_total").increment(1);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the cluster connection stopped answering and a new one cannot be opened yet");
+                }
+            }
+        });
+    }
+}
+
+/// Notes a call dropped unanswered after the command timeout (its caller's bound fired).
+struct Watch<'a> {
+    store: &'a ClusterStore,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if !self.answered && self.started.elapsed() >= self.store.0.command_timeout * 9 / 10 {
+            self.store.timed_out();
+        }
+    }
 }
 
 async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, StoreError> {

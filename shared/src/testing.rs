@@ -182,6 +182,21 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("killing primary {primary}: {e}"))
     }
 
+    /// SIGSTOPs `primary` and waits for its replica to take over
+    /// ([`RedisCluster::pause_primary`]); returns the new primary.
+    pub fn pause_primary(&mut self, primary: usize) -> usize {
+        self.cluster
+            .pause_primary(primary)
+            .unwrap_or_else(|e| panic!("pausing primary {primary}: {e}"))
+    }
+
+    /// SIGCONTs a paused node and waits until the cluster is stable.
+    pub fn resume(&mut self, index: usize) {
+        self.cluster
+            .resume(index)
+            .unwrap_or_else(|e| panic!("resuming node {index}: {e}"));
+    }
+
     /// The replica of `primary`, waiting until the primary lists one.
     pub fn wait_replica_of(&self, primary: usize) -> usize {
         self.cluster

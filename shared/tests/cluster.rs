@@ -110,3 +110,85 @@ async fn migrate_loads_the_library_on_every_primary_and_check_names_a_primary_wi
         .await
         .expect("stops");
 }
+
+/// A primary that hangs (SIGSTOP: its sockets stay open, nothing answers) is failed over by
+/// the cluster; the store's calls to its slots must be answered by the promoted replica
+/// soon after, not time out for good on the connection to the hung node (redis-rs keeps
+/// retrying that node; the store replaces its connection after repeated timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_is_answered_again_after_its_primary_hangs_and_is_failed_over() {
+    use gapless_shared::config::RedisConfig;
+    use gapless_shared::store::{self, with_timeout};
+    use std::time::{Duration, Instant};
+
+    let mut cluster = tokio::task::spawn_blocking(TestCluster::start)
+        .await
+        .expect("the harness starts");
+    let mut config = RedisConfig::from_args(&cluster.urls(), true).expect("seeds");
+    config.command_timeout = Duration::from_millis(500);
+    let timeout = config.command_timeout;
+    let mut store = store::connect(&config)
+        .await
+        .expect("connects to the cluster");
+    let key = "gl:{hung}:m";
+    with_timeout(
+        timeout,
+        redis::cmd("HSET")
+            .arg(key)
+            .arg("f")
+            .arg("v")
+            .query_async::<()>(&mut store),
+    )
+    .await
+    .expect("the owner takes the write");
+    // Replicated before the owner hangs, so the promoted replica holds it.
+    let owner = cluster.owner_of(cluster.slot_of(key));
+    cluster
+        .on_node::<i64>(owner, redis::cmd("WAIT").arg(1).arg(2000))
+        .expect("the replica acknowledges");
+
+    let promoted = tokio::task::block_in_place(|| cluster.pause_primary(owner));
+    let started = Instant::now();
+    let mut failures = 0;
+    let value = loop {
+        let read = with_timeout(
+            timeout,
+            redis::cmd("HGET")
+                .arg(key)
+                .arg("f")
+                .query_async::<Option<String>>(&mut store),
+        )
+        .await;
+        match read {
+            Ok(value) => break value,
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "still failing 30 s after the failover ({failures} calls): {e}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value.as_deref(), Some("v"), "the promoted replica's copy");
+    eprintln!(
+        "answered by node {promoted} {} ms after the failover, {failures} failed calls",
+        started.elapsed().as_millis()
+    );
+    with_timeout(
+        timeout,
+        redis::cmd("HSET")
+            .arg(key)
+            .arg("f")
+            .arg("w")
+            .query_async::<()>(&mut store),
+    )
+    .await
+    .expect("writes go to the new primary");
+
+    tokio::task::block_in_place(|| cluster.resume(owner));
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("stops");
+}

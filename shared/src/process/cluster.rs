@@ -32,6 +32,8 @@ pub struct ClusterOptions {
 pub struct RedisCluster {
     /// The nodes, in creation order (the first half start as primaries).
     nodes: Vec<RedisProcess>,
+    /// Nodes stopped by [`pause_primary`](Self::pause_primary): running, but not answering.
+    paused: std::collections::BTreeSet<usize>,
 }
 
 impl RedisCluster {
@@ -65,7 +67,10 @@ impl RedisCluster {
                 .collect(),
             })?);
         }
-        let cluster = Self { nodes };
+        let cluster = Self {
+            nodes,
+            paused: Default::default(),
+        };
         let fresh = (0..cluster.nodes.len()).all(|i| {
             cluster
                 .on_node::<String>(i, redis::cmd("CLUSTER").arg("INFO"))
@@ -297,6 +302,49 @@ impl RedisCluster {
         Ok(replica)
     }
 
+    /// SIGSTOPs the primary `primary` (its sockets stay open, nothing answers: a hung or
+    /// partitioned node, not a dead one) and waits until its replica took over; returns the
+    /// new primary. [`resume`](Self::resume) lets it run again, as a replica.
+    pub fn pause_primary(&mut self, primary: usize) -> Result<usize, ProcessError> {
+        let replica = self.wait_replica_of(primary)?;
+        self.signal(primary, "STOP")?;
+        self.paused.insert(primary);
+        self.wait_until(
+            |c| c.role(replica).as_deref() == Some("master"),
+            "the replica to be promoted",
+        )?;
+        self.wait_until(
+            |c| c.cluster_ok(replica),
+            "the cluster to be ok after the promotion",
+        )?;
+        Ok(replica)
+    }
+
+    /// SIGCONTs a node [`pause_primary`](Self::pause_primary) stopped and waits until the
+    /// cluster is stable again.
+    pub fn resume(&mut self, index: usize) -> Result<(), ProcessError> {
+        self.signal(index, "CONT")?;
+        self.paused.remove(&index);
+        self.wait_stable()
+    }
+
+    fn signal(&self, index: usize, signal: &str) -> Result<(), ProcessError> {
+        let pid = self.nodes[index]
+            .pid()
+            .ok_or_else(|| ProcessError::Cluster(format!("node {index} is not running")))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .map_err(ProcessError::Spawn)?;
+        if !status.success() {
+            return Err(ProcessError::Cluster(format!(
+                "kill -{signal} {pid} failed: {status}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The replica of `primary`, waiting until the primary knows one (right after a
     /// failover the old primary takes a moment to be listed as the new one's replica).
     pub fn wait_replica_of(&self, primary: usize) -> Result<usize, ProcessError> {
@@ -329,9 +377,7 @@ impl RedisCluster {
     pub fn wait_stable(&self) -> Result<(), ProcessError> {
         self.wait_until(
             |c| {
-                let live: Vec<usize> = (0..c.nodes.len())
-                    .filter(|&i| c.nodes[i].pid().is_some())
-                    .collect();
+                let live: Vec<usize> = (0..c.nodes.len()).filter(|&i| c.answers(i)).collect();
                 live.iter().all(|&i| c.cluster_ok(i)) && {
                     let views: Vec<Option<Vec<redis::Value>>> = live
                         .iter()
@@ -351,6 +397,11 @@ impl RedisCluster {
         )
     }
 
+    /// The node runs and is not paused.
+    fn answers(&self, index: usize) -> bool {
+        self.nodes[index].pid().is_some() && !self.paused.contains(&index)
+    }
+
     fn cluster_ok(&self, index: usize) -> bool {
         self.on_node::<String>(index, redis::cmd("CLUSTER").arg("INFO"))
             .is_ok_and(|info| info.contains("cluster_state:ok"))
@@ -358,13 +409,13 @@ impl RedisCluster {
 
     fn live_node(&self) -> Result<usize, ProcessError> {
         (0..self.nodes.len())
-            .find(|&i| self.nodes[i].pid().is_some())
+            .find(|&i| self.answers(i))
             .ok_or_else(|| ProcessError::Cluster("no node is running".into()))
     }
 
     fn index_of(&self, id: &str) -> Option<usize> {
         (0..self.nodes.len()).find(|&i| {
-            self.nodes[i].pid().is_some()
+            self.answers(i)
                 && self
                     .on_node::<String>(i, redis::cmd("CLUSTER").arg("MYID"))
                     .is_ok_and(|mine| mine == id)
