@@ -166,8 +166,31 @@ async fn handshake(
             )));
         }
     };
-    let position = delivery::read_position(state, conn).await?;
+    // While Redis is unavailable the position read waits; a client that leaves meanwhile
+    // ends the session (it would otherwise hold its connection slot until Redis answers).
+    let position = tokio::select! {
+        position = delivery::read_position(state, conn) => position?,
+        end = until_gone(inbound) => return Err(end),
+    };
     Ok((position, resume))
+}
+
+/// Reads the client's frames until it leaves or breaks the protocol. Before delivery starts
+/// nothing new can be acked: an ack now can only repeat what the resume already said (a
+/// client flushing the previous connection's last ack), so it changes nothing.
+async fn until_gone(inbound: &mut Frames) -> End {
+    loop {
+        match inbound.next().await {
+            Ok(ClientMessage::Pong | ClientMessage::Ack { .. }) => {}
+            Ok(ClientMessage::Resume { .. }) => {
+                return End::Violation(Violation::new(
+                    frame::CLOSE_POLICY,
+                    "resume may be sent once, right after welcome",
+                ));
+            }
+            Err(end) => return end,
+        }
+    }
 }
 
 /// The client's frames: acks, pongs and the one resume.
