@@ -683,6 +683,51 @@ async fn redis_restart_keeps_clients_and_delivery_resumes() {
     c.assert_quiet(Duration::from_millis(300)).await;
 }
 
+/// A client that gives up while its session waits on an unavailable Redis (it resumed, the
+/// edge cannot read its position) must free its place: with a cap of one connection per user,
+/// its next connection is admitted, not refused for the abandoned one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_redis_is_down_frees_its_place() {
+    let mut sys = System::start().await;
+    let mut config = sys.edge_config("edge-gone");
+    config.max_connections_per_user = 1;
+    let edge = sys.edge(config).await;
+    tokio::task::block_in_place(|| sys.redis.kill());
+
+    for attempt in 0..3 {
+        let c = Client::connect(&edge.ws_url(), "gone", "phone", (None, None)).await;
+        // The position read now waits on Redis; the client vanishes (no close frame).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(c);
+        // The edge sees the socket end and releases the place.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match Client::open(&edge.ws_url(), &common::token("gone", Some("probe")), false).await {
+                Ok(probe) => {
+                    drop(probe);
+                    break;
+                }
+                Err(status) => {
+                    assert_eq!(status, 429, "attempt {attempt}: refused for the cap only");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "attempt {attempt}: the abandoned session still holds the user's place after 5 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        // The probe, too, left while waiting: its place must be free before the next round.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Redis back: the device connects and is delivered to.
+    tokio::task::block_in_place(|| sys.redis.restart()).expect("Redis restarts from its AOF");
+    let seq = send_retrying(&sys, "gone", "after-restart", Duration::from_secs(15)).await;
+    let mut c = Client::connect(&edge.ws_url(), "gone", "phone", (None, Some(0))).await;
+    assert_eq!(c.take(1).await, vec![seq]);
+}
+
 /// A device that names no position and has no stored ack starts at the live end; a slow
 /// position read (Redis failing it for a while) must not make it miss anything appended
 /// once it is registered.
