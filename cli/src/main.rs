@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gapless_edge::auth::{JwtKey, mint_hs256};
 use gapless_shared::config::{RedisConfig, Secret, mask_url_password as mask};
-use gapless_shared::process::{RedisOptions, RedisProcess};
+use gapless_shared::process::{ClusterOptions, RedisCluster, RedisOptions, RedisProcess};
 use gapless_shared::{schema, store};
 use tokio_util::sync::CancellationToken;
 
@@ -64,10 +64,17 @@ enum Command {
     /// token, the URL of the browser demo page (served by the ingest at /demo) and snippets
     /// to try it.
     Dev {
-        /// Use this Redis instead of starting one.
+        /// Use this Redis instead of starting one (with --cluster: seed URLs of a cluster,
+        /// comma-separated).
         #[arg(long, env = "GAPLESS_REDIS_URL")]
         redis: Option<String>,
-        /// Port of the Redis that `dev` starts.
+        /// A Redis Cluster: without --redis, start a local one of three primaries with a
+        /// replica each (ports --redis-port.. --redis-port+5, cluster bus ports 10000
+        /// above, data under --dir/cluster; started again on the same directory it comes back
+        /// as it was).
+        #[arg(long)]
+        cluster: bool,
+        /// Port of the Redis that `dev` starts (the first node's with --cluster).
         #[arg(long, default_value_t = 6390)]
         redis_port: u16,
         /// Directory for the started Redis's data and log.
@@ -122,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev {
             redis,
+            cluster,
             redis_port,
             dir,
             ingest_listen,
@@ -131,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let dev = Dev {
                 redis,
+                cluster,
                 redis_port,
                 dir,
                 ingest_listen,
@@ -141,10 +150,6 @@ async fn main() -> anyhow::Result<()> {
             dev.run().await
         }
     }
-}
-
-async fn migrate(url: &str) -> anyhow::Result<u32> {
-    Ok(migrate_store(&RedisConfig::new(url)?).await?.0)
 }
 
 /// Applies the library, then checks every primary holds it; returns the version and the
@@ -176,6 +181,7 @@ async fn migrate_store(config: &RedisConfig) -> anyhow::Result<(u32, Vec<String>
 /// Settings of `gapless dev`.
 struct Dev {
     redis: Option<String>,
+    cluster: bool,
     redis_port: u16,
     dir: PathBuf,
     ingest_listen: SocketAddr,
@@ -186,28 +192,29 @@ struct Dev {
 
 impl Dev {
     async fn run(self) -> anyhow::Result<()> {
-        let mut local = None;
-        let redis_url = match self.redis {
-            Some(url) => url,
+        let (local, redis_urls) = match &self.redis {
+            Some(urls) => (Local::None, urls.clone()),
+            None if self.cluster => {
+                let cluster = self.start_cluster()?;
+                let urls = cluster.urls();
+                (Local::Cluster(cluster), urls)
+            }
             None => {
-                let dir = std::path::absolute(self.dir.join("redis"))?;
-                let process = RedisProcess::start(RedisOptions {
-                    port: self.redis_port,
-                    dir: dir.clone(),
-                    appendfsync: "everysec".into(),
-                    extra: Vec::new(),
-                })
-                .with_context(|| {
-                    format!("cannot start redis-server on port {}", self.redis_port)
-                })?;
-                println!("redis:   {} (AOF in {})", process.url(), dir.display());
+                let process = self.start_redis()?;
                 let url = process.url();
-                local = Some(process);
-                url
+                (Local::Single(process), url)
             }
         };
-        let version = migrate(&redis_url).await?;
-        println!("schema:  version {version}");
+        let redis_config = RedisConfig::from_args(&redis_urls, self.cluster)?;
+        let (version, primaries) = migrate_store(&redis_config).await?;
+        if self.cluster {
+            println!(
+                "schema:  version {version} on {} primaries",
+                primaries.len()
+            );
+        } else {
+            println!("schema:  version {version}");
+        }
 
         let api_key = self
             .api_key
@@ -220,24 +227,22 @@ impl Dev {
             shutdown.clone(),
         ));
 
-        let mut ingest_config = gapless_ingest::Config::new(
-            RedisConfig::new(&redis_url)?,
-            vec![Secret::new(api_key.clone())],
-        );
+        let mut ingest_config =
+            gapless_ingest::Config::new(redis_config.clone(), vec![Secret::new(api_key.clone())]);
         ingest_config.listen = self.ingest_listen;
         ingest_config.demo = true;
         let ingest_listener = gapless_shared::listener::bind(self.ingest_listen)
             .with_context(|| format!("cannot listen on {}", self.ingest_listen))?;
         // The bound address, not the asked one: `--ingest-listen 127.0.0.1:0` picks a port.
         let ingest_addr = reachable(ingest_listener.local_addr()?);
-        let ingest = tokio::spawn(gapless_ingest::run(
+        let mut ingest = tokio::spawn(gapless_ingest::run(
             ingest_listener,
             ingest_config,
             shutdown.clone(),
         ));
 
         let mut edge_config = gapless_edge::Config::new(
-            RedisConfig::new(&redis_url)?,
+            redis_config,
             "dev-edge".into(),
             JwtKey::Hs256(Secret::new(jwt_secret.clone())),
         );
@@ -249,12 +254,30 @@ impl Dev {
         let edge_listener = gapless_shared::listener::bind(self.edge_listen)
             .with_context(|| format!("cannot listen on {}", self.edge_listen))?;
         let edge_addr = reachable(edge_listener.local_addr()?);
-        let edge = tokio::spawn(gapless_edge::run(
+        let mut edge = tokio::spawn(gapless_edge::run(
             edge_listener,
             edge_config,
             shutdown.clone(),
         ));
 
+        // The instructions are printed once both answer: a curl or page right after them works.
+        // A service that stopped meanwhile (bad settings) says why at once.
+        tokio::select! {
+            ready = async {
+                wait_ready(ingest_addr).await.context("the ingest did not become ready")?;
+                wait_ready(edge_addr).await.context("the edge did not become ready")
+            } => ready?,
+            ended = &mut ingest => {
+                shutdown.cancel();
+                ended.context("ingest task failed")?.context("the ingest stopped")?;
+                anyhow::bail!("the ingest stopped");
+            }
+            ended = &mut edge => {
+                shutdown.cancel();
+                ended.context("edge task failed")?.context("the edge stopped")?;
+                anyhow::bail!("the edge stopped");
+            }
+        }
         let base = format!("http://{ingest_addr}");
         let edge_base = format!("http://{edge_addr}");
         let ws = format!("ws://{edge_addr}/v1/ws");
@@ -301,19 +324,122 @@ impl Dev {
         let ingest_result = ingest.await.context("ingest task failed")?;
         shutdown.cancel();
         let edge_result = edge.await.context("edge task failed")?;
-        if let Some(mut process) = local {
-            // A clean SHUTDOWN flushes the AOF; the kill that follows only reaps the process.
-            if let Ok(client) = redis::Client::open(process.url())
-                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-            {
-                let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
-            }
-            process.kill();
-        }
+        local.stop().await;
         ingest_result?;
         edge_result?;
         Ok(())
     }
+}
+
+impl Dev {
+    /// The single Redis of `dev`: AOF under `--dir/redis`.
+    fn start_redis(&self) -> anyhow::Result<RedisProcess> {
+        let dir = std::path::absolute(self.dir.join("redis"))?;
+        let process = RedisProcess::start(RedisOptions {
+            port: self.redis_port,
+            dir: dir.clone(),
+            appendfsync: "everysec".into(),
+            extra: Vec::new(),
+        })
+        .with_context(|| format!("cannot start redis-server on port {}", self.redis_port))?;
+        println!("redis:   {} (AOF in {})", process.url(), dir.display());
+        Ok(process)
+    }
+
+    /// The local cluster of `dev --cluster`: six nodes from `--redis-port` on, data under
+    /// `--dir/cluster`.
+    fn start_cluster(&self) -> anyhow::Result<RedisCluster> {
+        let first = self.redis_port;
+        let ports: Vec<(u16, u16)> = (0..6u16)
+            .map(|i| {
+                let port = first.checked_add(i)?;
+                Some((port, port.checked_add(10_000)?))
+            })
+            .collect::<Option<_>>()
+            .with_context(|| {
+                format!("--redis-port {first}: the cluster needs ports up to {first}+5 and bus ports 10000 above them, below 65536")
+            })?;
+        let dir = std::path::absolute(self.dir.join("cluster"))?;
+        println!(
+            "redis:   starting a cluster of 3 primaries and 3 replicas on ports {first}-{} (data in {})",
+            first + 5,
+            dir.display()
+        );
+        let cluster = tokio::task::block_in_place(|| {
+            RedisCluster::start(ClusterOptions {
+                ports,
+                dir: dir.clone(),
+                appendfsync: "everysec".into(),
+                node_timeout_ms: 2_000,
+            })
+        })
+        .with_context(|| {
+            format!(
+                "cannot start the local cluster on ports {first}-{}",
+                first + 5
+            )
+        })?;
+        println!("redis:   cluster {}", cluster.urls());
+        Ok(cluster)
+    }
+}
+
+/// The Redis `dev` started, if any.
+enum Local {
+    None,
+    Single(RedisProcess),
+    Cluster(RedisCluster),
+}
+
+impl Local {
+    /// Stops it: a clean `SHUTDOWN` flushes each node's AOF; the kill that follows only
+    /// reaps the process.
+    async fn stop(self) {
+        let urls = match &self {
+            Local::None => return,
+            Local::Single(process) => vec![process.url()],
+            Local::Cluster(cluster) => (0..cluster.len()).map(|i| cluster.node(i).url()).collect(),
+        };
+        for url in urls {
+            if let Ok(client) = redis::Client::open(url)
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            {
+                let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
+            }
+        }
+        match self {
+            Local::None => {}
+            Local::Single(mut process) => process.kill(),
+            Local::Cluster(cluster) => tokio::task::block_in_place(|| drop(cluster)),
+        }
+    }
+}
+
+/// Waits until `GET /readyz` at `addr` answers 200 (Redis reachable, schema current), at
+/// most 30 s.
+async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = String::from("no answer");
+    while tokio::time::Instant::now() < deadline {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            stream.take(4096).read_to_end(&mut answer).await?;
+            std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(2), attempt).await {
+            Ok(Ok(answer)) if answer.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(Ok(answer)) => last = answer.lines().next().unwrap_or_default().to_owned(),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "no answer within 2 s".into(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("/readyz: {last}")
 }
 
 /// `addr` as a browser or curl on this machine reaches it: a wildcard bind (`0.0.0.0`, `::`)
