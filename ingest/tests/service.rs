@@ -248,6 +248,117 @@ async fn readiness_names_a_cluster_primary_without_the_library() {
     assert_eq!(readyz().await.expect("answers").status(), StatusCode::OK);
 }
 
+/// A cluster that is down (a shard lost its primary and its replica: every node answers
+/// `CLUSTERDOWN`) gets no append reported written: each is answered 503 `unavailable` with
+/// `Retry-After`, for users of the lost shard and of the healthy ones alike. Once the shard
+/// is back, the producer's retries with the same idempotency keys are each stored exactly
+/// once, at contiguous seqs, whatever the failed attempts did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_is_down_gets_503_and_each_retried_item_is_stored_once() {
+    let mut ingest = TestIngest::start_on_with(common::Kind::Cluster, &[], |c| {
+        c.redis.command_timeout = Duration::from_millis(1500);
+    })
+    .await;
+    let common::Backend::Cluster(cluster) = &mut ingest.redis else {
+        unreachable!("started on a cluster")
+    };
+    let lost_user = "down-a";
+    let owner = cluster.owner_of(cluster.slot_of_user(lost_user));
+    // A user on another shard: its primary is fine, the cluster as a whole is not.
+    let other_user = (0..)
+        .map(|i| format!("down-b{i}"))
+        .find(|u| cluster.owner_of(cluster.slot_of_user(u)) != owner)
+        .expect("a user on another shard");
+    let replica = cluster.wait_replica_of(owner);
+    let down_nodes = [owner, replica];
+    tokio::task::block_in_place(|| {
+        for node in down_nodes {
+            cluster.node_mut(node).kill();
+        }
+    });
+    let survivor = cluster.other_primary(owner);
+    eventually("the survivors to declare the cluster down", || async {
+        cluster
+            .on_node::<String>(survivor, redis::cmd("CLUSTER").arg("INFO"))
+            .is_ok_and(|info| info.contains("cluster_state:fail"))
+    })
+    .await;
+
+    let body = |user: &str, key: &str| {
+        json!({"user": user, "payload": {"key": key}, "idempotency_key": key}).to_string()
+    };
+    let mut keys = Vec::new();
+    for i in 0..4 {
+        for user in [lost_user, other_user.as_str()] {
+            let key = format!("{user}-{i}");
+            let response = ingest
+                .post("/v1/notifications", "application/json", body(user, &key))
+                .await;
+            assert!(response.headers().contains_key("retry-after"), "{key}");
+            let (status, answer) = common::json_of(response).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{key}: {answer}");
+            assert_eq!(error_code(&answer), "unavailable", "{key}: {answer}");
+            keys.push((user.to_owned(), key));
+        }
+    }
+
+    let common::Backend::Cluster(cluster) = &mut ingest.redis else {
+        unreachable!("started on a cluster")
+    };
+    tokio::task::block_in_place(|| {
+        for node in down_nodes {
+            cluster
+                .node_mut(node)
+                .restart()
+                .expect("restarts from its AOF");
+        }
+        cluster.wait_stable();
+    });
+    // The producer retries every item (twice: the second must change nothing).
+    for round in 0..2 {
+        for (user, key) in &keys {
+            let mut answer = None;
+            for _ in 0..100 {
+                let response = ingest
+                    .post("/v1/notifications", "application/json", body(user, key))
+                    .await;
+                let (status, body) = common::json_of(response).await;
+                if status == StatusCode::OK {
+                    answer = Some(body);
+                    break;
+                }
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{key}: {body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let answer = answer.unwrap_or_else(|| panic!("{key} never accepted"));
+            assert_eq!(
+                answer["duplicate"],
+                json!(round == 1),
+                "{key} in round {round}"
+            );
+        }
+    }
+    for user in [lost_user, other_user.as_str()] {
+        let log = history(&ingest, user, "").await;
+        let stored: Vec<String> = log
+            .notifications
+            .iter()
+            .map(|n| {
+                let payload: serde_json::Value =
+                    serde_json::from_str(n.payload.get()).expect("JSON payload");
+                payload["key"].as_str().expect("a key").to_owned()
+            })
+            .collect();
+        let wanted: Vec<String> = (0..4).map(|i| format!("{user}-{i}")).collect();
+        assert_eq!(
+            stored, wanted,
+            "{user}: each item once, in the producer's order"
+        );
+        let seqs: Vec<u64> = log.notifications.iter().map(|n| n.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4], "{user}: contiguous seqs");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_fails_when_redis_is_down() {
     let mut ingest = TestIngest::start_with(&[], |c| {
