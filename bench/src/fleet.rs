@@ -82,14 +82,6 @@ impl FleetRedis {
         Ok(RedisConfig::from_args(&self.url(), self.is_cluster())?)
     }
 
-    /// The one node, for the scenarios that run on one node only.
-    pub fn single(&self) -> anyhow::Result<&RedisProcess> {
-        match self {
-            FleetRedis::Single(r) => Ok(r),
-            FleetRedis::Cluster(_) => bail!("this scenario runs on a single Redis node"),
-        }
-    }
-
     /// Process ids of the running Redis processes.
     pub fn pids(&self) -> Vec<u32> {
         match self {
@@ -144,13 +136,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts Redis with `appendfsync`, migrates, starts the ingest and `edges` edges, and
-    /// waits until all are ready.
-    pub async fn start(appendfsync: &str, edges: usize) -> anyhow::Result<Self> {
-        Self::start_with(appendfsync, edges, Vec::new()).await
-    }
-
-    /// Like [`start`](Self::start), with extra `GAPLESS_*` settings for every edge.
+    /// Starts Redis with `appendfsync`, migrates, starts the ingest and `edges` edges (with
+    /// extra `GAPLESS_*` settings `edge_env`), and waits until all are ready.
     pub async fn start_with(
         appendfsync: &str,
         edges: usize,

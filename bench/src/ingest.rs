@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use gapless_shared::batch::{PostcardBatch, PostcardItem};
 use serde::Serialize;
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, FleetOptions, FleetRedis};
 use crate::stats::{Percentiles, cpu_seconds, median, percentiles};
 
 /// Settings of the ingest scenario.
@@ -85,16 +85,34 @@ struct Report {
 /// rewrites the AOF grows by ~150 MB per XADD run and the XADD side slows down round after
 /// round (634K/s in the first round, 489-563K/s in the next six), which would flatter the
 /// ratio. With them it stays at 636-656K/s.
-pub async fn run(args: IngestArgs, appendfsync: &str) -> anyhow::Result<serde_json::Value> {
+pub async fn run(
+    args: IngestArgs,
+    appendfsync: &str,
+    cluster: bool,
+) -> anyhow::Result<serde_json::Value> {
     if args.batch == 0 || args.users == 0 || args.items == 0 || args.concurrency == 0 {
         bail!("--items, --users, --batch and --concurrency must be positive");
     }
-    let fleet = Fleet::start(appendfsync, 0).await?;
+    let fleet = Fleet::start_full(FleetOptions {
+        appendfsync: appendfsync.to_owned(),
+        edges: 0,
+        cluster,
+        edge_env: Vec::new(),
+        ingest_env: Vec::new(),
+        redis_extra: Vec::new(),
+    })
+    .await?;
     let bodies = Arc::new(build_bodies(&args));
     let client = reqwest::Client::new();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(24));
+    // On a cluster, redis-benchmark --cluster: every primary takes XADDs of a key it owns.
+    let ports = match &fleet.redis {
+        FleetRedis::Single(r) => vec![r.port()],
+        FleetRedis::Cluster(c) => (0..c.len()).map(|i| c.node(i).port()).collect(),
+    };
     let xadd = XaddBench {
-        port: fleet.redis.single()?.port(),
+        ports,
+        cluster,
         requests: args.xadd_requests,
         payload: format!("{{\"n\":1234567,\"pad\":\"{pad}\"}}"),
     };
@@ -275,33 +293,64 @@ async fn ingest_round(
 /// `redis-benchmark`'s pipelined XADD against the fleet's Redis, of entries shaped like the
 /// log's (schema 2): one field `p` with the same payload; the time is in gapless's ids.
 struct XaddBench {
-    port: u16,
+    /// Every node's port; the first is where redis-benchmark connects.
+    ports: Vec<u16>,
+    /// redis-benchmark's cluster mode (`{tag}` in the key names a key of each primary).
+    cluster: bool,
     requests: usize,
     payload: String,
 }
 
 impl XaddBench {
     const KEY: &'static str = "gl:bench:xadd";
+    const CLUSTER_KEY: &'static str = "gl:bench:{tag}:xadd";
 
     fn args(&self) -> Vec<String> {
-        [
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-P",
-            "100",
-            "-n",
-            &self.requests.to_string(),
-            "-q",
-            "XADD",
-            Self::KEY,
-            "*",
-            "p",
-            &self.payload,
-        ]
-        .map(str::to_owned)
-        .to_vec()
+        let mut args: Vec<String> = ["-h", "127.0.0.1", "-p"].map(str::to_owned).to_vec();
+        args.push(self.ports[0].to_string());
+        if self.cluster {
+            args.push("--cluster".into());
+        }
+        let key = if self.cluster {
+            Self::CLUSTER_KEY
+        } else {
+            Self::KEY
+        };
+        args.extend(
+            [
+                "-P",
+                "100",
+                "-n",
+                &self.requests.to_string(),
+                "-q",
+                "XADD",
+                key,
+                "*",
+                "p",
+                &self.payload,
+            ]
+            .map(str::to_owned),
+        );
+        args
+    }
+
+    /// Deletes what the run wrote: the one stream, or on a cluster each primary's.
+    fn clean_up(&self) {
+        for port in &self.ports {
+            let port = port.to_string();
+            let Ok(found) = Command::new("redis-cli")
+                .args(["-p", &port, "--scan", "--pattern", "gl:bench:*"])
+                .output()
+            else {
+                continue;
+            };
+            for key in String::from_utf8_lossy(&found.stdout).lines() {
+                // A replica lists its primary's keys and refuses the DEL: harmless.
+                let _ = Command::new("redis-cli")
+                    .args(["-p", &port, "DEL", key])
+                    .output();
+            }
+        }
     }
 
     fn command_line(&self) -> String {
@@ -318,9 +367,7 @@ impl XaddBench {
             .output()
             .context("cannot run redis-benchmark (Debian: apt-get install redis-tools)")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let _ = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "DEL", Self::KEY])
-            .output();
+        self.clean_up();
         // "XADD …: 512345.67 requests per second, p50=…"; -q prints progress with \r first.
         let last = text.rsplit('\r').next().unwrap_or(&text);
         let rate = last

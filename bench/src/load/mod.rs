@@ -216,7 +216,7 @@ fn lock(live: &Shared) -> std::sync::MutexGuard<'_, Live> {
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     if args.scenario == Scenario::Ingest {
-        let result = crate::ingest::run(args.ingest, &args.appendfsync).await?;
+        let result = crate::ingest::run(args.ingest, &args.appendfsync, args.cluster).await?;
         let report = ingest_report(command, result);
         return write_outputs(&args.json, &args.html, &report);
     }
