@@ -9,6 +9,7 @@ use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
+use gapless_shared::runtime::RuntimeArgs;
 use serde::Deserialize;
 
 use crate::auth::{JwtKey, TokenRules, Verifier};
@@ -127,6 +128,10 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub listener: ListenerArgs,
+    /// The async runtime.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 impl Args {
@@ -169,6 +174,7 @@ impl Args {
             sse_retry_ms: self.sse_retry_ms.or(file.sse_retry_ms),
             cors_origins: self.cors_origins.or(file.cors_origins),
             listener: self.listener.or(file.listener),
+            runtime: self.runtime.or(file.runtime),
         })
     }
 }

@@ -9,6 +9,7 @@ use clap::Parser;
 use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
+use gapless_shared::runtime::RuntimeArgs;
 use serde::Deserialize;
 
 use crate::auth::RateLimits;
@@ -106,6 +107,10 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub listener: ListenerArgs,
+    /// The async runtime.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 impl Args {
@@ -148,6 +153,7 @@ impl Args {
             key_items_per_s: self.key_items_per_s.or(other.key_items_per_s),
             auth_failures_per_s: self.auth_failures_per_s.or(other.auth_failures_per_s),
             listener: self.listener.or(other.listener),
+            runtime: self.runtime.or(other.runtime),
         }
     }
 }

@@ -12,10 +12,18 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     gapless_shared::telemetry::init_tracing();
-    let config = Config::from_args(Args::parse().with_file()?)?;
+    let args = Args::parse().with_file()?;
+    let runtime = args
+        .runtime
+        .build()
+        .context("cannot start the async runtime")?;
+    let config = Config::from_args(args)?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = gapless_shared::listener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();

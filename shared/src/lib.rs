@@ -11,6 +11,7 @@
 //! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
 //! - [`rate`]: rate limits per API key, source address or user, and the failed-auth box;
 //! - [`config`]: masked secrets, Redis settings, the TOML file layer;
+//! - [`runtime`]: the async runtime and its thread count;
 //! - [`telemetry`]: the process's Prometheus recorder;
 //! - [`process`]: a local `redis-server` (for `gapless dev` and tests);
 //! - `testing` (feature `testing`): the Redis test harness.
@@ -24,6 +25,7 @@ pub mod listener;
 pub mod process;
 pub mod protocol;
 pub mod rate;
+pub mod runtime;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

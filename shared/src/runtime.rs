@@ -1,0 +1,79 @@
+//! The process's async runtime: how many threads run a server's tasks.
+//!
+//! Each notification crosses several tasks in each process (HTTP handler, Redis connection,
+//! publish; subscription, session, socket writer, ack flush). On a multi-thread runtime a
+//! task woken by another often runs on the other worker, and each such hand-over costs a
+//! futex wake and a context switch: with two workers on a two-core machine that is about a
+//! fifth of the ingest's and the edge's CPU per notification (BENCHMARKS.md, "Where a
+//! notification's CPU goes"). One thread runs every task on the main thread (a current-thread
+//! runtime) and pays none of it, but uses one core at most.
+
+use std::io;
+
+/// The runtime settings as flags, `GAPLESS_*` variables and config file keys; flattened into
+/// each server's arguments.
+#[derive(Debug, Default, Clone, clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeArgs {
+    /// Threads running the server's tasks; 1 runs them all on the main thread and uses at
+    /// most one core [default: one per CPU core, or TOKIO_WORKER_THREADS].
+    #[arg(long, env = "GAPLESS_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    /// Each setting from `self`, else from `other` (the config file).
+    pub fn or(self, other: RuntimeArgs) -> RuntimeArgs {
+        RuntimeArgs {
+            worker_threads: self.worker_threads.or(other.worker_threads),
+        }
+    }
+
+    /// Builds the runtime: a current-thread one for one thread, else a multi-thread one.
+    pub fn build(&self) -> io::Result<tokio::runtime::Runtime> {
+        match self.worker_threads {
+            Some(0) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--worker-threads must be at least 1",
+            )),
+            Some(1) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Some(n) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+            None => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_threads_is_refused_and_one_is_a_current_thread_runtime() {
+        let zero = RuntimeArgs {
+            worker_threads: Some(0),
+        };
+        assert!(zero.build().is_err());
+        let one = RuntimeArgs {
+            worker_threads: Some(1),
+        }
+        .build()
+        .expect("builds");
+        assert_eq!(
+            one.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
+        let two = RuntimeArgs {
+            worker_threads: Some(2),
+        }
+        .build()
+        .expect("builds");
+        assert_eq!(two.metrics().num_workers(), 2);
+    }
+}
