@@ -4,7 +4,7 @@
 //! publish; subscription, session, socket writer, ack flush). On a multi-thread runtime a
 //! task woken by another often runs on the other worker, and each such hand-over costs a
 //! futex wake and a context switch: with two workers on a two-core machine that is about a
-//! fifth of the ingest's and the edge's CPU per notification (BENCHMARKS.md, "Where a
+//! quarter of the ingest's and the edge's CPU per notification (BENCHMARKS.md, "Where a
 //! notification's CPU goes"). One thread runs every task on the main thread (a current-thread
 //! runtime) and pays none of it, but uses one core at most.
 
