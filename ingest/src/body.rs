@@ -3,7 +3,8 @@
 //!
 //! A body is read into one buffer no larger than its endpoint's byte limit, against a
 //! process-wide budget of in-flight body bytes ([`BodyBudget`]); a body that does not fit
-//! the budget right now is answered 503 with `Retry-After` rather than waited for. A batch
+//! the budget right now is answered 503 with `Retry-After` rather than waited for (its bytes
+//! read and dropped first, so the producer reads the answer). A batch
 //! is then decoded as a stream of items: the item limit is checked as each item is reached
 //! (a postcard length prefix before any item), so a refused batch costs memory in proportion
 //! to the limits, never to the number of items it claims. Items borrow from the body.
@@ -13,6 +14,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -146,9 +148,11 @@ pub async fn read(
     }
     let declared = declared.map(|n| n as usize);
     let mut held = match declared {
-        Some(0) => None,
-        Some(n) => Some(budget.take(n)?),
-        None => None,
+        Some(0) | None => None,
+        Some(n) => match budget.take(n) {
+            Ok(permit) => Some(permit),
+            Err(busy) => return Err(refuse_after_draining(headers, body, limit, busy).await),
+        },
     };
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(frame) = body.frame().await {
@@ -162,7 +166,14 @@ pub async fn read(
             return Err(too_large());
         }
         if declared.is_none() {
-            let more = budget.take(chunk.len())?;
+            let more = match budget.take(chunk.len()) {
+                Ok(more) => more,
+                Err(busy) => {
+                    let rest = limit - buf.len() - chunk.len();
+                    drop((buf, held));
+                    return Err(refuse_after_draining(headers, body, rest, busy).await);
+                }
+            };
             match &mut held {
                 Some(permit) => permit.merge(more),
                 None => held = Some(more),
@@ -174,6 +185,42 @@ pub async fn read(
         bytes: buf.freeze(),
         _budget: held,
     })
+}
+
+/// How long a refused body is read and thrown away before its refusal is answered.
+const DRAIN_FOR: Duration = Duration::from_secs(2);
+
+/// Answers `refusal` once the rest of `body` (at most `limit` more bytes, for at most
+/// [`DRAIN_FOR`]) has been read and dropped, one frame at a time, holding none of the budget.
+///
+/// Answered without reading, the refusal would be followed by the connection's close while
+/// the producer is still writing the body; the kernel then resets the connection and most
+/// HTTP clients report a broken pipe instead of the 503 and its `Retry-After`. A producer
+/// that sent `Expect: 100-continue` has not sent its body: it is answered at once (hyper
+/// sends `100 Continue` only when the body is read).
+async fn refuse_after_draining(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    refusal: ApiError,
+) -> ApiError {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        return refusal;
+    }
+    let drain = async {
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
+    refusal
 }
 
 /// One notification as a producer writes it in JSON.

@@ -238,13 +238,16 @@ async fn the_bytes_of_bodies_held_at_once_are_bounded() {
         response.status() == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
-    let response = ingest
-        .post("/v1/notifications/batch", "application/json", body.clone())
-        .await;
-    assert!(response.headers().contains_key("retry-after"));
-    let (status, answer) = json_of(response).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(error_code(&answer), "busy");
+    // Every refused producer reads its 503, never a connection reset while it still writes.
+    for _ in 0..20 {
+        let response = ingest
+            .post("/v1/notifications/batch", "application/json", body.clone())
+            .await;
+        assert!(response.headers().contains_key("retry-after"));
+        let (status, answer) = json_of(response).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(&answer), "busy");
+    }
     assert!(!ingest.stream_exists("b").await);
     // Small requests still fit beside it.
     ingest.append("c", json!(1)).await;
@@ -258,6 +261,38 @@ async fn the_bytes_of_bodies_held_at_once_are_bounded() {
     })
     .await;
     assert_eq!(ingest.xrange_seqs("b").await, vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_refused_while_it_writes_a_large_body_reads_the_refusal() {
+    let ingest = TestIngest::start_with(&[], |c| {
+        c.limits.batch_bytes = 32 << 20;
+        c.limits.body_bytes = 32 << 20;
+        c.limits.inflight_body_bytes = 40 << 20;
+    })
+    .await;
+    let _held = hold_body(&ingest.base, 32 << 20, 10).await;
+    // Far more than the kernel buffers between the two: the refusal is decided from the
+    // head while the producer still has megabytes to write. Answered then closed at once, the
+    // producer would see a broken pipe, not the 503 and its Retry-After.
+    let body = json!([{"user": "b", "payload": "x".repeat(24 << 20)}]).to_string();
+    common::eventually("the held body takes its share of the budget", || async {
+        let response = ingest
+            .post("/v1/notifications/batch", "application/json", body.clone())
+            .await;
+        response.status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    for _ in 0..3 {
+        let response = ingest
+            .post("/v1/notifications/batch", "application/json", body.clone())
+            .await;
+        assert!(response.headers().contains_key("retry-after"));
+        let (status, answer) = json_of(response).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(&answer), "busy");
+    }
+    assert!(!ingest.stream_exists("b").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
