@@ -1,10 +1,16 @@
 #!lua name=gapless
--- gapless Redis Function library, version 4 (see DESIGN.md §1.1 and §3).
--- gapless schema version: 4
+-- gapless Redis Function library, version 5 (see DESIGN.md §1.1 and §3).
+-- gapless schema version: 5
 --
 -- This file holds the current library only (git keeps the earlier ones): `gapless migrate`
 -- loads it with FUNCTION LOAD REPLACE, which upgrades a Redis at any earlier version, and
 -- records the version at gl:schema.
+--
+-- Version 5 adds gapless_append_wake: gapless_append that also publishes the wakeups of what
+-- it appended, one message per live edge of the call, in the postcard form the ingest writes
+-- (shared/src/wakeup.rs). On one node this saves the ingest a second round trip per request
+-- and the edge hears of an entry before the ingest has its reply (BENCHMARKS.md, issue 15).
+-- A cluster keeps gapless_append: there wakeups go by SPUBLISH to the edge's own shard.
 --
 -- Version 4 adds gapless_ack_devices: ack positions carry the time of their last write,
 -- <epoch>:<seq>:<unix s>, and a device whose position was not written for the configured
@@ -29,6 +35,56 @@
 
 -- The empty list of a reply with no duplicates or no live edges; never written to.
 local NONE = {}
+
+-- Postcard (the encoding of shared/src/wakeup.rs): an unsigned integer is a LEB128 varint,
+-- a string its byte length as a varint then the bytes, an Option a 0 or 1 byte then the
+-- value. Integers here are below 2^53, exact in a Lua number.
+local function varint(v)
+  if v < 128 then
+    return string.char(v)
+  end
+  local out = {}
+  while v >= 128 do
+    out[#out + 1] = string.char(v % 128 + 128)
+    v = math.floor(v / 128)
+  end
+  out[#out + 1] = string.char(v)
+  return table.concat(out)
+end
+
+local function postcard_string(s)
+  return varint(#s) .. s
+end
+
+-- Adds the WakeItem of one appended entry to the message of each of `edges` (c.wake: edge ->
+-- list of encoded items). A payload rides along while it is at most c.payload_max bytes and
+-- the edge's message holds at most c.payload_budget payload bytes, as the ingest decides.
+local function wake(c, edges, user, epoch, seq, payload)
+  local head = postcard_string(user) .. postcard_string(epoch) .. varint(seq) .. c.ts_varint
+  for e = 1, #edges do
+    local edge = edges[e]
+    local message = c.wake[edge]
+    if not message then
+      message = { used = 0 }
+      c.wake[edge] = message
+    end
+    local len = #payload
+    if len <= c.payload_max and message.used + len <= c.payload_budget then
+      message.used = message.used + len
+      message[#message + 1] = head .. '\1' .. postcard_string(payload)
+    else
+      message[#message + 1] = head .. '\0'
+    end
+  end
+end
+
+-- Publishes c.wake: Wakeup::V1(items), the envelope's variant index 0 then the item count.
+-- A wakeup is a hint (DESIGN.md §1.3): a failure here is not the append's.
+local function publish_wakeups(c)
+  for edge, message in pairs(c.wake) do
+    redis.pcall('PUBLISH', 'gl:wake:{' .. edge .. '}', '\0' .. varint(#message) .. table.concat(message))
+  end
+end
 
 -- Appends one user's items. `k` is the index of the user's first key in `keys`, `a` of the
 -- user's header in `args`; `c` holds what every user of the call shares (see append).
@@ -82,6 +138,7 @@ local function append_user(keys, args, k, a, c)
     redis.call('HSET', meta, 'epoch', epoch)
   end
 
+  local first_seq = seq + 1
   local duplicates = NONE
   local failed_at, failure = 0, ''
   local id_suffix = c.id_suffix
@@ -165,6 +222,29 @@ local function append_user(keys, args, k, a, c)
     end
   end
 
+  if c.wake and edges ~= NONE and #edges > 0 and seq >= first_seq then
+    -- The appended items are those before failed_at that are not duplicates, with the
+    -- consecutive seqs first_seq .. seq in item order.
+    local user = string.sub(meta, 5, -4) -- gl:{<user>}:m
+    local next_seq, last = first_seq, n
+    if failed_at > 0 then
+      last = failed_at - 1
+    end
+    local duplicate = NONE
+    if duplicates ~= NONE then
+      duplicate = {}
+      for d = 1, #duplicates, 2 do
+        duplicate[duplicates[d]] = true
+      end
+    end
+    for i = 1, last do
+      if not duplicate[i] then
+        wake(c, edges, user, epoch, next_seq, args[payloads + i - 1])
+        next_seq = next_seq + 1
+      end
+    end
+  end
+
   return { epoch, seq, duplicates, edges, failed_at, failure }, next_k, next_a
 end
 
@@ -189,33 +269,36 @@ end
 -- item order; `duplicates` lists (item index, original seq) of items whose idempotency key
 -- was seen. failed_at is 0, or the index of the first item that was not appended because
 -- Redis refused it (with the error); that item and the user's later ones were not written.
-local function append(keys, args)
+--
+-- `first` is the index of the first user's header in ARGV; `wake`, when given, holds what
+-- gapless_append_wake publishes with (see there).
+local function append_call(name, keys, args, first, wake_with)
   local maxlen = tonumber(args[1])
   local ttl = tonumber(args[2])
   local idem_ttl = tonumber(args[3])
   if not maxlen or maxlen < 1 or not ttl or ttl < 1 or not idem_ttl or idem_ttl < 1 then
-    return redis.error_reply('ERR gapless_append: bad arguments')
+    return redis.error_reply('ERR ' .. name .. ': bad arguments')
   end
   -- Check the whole layout before the first write: a Function is not rolled back, so an
   -- error half-way would leave entries appended past the recorded seq.
-  local k, a = 1, 4
+  local k, a = 1, first
   while a <= #args do
     local n, m = tonumber(args[a + 1]), tonumber(args[a + 2])
     if args[a] == '' or not n or not m or n < 0 or m < 0 or m > n
         or a + 2 + 2 * m + n > #args then
-      return redis.error_reply('ERR gapless_append: bad user header at argument ' .. a)
+      return redis.error_reply('ERR ' .. name .. ': bad user header at argument ' .. a)
     end
     for j = 1, m do
       local i = tonumber(args[a + 3 + 2 * (j - 1)])
       if not i or i < 1 or i > n then
-        return redis.error_reply('ERR gapless_append: bad item index at argument ' .. a)
+        return redis.error_reply('ERR ' .. name .. ': bad item index at argument ' .. a)
       end
     end
     k = k + 4 + m
     a = a + 3 + 2 * m + n
   end
   if k ~= #keys + 1 or a ~= #args + 1 then
-    return redis.error_reply('ERR gapless_append: keys and items do not match')
+    return redis.error_reply('ERR ' .. name .. ': keys and items do not match')
   end
 
   local time = redis.call('TIME')
@@ -231,17 +314,51 @@ local function append(keys, args)
     id_suffix = '-' .. now_s,
     refresh_every = math.floor(ttl / 100),
   }
+  if wake_with then
+    c.wake = {}
+    c.payload_max = wake_with.payload_max
+    c.payload_budget = wake_with.payload_budget
+    c.ts_varint = varint(now)
+  end
   local reply = { now }
   local users, nargs = 1, #args
-  k, a = 1, 4
+  k, a = 1, first
   while a <= nargs do
     users = users + 1
     reply[users], k, a = append_user(keys, args, k, a, c)
   end
+  if wake_with then
+    publish_wakeups(c)
+  end
   return reply
 end
 
+local function append(keys, args)
+  return append_call('gapless_append', keys, args, 4, nil)
+end
+
 redis.register_function('gapless_append', append)
+
+-- gapless_append_wake (version 5): gapless_append, and the wakeups of the appended entries
+-- published by the call itself, for a single Redis (not a cluster: there an edge's channel
+-- lives on another shard). Each live edge of the call's users gets one message on
+-- gl:wake:{<edge>}, Wakeup::V1 of its items in call order, duplicates left out.
+--
+-- ARGV: [1]-[3] as gapless_append; [4] the largest payload that rides in a wakeup, bytes;
+-- [5] the most payload bytes in one edge's message (later items go without theirs); then
+-- the users as in gapless_append. Returns what gapless_append returns.
+local function append_wake(keys, args)
+  local payload_max, payload_budget = tonumber(args[4]), tonumber(args[5])
+  if not payload_max or payload_max < 0 or not payload_budget or payload_budget < 0 then
+    return redis.error_reply('ERR gapless_append_wake: bad wakeup arguments')
+  end
+  return append_call('gapless_append_wake', keys, args, 6, {
+    payload_max = payload_max,
+    payload_budget = payload_budget,
+  })
+end
+
+redis.register_function('gapless_append_wake', append_wake)
 
 -- A stored position <epoch>:<seq>[:<unix s>] as (epoch, seq, time); time is nil for a
 -- position written before version 4, everything nil for a value that is not a position.

@@ -3,14 +3,14 @@
 //! per live edge, also pipelined. No network round trip per item.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
-use gapless_shared::schema::FN_APPEND;
+use gapless_shared::schema::{FN_APPEND, FN_APPEND_WAKE};
 use gapless_shared::store::{ReplyThen, Shard, Store, StoreError};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::{RedisResult, Value};
@@ -137,7 +137,8 @@ impl Appender {
                 group.len() >= self.native_min_items
                     && group.iter().all(|&i| items[i].idempotency_key.is_none())
             });
-        let mut settled: Vec<(Vec<usize>, UserReply, u64)> = Vec::new();
+        // Each user's items, its reply, the ingest time, and whether its wakeups are out.
+        let mut settled: Vec<(Vec<usize>, UserReply, u64, bool)> = Vec::new();
 
         let chunks = pack_whole(fast);
         if !chunks.is_empty() {
@@ -168,7 +169,7 @@ impl Appender {
                                 reply.failed_at = at as u64 + 1;
                                 reply.failure = error;
                             }
-                            settled.push((group, reply, w.ts));
+                            settled.push((group, reply, w.ts, false));
                         }
                     }
                 }
@@ -178,10 +179,13 @@ impl Appender {
         let mut results: Vec<Option<Result<Appended, StoreError>>> =
             (0..items.len()).map(|_| None).collect();
         let calls = pack(slow, |group| self.conn.shard_of(&items[group[0]].user));
+        // A request that is one Function call and nothing else has its wakeups published by
+        // that call: still one message per edge per request.
+        let woken = self.wakes_in_call() && settled.is_empty() && calls.len() == 1;
         if !calls.is_empty() {
             let cmds = calls
                 .iter()
-                .map(|(shard, call)| (*shard, self.fcall(items, call)))
+                .map(|(shard, call)| (*shard, self.fcall(items, call, woken)))
                 .collect();
             // `WAIT` after each shard's calls, on the same connection: it counts the replicas
             // that hold every write sent before it.
@@ -210,7 +214,17 @@ impl Appender {
                 match reply {
                     Ok(reply) => {
                         let ts = reply.ts;
-                        settled.extend(call.into_iter().zip(reply.users).map(|(s, u)| (s, u, ts)));
+                        if woken {
+                            let edges: HashSet<&String> =
+                                reply.users.iter().flat_map(|u| &u.edges).collect();
+                            metrics::counter!("gapless_ingest_wakeups_total")
+                                .increment(edges.len() as u64);
+                        }
+                        settled.extend(
+                            call.into_iter()
+                                .zip(reply.users)
+                                .map(|(s, u)| (s, u, ts, woken)),
+                        );
                     }
                     Err(e) => {
                         metrics::counter!("gapless_redis_errors_total", "op" => "append_call")
@@ -224,7 +238,7 @@ impl Appender {
         }
 
         let mut wakeups = Wakeups::new(self.wakeup_payload_max);
-        for (segment, user, ts) in settled {
+        for (segment, user, ts, woken) in settled {
             for (&i, result) in segment.iter().zip(user.seqs(segment.len())) {
                 let item = &items[i];
                 let Some((seq, duplicate)) = result else {
@@ -233,7 +247,7 @@ impl Appender {
                     results[i] = Some(Err(StoreError::Redis(user.failure.clone())));
                     continue;
                 };
-                if !duplicate {
+                if !duplicate && !woken {
                     wakeups.add(&user.edges, &user.epoch, ts, item, seq);
                 }
                 results[i] = Some(Ok(Appended {
@@ -270,9 +284,17 @@ impl Appender {
         Ok(())
     }
 
-    /// The Function call for one planned call: segments of items, each of one user. The
-    /// argument layout is documented in `migrations/`.
-    fn fcall(&self, items: &[NewNotification<'_>], call: &Call) -> redis::Cmd {
+    /// Whether a Function call may publish the wakeups of what it appends
+    /// (`gapless_append_wake`): on one Redis, where the channels live beside the keys, and
+    /// unless appends wait for replicas, whose edges must hear of an entry only once `WAIT`
+    /// counted it.
+    fn wakes_in_call(&self) -> bool {
+        !self.conn.is_cluster() && self.min_replicas == 0
+    }
+
+    /// The Function call for one planned call: segments of items, each of one user; `wake`:
+    /// the call publishes their wakeups. The argument layout is documented in `migrations/`.
+    fn fcall(&self, items: &[NewNotification<'_>], call: &Call, wake: bool) -> redis::Cmd {
         let mut keys: Vec<String> = Vec::new();
         for segment in call {
             let user = &items[segment[0]].user;
@@ -286,12 +308,15 @@ impl Appender {
             );
         }
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(FN_APPEND)
+        cmd.arg(if wake { FN_APPEND_WAKE } else { FN_APPEND })
             .arg(keys.len())
             .arg(keys)
             .arg(self.retention.max_len)
             .arg(self.retention.ttl.as_millis() as u64)
             .arg(self.retention.idempotency_ttl.as_millis() as u64);
+        if wake {
+            cmd.arg(self.wakeup_payload_max).arg(WAKEUP_PAYLOAD_BUDGET);
+        }
         for segment in call {
             let idempotent: Vec<(usize, &str)> = segment
                 .iter()

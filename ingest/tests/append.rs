@@ -387,9 +387,31 @@ fn triples(items: &[WakeItem]) -> Vec<(String, u64, Option<String>)> {
         .collect()
 }
 
+/// On one Redis a request that is a single Function call has its wakeups published by the
+/// call (`gapless_append_wake`, in Lua); the others by the ingest. Both must write the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakeup_carries_every_appended_seq_once_per_request_per_edge() {
-    let ingest = TestIngest::start_with(&[], |c| c.wakeup_payload_max = 32).await;
+    wakeups_carry_every_appended_seq_once_per_request_per_edge(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeup_published_by_the_ingest_carries_the_same() {
+    wakeups_carry_every_appended_seq_once_per_request_per_edge(true).await;
+}
+
+/// With `transaction`, u1's log exists before the batch and its items go through a
+/// transaction: the request is more than one call, and the ingest publishes.
+async fn wakeups_carry_every_appended_seq_once_per_request_per_edge(transaction: bool) {
+    let ingest = TestIngest::start_with(&[], |c| {
+        c.wakeup_payload_max = 32;
+        c.native_min_items = if transaction { 1 } else { 4 };
+    })
+    .await;
+    // u1's seqs in the batch start after the seed's.
+    let u1 = u64::from(transaction);
+    if transaction {
+        ingest.append("u1", json!(0)).await;
+    }
     let mut conn = ingest.redis_conn().await;
     let now = gapless_shared::now_ms();
     let live = now + 60_000;
@@ -493,9 +515,9 @@ async fn wakeup_carries_every_appended_seq_once_per_request_per_edge() {
     assert_eq!(
         on_a,
         [
-            ("u1".to_owned(), 1, s(r#"{"m":1}"#)),
+            ("u1".to_owned(), u1 + 1, s(r#"{"m":1}"#)),
             // Larger than the wakeup payload limit: the edge reads it from the stream.
-            ("u1".to_owned(), 2, None),
+            ("u1".to_owned(), u1 + 2, None),
             ("u2".to_owned(), 1, s(r#"{"m":2}"#)),
             ("u2".to_owned(), 2, s(r#"{"m":5}"#)),
         ]
@@ -516,7 +538,7 @@ async fn wakeup_carries_every_appended_seq_once_per_request_per_edge() {
         assert_eq!(&item.epoch, expected, "{item:?}");
         assert!(item.ts > 0, "{item:?}");
     }
-    assert_eq!(ingest.stored_payloads("u1").await[1], big);
+    assert_eq!(ingest.stored_payloads("u1").await[u1 as usize + 1], big);
 
     for channel in [&a, &b] {
         let wakeups = &second_request[channel];

@@ -19,10 +19,13 @@ pub const LIBRARY: &str = include_str!("../../migrations/gapless.lua");
 
 /// The version this build needs and applies; the library says the same in its header
 /// (`-- gapless schema version: N`, checked by a test).
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Name of the append function (DESIGN.md §1.1).
 pub const FN_APPEND: &str = "gapless_append";
+/// Name of the append function that also publishes the wakeups of what it appended, for a
+/// single Redis (schema 5).
+pub const FN_APPEND_WAKE: &str = "gapless_append_wake";
 /// Name of the function recording device ack positions (DESIGN.md §1.4).
 pub const FN_ACK: &str = "gapless_ack";
 /// Name of the function recording the ack positions of several users in one call, as
@@ -175,7 +178,13 @@ mod tests {
     fn the_library_names_itself_its_version_and_its_functions() {
         assert!(LIBRARY.starts_with("#!lua name=gapless\n"));
         assert!(LIBRARY.contains(&format!("\n-- gapless schema version: {VERSION}\n")));
-        for function in [FN_APPEND, FN_ACK, FN_ACK_USERS, FN_ACK_DEVICES] {
+        for function in [
+            FN_APPEND,
+            FN_APPEND_WAKE,
+            FN_ACK,
+            FN_ACK_USERS,
+            FN_ACK_DEVICES,
+        ] {
             assert!(
                 LIBRARY.contains(&format!("redis.register_function('{function}'")),
                 "{function}"

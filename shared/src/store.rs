@@ -120,6 +120,11 @@ impl Store {
         }
     }
 
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Store::Cluster(_))
+    }
+
     /// The shard of `key`.
     pub fn shard_of_key(&self, key: &str) -> Shard {
         match self {
