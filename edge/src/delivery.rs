@@ -416,6 +416,13 @@ pub async fn deliver<I: Inbound>(
             progress_at = Instant::now();
         }
         let retry_wait = d.retry_at.filter(|t| *t > Instant::now());
+        // One timer for both deadlines: every timer is stored inline in each session's future,
+        // and the timer is only made when a deadline is set.
+        let slow_at = (!d.queue.is_empty()).then(|| progress_at + config.slow_consumer);
+        let timer_at = match (slow_at, retry_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if d.must_read && d.queue.is_empty() && reading.is_none() && retry_wait.is_none() {
             reading = Some(state.reader.request(ReadOp::Range {
                 user: conn.user.clone(),
@@ -491,10 +498,12 @@ pub async fn deliver<I: Inbound>(
                 progress_at = Instant::now();
                 conn.set_position(d.epoch.as_deref(), d.sent);
             }
-            () = tokio::time::sleep_until(progress_at + config.slow_consumer), if !d.queue.is_empty() => {
-                return End::Closed(CloseReason::SlowConsumer);
+            () = async { tokio::time::sleep_until(timer_at.expect("guarded by is_some")).await }, if timer_at.is_some() => {
+                // The transport took nothing for the slow-consumer timeout; else a retry is due.
+                if slow_at.is_some_and(|t| Instant::now() >= t) {
+                    return End::Closed(CloseReason::SlowConsumer);
+                }
             }
-            () = async { tokio::time::sleep_until(retry_wait.expect("guarded by is_some")).await }, if retry_wait.is_some() => {}
         }
     }
 }

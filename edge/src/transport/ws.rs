@@ -18,7 +18,6 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use gapless_shared::ids::UserId;
 use gapless_shared::listener::Admission;
 use gapless_shared::protocol::{
     ClientMessage, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD, ServerMessage,
@@ -34,11 +33,12 @@ use crate::state::EdgeState;
 
 /// Largest frame a client may send: clients send acks, pongs and one resume.
 pub(crate) const MAX_CLIENT_FRAME: usize = 4 << 10;
-/// Read buffer of a connection, allocated up front: small, since client frames are (acks,
-/// pongs, one resume). tungstenite grows it for a larger frame, up to [`MAX_CLIENT_FRAME`].
-/// Measured with `gapless-bench idle --connections 10000`: an idle connection costs 10.4 KiB
-/// of edge RSS with a 4 KiB buffer, 7.4 KiB with 1 KiB.
-const READ_BUFFER: usize = 1 << 10;
+/// Read buffer of a connection, allocated up front: small, since client frames are small
+/// (an ack is ~30 bytes, a pong less, one resume ~100). tungstenite grows it for a larger
+/// frame, up to [`MAX_CLIENT_FRAME`]. Measured with `gapless-bench idle --connections
+/// 10000`: an idle connection costs 10.4 KiB of edge RSS with a 4 KiB buffer, 7.4 KiB with
+/// 1 KiB; see BENCHMARKS.md for 256 bytes.
+const READ_BUFFER: usize = 256;
 /// Bytes a connection's WebSocket layer may hold unsent before writes wait.
 const MAX_WRITE_BUFFER: usize = 256 << 10;
 
@@ -85,39 +85,37 @@ pub async fn upgrade(
         .max_frame_size(MAX_CLIENT_FRAME);
     let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     ws.on_upgrade(move |socket| {
+        // The socket is split and the writer started here, not inside the session's future:
+        // a value an async fn takes stays in its future for as long as the future lives, so
+        // the session would carry the 368-byte socket (and the sink) through its whole life,
+        // per idle connection.
+        let (sink, stream) = socket.split();
+        let (conn, tx, rx) = delivery::open(&state, authed.user, authed.device, Kind::WebSocket);
+        tokio::spawn(write_loop(
+            sink,
+            rx,
+            conn.clone(),
+            codec,
+            state.config.slow_consumer,
+        ));
+        let places = authed.places;
+        let assigned = authed.assigned;
         sessions.track_future(async move {
-            let _places = authed.places;
-            run(
-                state,
-                socket,
-                authed.user,
-                authed.device,
-                authed.assigned,
-                codec,
-            )
-            .await;
+            let _places = places;
+            run(state, stream, conn, tx, assigned, codec).await;
         })
     })
 }
 
-/// Runs one upgraded connection to its end.
+/// Runs one upgraded connection's session to its end.
 async fn run(
     state: Arc<EdgeState>,
-    socket: WebSocket,
-    user: UserId,
-    device: String,
+    stream: SplitStream<WebSocket>,
+    conn: Arc<Conn>,
+    tx: mpsc::Sender<Out>,
     assigned: bool,
     codec: Codec,
 ) {
-    let (sink, stream) = socket.split();
-    let (conn, tx, rx) = delivery::open(&state, user, device, Kind::WebSocket);
-    tokio::spawn(write_loop(
-        sink,
-        rx,
-        conn.clone(),
-        codec,
-        state.config.slow_consumer,
-    ));
     let mut inbound = Frames {
         conn: conn.clone(),
         stream,
