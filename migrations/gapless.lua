@@ -10,7 +10,9 @@
 -- it appended, one message per live edge of the call, in the postcard form the ingest writes
 -- (shared/src/wakeup.rs). On one node this saves the ingest a second round trip per request
 -- and the edge hears of an entry before the ingest has its reply (BENCHMARKS.md, issue 15).
--- A cluster keeps gapless_append: there wakeups go by SPUBLISH to the edge's own shard.
+-- The ingest calls it for one-item requests only: the wakeup costs the call a few strings
+-- per item, more than one PUBLISH per request. A cluster keeps gapless_append: there
+-- wakeups go by SPUBLISH to the edge's own shard.
 --
 -- Version 4 adds gapless_ack_devices: ack positions carry the time of their last write,
 -- <epoch>:<seq>:<unix s>, and a device whose position was not written for the configured
@@ -52,15 +54,14 @@ local function varint(v)
   return table.concat(out)
 end
 
-local function postcard_string(s)
-  return varint(#s) .. s
-end
-
 -- Adds the WakeItem of one appended entry to the message of each of `edges` (c.wake: edge ->
 -- list of encoded items). A payload rides along while it is at most c.payload_max bytes and
 -- the edge's message holds at most c.payload_budget payload bytes, as the ingest decides.
+--
+-- Each item is one concatenation (one new string; a varint below 128 is a one-byte string
+-- Lua already holds): strings are the dear part of a wakeup in Lua.
 local function wake(c, edges, user, epoch, seq, payload)
-  local head = postcard_string(user) .. postcard_string(epoch) .. varint(seq) .. c.ts_varint
+  local len = #payload
   for e = 1, #edges do
     local edge = edges[e]
     local message = c.wake[edge]
@@ -68,12 +69,13 @@ local function wake(c, edges, user, epoch, seq, payload)
       message = { used = 0 }
       c.wake[edge] = message
     end
-    local len = #payload
     if len <= c.payload_max and message.used + len <= c.payload_budget then
       message.used = message.used + len
-      message[#message + 1] = head .. '\1' .. postcard_string(payload)
+      message[#message + 1] = varint(#user) .. user .. varint(#epoch) .. epoch .. varint(seq)
+        .. c.ts_varint .. '\1' .. varint(len) .. payload
     else
-      message[#message + 1] = head .. '\0'
+      message[#message + 1] = varint(#user) .. user .. varint(#epoch) .. epoch .. varint(seq)
+        .. c.ts_varint .. '\0'
     end
   end
 end
@@ -82,7 +84,8 @@ end
 -- A wakeup is a hint (DESIGN.md §1.3): a failure here is not the append's.
 local function publish_wakeups(c)
   for edge, message in pairs(c.wake) do
-    redis.pcall('PUBLISH', 'gl:wake:{' .. edge .. '}', '\0' .. varint(#message) .. table.concat(message))
+    local items = #message == 1 and message[1] or table.concat(message)
+    redis.pcall('PUBLISH', 'gl:wake:{' .. edge .. '}', '\0' .. varint(#message) .. items)
   end
 end
 

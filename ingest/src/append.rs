@@ -179,9 +179,10 @@ impl Appender {
         let mut results: Vec<Option<Result<Appended, StoreError>>> =
             (0..items.len()).map(|_| None).collect();
         let calls = pack(slow, |group| self.conn.shard_of(&items[group[0]].user));
-        // A request that is one Function call and nothing else has its wakeups published by
-        // that call: still one message per edge per request.
-        let woken = self.wakes_in_call() && settled.is_empty() && calls.len() == 1;
+        // A one-item request has its wakeup published by its Function call. Not a larger one:
+        // the wakeup costs the call several Lua strings per item (10-14 µs per item on this
+        // machine's Redis, BENCHMARKS.md), against one `PUBLISH` per request from here.
+        let woken = self.wakes_in_call() && items.len() == 1 && calls.len() == 1;
         if !calls.is_empty() {
             let cmds = calls
                 .iter()

@@ -387,20 +387,93 @@ fn triples(items: &[WakeItem]) -> Vec<(String, u64, Option<String>)> {
         .collect()
 }
 
-/// On one Redis a request that is a single Function call has its wakeups published by the
-/// call (`gapless_append_wake`, in Lua); the others by the ingest. Both must write the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakeup_carries_every_appended_seq_once_per_request_per_edge() {
     wakeups_carry_every_appended_seq_once_per_request_per_edge(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wakeup_published_by_the_ingest_carries_the_same() {
+async fn wakeup_of_a_request_with_a_transaction_carries_the_same() {
     wakeups_carry_every_appended_seq_once_per_request_per_edge(true).await;
 }
 
-/// With `transaction`, u1's log exists before the batch and its items go through a
-/// transaction: the request is more than one call, and the ingest publishes.
+/// On one Redis a one-item request's wakeup is published by its Function call
+/// (`gapless_append_wake`, in Lua): the same message the ingest would publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_item_request_is_woken_by_its_function_call() {
+    let ingest = TestIngest::start_with(&[], |c| c.wakeup_payload_max = 32).await;
+    let mut conn = ingest.redis_conn().await;
+    let now = gapless_shared::now_ms();
+    for (score, edge) in [(now + 60_000, "edge-a"), (now - 1_000, "edge-dead")] {
+        let _: u64 = redis::cmd("ZADD")
+            .arg(user_keys("u1").registry)
+            .arg(score)
+            .arg(edge)
+            .query_async(&mut conn)
+            .await
+            .expect("ZADD works");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client =
+        redis::Client::open(format!("{}?protocol=resp3", ingest.redis.url())).expect("valid URL");
+    let mut subscriber = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_push_sender(tx),
+        )
+        .await
+        .expect("subscriber connects");
+    let channels = [wake_channel("edge-a"), wake_channel("edge-dead")];
+    subscriber
+        .subscribe(&channels)
+        .await
+        .expect("SUBSCRIBE works");
+
+    let keyed = json!({ "user": "u1", "payload": { "m": 1 }, "idempotency_key": "k" });
+    let (status, first) = ingest.post_json("/v1/notifications", &keyed).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    // A duplicate appends nothing and wakes nobody; the next item marks where it would be.
+    let (status, _) = ingest.post_json("/v1/notifications", &keyed).await;
+    assert_eq!(status, StatusCode::OK);
+    let big = "b".repeat(40);
+    let (status, _) = ingest
+        .post_json(
+            "/v1/notifications",
+            &json!({ "user": "u1", "payload": big }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let s = |v: &str| Some(v.to_owned());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (channel, wakeup) = next_wakeup(&mut rx).await;
+        assert_eq!(
+            channel,
+            wake_channel("edge-a"),
+            "only the live edge is woken"
+        );
+        for item in wakeup.items() {
+            assert_eq!(
+                item.epoch,
+                first["epoch"].as_str().expect("epoch"),
+                "{item:?}"
+            );
+            assert!(item.ts > 0, "{item:?}");
+        }
+        seen.extend(triples(wakeup.items()));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("u1".to_owned(), 1, s(r#"{"m":1}"#)),
+            // Larger than the wakeup payload limit: the edge reads it from the stream.
+            ("u1".to_owned(), 2, None),
+        ]
+    );
+}
+
+/// A batch's wakeups are published by the ingest, one message per edge per request. With
+/// `transaction`, u1's log exists before the batch and its items go through a transaction.
 async fn wakeups_carry_every_appended_seq_once_per_request_per_edge(transaction: bool) {
     let ingest = TestIngest::start_with(&[], |c| {
         c.wakeup_payload_max = 32;
