@@ -8,7 +8,12 @@
 //! notification's CPU goes"). One thread runs every task on the main thread (a current-thread
 //! runtime) and pays none of it, but uses one core at most.
 
+use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// The runtime settings as flags, `GAPLESS_*` variables and config file keys; flattened into
 /// each server's arguments.
@@ -48,6 +53,28 @@ impl RuntimeArgs {
                 .build(),
         }
     }
+}
+
+/// The body of a server's `main`: builds the runtime `args` ask for, binds `listen`, and runs
+/// `serve` on the listener with a token that SIGINT or SIGTERM cancels.
+pub fn serve<F, Fut, E>(args: &RuntimeArgs, listen: SocketAddr, serve: F) -> Result<(), E>
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: From<io::Error>,
+{
+    let context =
+        |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let runtime = args
+        .build()
+        .map_err(context("cannot start the async runtime".to_owned()))?;
+    runtime.block_on(async move {
+        let listener =
+            crate::listener::bind(listen).map_err(context(format!("cannot listen on {listen}")))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(crate::telemetry::cancel_on_signal(shutdown.clone()));
+        serve(listener, shutdown).await
+    })
 }
 
 #[cfg(test)]
