@@ -358,6 +358,45 @@ async fn ingest_lacks(ingest: &TestIngest, key: &str) -> bool {
     !ingest.exists(key).await
 }
 
+/// Writes registry leases (user, expiry ms, edge) and subscribes to each named edge's wakeup
+/// channel; answers the messages' receiver and the connection that must stay open.
+async fn lease_and_listen(
+    ingest: &TestIngest,
+    leases: &[(&str, u64, &str)],
+) -> (
+    UnboundedReceiver<PushInfo>,
+    redis::aio::MultiplexedConnection,
+) {
+    let mut conn = ingest.redis_conn().await;
+    for (user, score, edge) in leases {
+        let _: u64 = redis::cmd("ZADD")
+            .arg(user_keys(user).registry)
+            .arg(score)
+            .arg(edge)
+            .query_async(&mut conn)
+            .await
+            .expect("ZADD works");
+    }
+    // A RESP3 connection delivers pub/sub messages through a tokio channel.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client =
+        redis::Client::open(format!("{}?protocol=resp3", ingest.redis.url())).expect("valid URL");
+    let mut subscriber = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_push_sender(tx),
+        )
+        .await
+        .expect("subscriber connects");
+    let mut channels: Vec<String> = leases.iter().map(|(_, _, e)| wake_channel(e)).collect();
+    channels.sort();
+    channels.dedup();
+    subscriber
+        .subscribe(&channels)
+        .await
+        .expect("SUBSCRIBE works");
+    (rx, subscriber)
+}
+
 /// One published message: (channel, decoded wakeup).
 async fn next_wakeup(rx: &mut UnboundedReceiver<PushInfo>) -> (String, Wakeup) {
     loop {
@@ -402,31 +441,12 @@ async fn wakeup_of_a_request_with_a_transaction_carries_the_same() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_item_request_is_woken_by_its_function_call() {
     let ingest = TestIngest::start_with(&[], |c| c.wakeup_payload_max = 32).await;
-    let mut conn = ingest.redis_conn().await;
     let now = gapless_shared::now_ms();
-    for (score, edge) in [(now + 60_000, "edge-a"), (now - 1_000, "edge-dead")] {
-        let _: u64 = redis::cmd("ZADD")
-            .arg(user_keys("u1").registry)
-            .arg(score)
-            .arg(edge)
-            .query_async(&mut conn)
-            .await
-            .expect("ZADD works");
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let client =
-        redis::Client::open(format!("{}?protocol=resp3", ingest.redis.url())).expect("valid URL");
-    let mut subscriber = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_push_sender(tx),
-        )
-        .await
-        .expect("subscriber connects");
-    let channels = [wake_channel("edge-a"), wake_channel("edge-dead")];
-    subscriber
-        .subscribe(&channels)
-        .await
-        .expect("SUBSCRIBE works");
+    let leases = [
+        ("u1", now + 60_000, "edge-a"),
+        ("u1", now - 1_000, "edge-dead"),
+    ];
+    let (mut rx, _subscriber) = lease_and_listen(&ingest, &leases).await;
 
     let keyed = json!({ "user": "u1", "payload": { "m": 1 }, "idempotency_key": "k" });
     let (status, first) = ingest.post_json("/v1/notifications", &keyed).await;
@@ -494,34 +514,7 @@ async fn wakeups_carry_every_appended_seq_once_per_request_per_edge(transaction:
         ("u2", live, "edge-b"),
         ("u1", now - 1_000, "edge-dead"),
     ];
-    for (user, score, edge) in leases {
-        let _: u64 = redis::cmd("ZADD")
-            .arg(user_keys(user).registry)
-            .arg(score)
-            .arg(edge)
-            .query_async(&mut conn)
-            .await
-            .expect("ZADD works");
-    }
-
-    // A RESP3 connection delivers pub/sub messages through a tokio channel.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let client =
-        redis::Client::open(format!("{}?protocol=resp3", ingest.redis.url())).expect("valid URL");
-    let mut subscriber = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_push_sender(tx),
-        )
-        .await
-        .expect("subscriber connects");
-    let channels: Vec<String> = ["edge-a", "edge-b", "edge-dead"]
-        .iter()
-        .map(|e| wake_channel(e))
-        .collect();
-    subscriber
-        .subscribe(&channels)
-        .await
-        .expect("SUBSCRIBE works");
+    let (mut rx, _subscriber) = lease_and_listen(&ingest, &leases).await;
 
     let big = format!("\"{}\"", "b".repeat(40));
     let (status, body) = ingest

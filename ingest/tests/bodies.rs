@@ -231,24 +231,8 @@ async fn the_bytes_of_bodies_held_at_once_are_bounded() {
         }
     };
     let body = json!([{"user": "b", "payload": "x".repeat(40 << 10)}]).to_string();
-    common::eventually("the held body takes its share of the budget", || async {
-        let response = ingest
-            .post("/v1/notifications/batch", "application/json", body.clone())
-            .await;
-        response.status() == StatusCode::SERVICE_UNAVAILABLE
-    })
-    .await;
     // Every refused producer reads its 503, never a connection reset while it still writes.
-    for _ in 0..20 {
-        let response = ingest
-            .post("/v1/notifications/batch", "application/json", body.clone())
-            .await;
-        assert!(response.headers().contains_key("retry-after"));
-        let (status, answer) = json_of(response).await;
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(error_code(&answer), "busy");
-    }
-    assert!(!ingest.stream_exists("b").await);
+    refused_as_busy(&ingest, &body, 20).await;
     // Small requests still fit beside it.
     ingest.append("c", json!(1)).await;
     // Once the slow body goes, its share comes back.
@@ -276,16 +260,30 @@ async fn a_producer_refused_while_it_writes_a_large_body_reads_the_refusal() {
     // head while the producer still has megabytes to write. Answered then closed at once, the
     // producer would see a broken pipe, not the 503 and its Retry-After.
     let body = json!([{"user": "b", "payload": "x".repeat(24 << 20)}]).to_string();
+    refused_as_busy(&ingest, &body, 3).await;
+}
+
+/// Waits until a held body takes the budget `body` (a batch for user b) needs, then posts it
+/// `times` more times: each is answered 503 `busy` with `Retry-After`, and nothing is stored.
+async fn refused_as_busy(ingest: &TestIngest, body: &str, times: usize) {
     common::eventually("the held body takes its share of the budget", || async {
         let response = ingest
-            .post("/v1/notifications/batch", "application/json", body.clone())
+            .post(
+                "/v1/notifications/batch",
+                "application/json",
+                body.to_owned(),
+            )
             .await;
         response.status() == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
-    for _ in 0..3 {
+    for _ in 0..times {
         let response = ingest
-            .post("/v1/notifications/batch", "application/json", body.clone())
+            .post(
+                "/v1/notifications/batch",
+                "application/json",
+                body.to_owned(),
+            )
             .await;
         assert!(response.headers().contains_key("retry-after"));
         let (status, answer) = json_of(response).await;
