@@ -3,7 +3,7 @@
 //! per live edge, also pipelined. No network round trip per item.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,8 +137,7 @@ impl Appender {
                 group.len() >= self.native_min_items
                     && group.iter().all(|&i| items[i].idempotency_key.is_none())
             });
-        // Each user's items, its reply, the ingest time, and whether its wakeups are out.
-        let mut settled: Vec<(Vec<usize>, UserReply, u64, bool)> = Vec::new();
+        let mut settled: Vec<(Vec<usize>, UserReply, u64)> = Vec::new();
 
         let chunks = pack_whole(fast);
         if !chunks.is_empty() {
@@ -169,7 +168,7 @@ impl Appender {
                                 reply.failed_at = at as u64 + 1;
                                 reply.failure = error;
                             }
-                            settled.push((group, reply, w.ts, false));
+                            settled.push((group, reply, w.ts));
                         }
                     }
                 }
@@ -179,10 +178,11 @@ impl Appender {
         let mut results: Vec<Option<Result<Appended, StoreError>>> =
             (0..items.len()).map(|_| None).collect();
         let calls = pack(slow, |group| self.conn.shard_of(&items[group[0]].user));
-        // A one-item request has its wakeup published by its Function call. Not a larger one:
-        // the wakeup costs the call several Lua strings per item (10-14 µs per item on this
-        // machine's Redis, BENCHMARKS.md), against one `PUBLISH` per request from here.
-        let woken = self.wakes_in_call() && items.len() == 1 && calls.len() == 1;
+        // A one-item request going through the Function has its wakeup published by that
+        // call. Not a larger one: the wakeup costs the call several Lua strings per item
+        // (10-14 µs per item on this machine's Redis, BENCHMARKS.md), against one `PUBLISH`
+        // per request from here.
+        let woken = self.wakes_in_call() && items.len() == 1 && !calls.is_empty();
         if !calls.is_empty() {
             let cmds = calls
                 .iter()
@@ -216,16 +216,12 @@ impl Appender {
                     Ok(reply) => {
                         let ts = reply.ts;
                         if woken {
-                            let edges: HashSet<&String> =
-                                reply.users.iter().flat_map(|u| &u.edges).collect();
+                            // One user: one message per live edge of its reply.
+                            let edges: usize = reply.users.iter().map(|u| u.edges.len()).sum();
                             metrics::counter!("gapless_ingest_wakeups_total")
-                                .increment(edges.len() as u64);
+                                .increment(edges as u64);
                         }
-                        settled.extend(
-                            call.into_iter()
-                                .zip(reply.users)
-                                .map(|(s, u)| (s, u, ts, woken)),
-                        );
+                        settled.extend(call.into_iter().zip(reply.users).map(|(s, u)| (s, u, ts)));
                     }
                     Err(e) => {
                         metrics::counter!("gapless_redis_errors_total", "op" => "append_call")
@@ -239,7 +235,7 @@ impl Appender {
         }
 
         let mut wakeups = Wakeups::new(self.wakeup_payload_max);
-        for (segment, user, ts, woken) in settled {
+        for (segment, user, ts) in settled {
             for (&i, result) in segment.iter().zip(user.seqs(segment.len())) {
                 let item = &items[i];
                 let Some((seq, duplicate)) = result else {

@@ -212,12 +212,7 @@ async fn hold_body(base: &str, length: usize, sent: usize) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bytes_of_bodies_held_at_once_are_bounded() {
-    let ingest = TestIngest::start_with(&[], |c| {
-        c.limits.batch_bytes = 64 << 10;
-        c.limits.body_bytes = 64 << 10;
-        c.limits.inflight_body_bytes = 100 << 10;
-    })
-    .await;
+    let ingest = with_body_budget(64 << 10, 100 << 10).await;
     // One slow body of 64 KiB holds most of the 100 KiB budget. (Had the budget been short
     // when it arrived it would have been answered 503 at once: then it is sent again.)
     let held = loop {
@@ -249,18 +244,23 @@ async fn the_bytes_of_bodies_held_at_once_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_refused_while_it_writes_a_large_body_reads_the_refusal() {
-    let ingest = TestIngest::start_with(&[], |c| {
-        c.limits.batch_bytes = 32 << 20;
-        c.limits.body_bytes = 32 << 20;
-        c.limits.inflight_body_bytes = 40 << 20;
-    })
-    .await;
+    let ingest = with_body_budget(32 << 20, 40 << 20).await;
     let _held = hold_body(&ingest.base, 32 << 20, 10).await;
     // Far more than the kernel buffers between the two: the refusal is decided from the
     // head while the producer still has megabytes to write. Answered then closed at once, the
     // producer would see a broken pipe, not the 503 and its Retry-After.
     let body = json!([{"user": "b", "payload": "x".repeat(24 << 20)}]).to_string();
     refused_as_busy(&ingest, &body, 3).await;
+}
+
+/// An ingest whose bodies may hold `limit` bytes each and `budget` bytes in all.
+async fn with_body_budget(limit: usize, budget: usize) -> TestIngest {
+    TestIngest::start_with(&[], |c| {
+        c.limits.batch_bytes = limit;
+        c.limits.body_bytes = limit;
+        c.limits.inflight_body_bytes = budget;
+    })
+    .await
 }
 
 /// Waits until a held body takes the budget `body` (a batch for user b) needs, then posts it
