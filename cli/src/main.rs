@@ -24,6 +24,16 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written: `text` (coloured only on a terminal) or `json` (one object
+    /// per line).
+    #[arg(
+        long,
+        global = true,
+        env = "GAPLESS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: gapless_shared::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -97,8 +107,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    gapless_shared::telemetry::init_tracing();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    gapless_shared::telemetry::init_tracing(cli.log_format);
+    match cli.command {
         Command::Migrate { redis, cluster } => {
             let config = RedisConfig::from_args(&redis, cluster.unwrap_or(false))?;
             let (version, primaries) = migrate_store(&config).await?;

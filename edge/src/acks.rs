@@ -148,7 +148,11 @@ impl AckBook {
             && let Err(e) = all_ok(conn.run_per_shard(markers, timeout).await)
         {
             metrics::counter!("gapless_redis_errors_total", "op" => "ack").increment(1);
-            tracing::warn!(error = %e, "start markers not written; retrying");
+            gapless_shared::health::log_failure(
+                e.is_unavailable(),
+                &e,
+                "start markers not written; retrying",
+            );
             ok = false;
         }
         // One call holds users of one shard (a slot on a cluster): group them first.
@@ -191,7 +195,11 @@ impl AckBook {
                 .record(started.elapsed().as_secs_f64());
             if let Err(e) = result {
                 metrics::counter!("gapless_redis_errors_total", "op" => "ack").increment(1);
-                tracing::warn!(error = %e, "ack positions not written; retrying");
+                gapless_shared::health::log_failure(
+                    e.is_unavailable(),
+                    &e,
+                    "ack positions not written; retrying",
+                );
                 ok = false;
                 break;
             }

@@ -36,7 +36,7 @@ pub enum AuthError {
     #[error("no token: send `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
     Missing,
     /// The token is malformed, forged, expired or signed with another algorithm.
-    #[error("invalid token: {0}")]
+    #[error("{}", describe(.0))]
     Invalid(#[from] jsonwebtoken::errors::Error),
     /// `sub` is not a valid user id.
     #[error("invalid token: `sub` is not a valid user id: {0}")]
@@ -56,6 +56,40 @@ pub enum AuthError {
     /// `iat` lies in the future beyond the leeway.
     #[error("invalid token: issued in the future (`iat`)")]
     IssuedInFuture,
+}
+
+/// What a person can act on, for a token `jsonwebtoken` refused (its own `Display` prints
+/// enum names such as `InvalidToken`).
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => {
+            "token expired: mint a new one (`exp` is in the past)".into()
+        }
+        ErrorKind::ImmatureSignature => "token not valid yet (`nbf` is in the future)".into(),
+        ErrorKind::InvalidSignature => {
+            "bad signature: the token was not signed with this edge's key".into()
+        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => {
+            "token signed with another algorithm than the one this edge's key pins".into()
+        }
+        ErrorKind::InvalidAudience => "token for another audience (`aud`)".into(),
+        ErrorKind::InvalidIssuer => "token from another issuer (`iss`)".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("token lacks the `{claim}` claim"),
+        ErrorKind::InvalidClaimFormat(claim) => {
+            format!("token's `{claim}` claim has the wrong type")
+        }
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "malformed token: not a JWT (three base64url parts joined by dots)".into()
+        }
+        ErrorKind::Json(_) => {
+            "malformed token: its header or claims are not the JSON a JWT holds".into()
+        }
+        _ => "invalid token".into(),
+    }
 }
 
 /// Shortest HS256 secret accepted: 256 bits, the hash's own size (RFC 7518 §3.2).
@@ -238,17 +272,29 @@ mod tests {
             None,
             Duration::from_secs(60),
         );
-        assert!(v.verify(&forged).is_err());
+        // Each refusal says, in words a person can act on, what is wrong.
+        let said = |token: &str| v.verify(token).expect_err("refused").to_string();
+        assert!(
+            said(&forged).starts_with("bad signature"),
+            "{}",
+            said(&forged)
+        );
         let now = gapless_shared::now_ms() / 1000;
         let expired = sign(&serde_json::json!({"sub": "alice", "exp": now - 10}));
-        assert!(v.verify(&expired).is_err());
+        assert!(
+            said(&expired).starts_with("token expired"),
+            "{}",
+            said(&expired)
+        );
+        assert!(said("not a token").starts_with("malformed token"));
+        let no_sub = sign(&serde_json::json!({"exp": now + 60}));
+        assert!(said(&no_sub).contains("`sub`"), "{}", said(&no_sub));
         // alg: none, hand-made: header {"alg":"none","typ":"JWT"}.
         let none = format!(
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
             base64url(br#"{"sub":"alice","exp":99999999999}"#)
         );
         assert!(v.verify(&none).is_err());
-        assert!(v.verify("not a token").is_err());
         let bad_sub = mint_hs256(K, "a b", None, Duration::from_secs(60));
         assert!(matches!(v.verify(&bad_sub), Err(AuthError::BadSubject(_))));
     }
@@ -263,7 +309,7 @@ mod tests {
         assert!(v.verify(&at(now, now)).is_ok());
         assert!(v.verify(&at(now + 2, now + 2)).is_ok(), "within the leeway");
         let early = v.verify(&at(now + 120, now)).expect_err("not yet valid");
-        assert!(early.to_string().contains("invalid token"), "{early}");
+        assert!(early.to_string().contains("not valid yet"), "{early}");
         assert!(matches!(
             v.verify(&at(now, now + 120)),
             Err(AuthError::IssuedInFuture)

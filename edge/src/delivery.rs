@@ -128,6 +128,8 @@ pub fn open(
         tx.downgrade(),
     ));
     state.hot.of(kind).connects.increment(1);
+    state.tally.opened[kind.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(user = %conn.user, device = conn.device, transport = kind.label(), "client connected");
     (conn, tx, rx)
 }
 
@@ -150,6 +152,7 @@ pub async fn finish(state: &EdgeState, conn: &Conn, tx: mpsc::Sender<Out>, end: 
             tracing::debug!(user = %conn.user, device = conn.device, transport = conn.kind.label(), end = ?other, "connection closed")
         }
     }
+    state.tally.ended[conn.kind.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(
         "gapless_edge_disconnects_total",
         "reason" => end.label(),

@@ -7,7 +7,8 @@
 //! [`transport`] (WebSocket, Server-Sent Events or long-poll) carries them to the device,
 //! [`frame`] encoding WebSocket frames per subprotocol; [`acks`] persists what devices
 //! acknowledged. Around them: [`auth`] checks tokens, [`registry`] keeps this edge's leases
-//! in Redis, [`heartbeat`] pings and drops silent clients, [`state`] is what they all share,
+//! in Redis, [`heartbeat`] pings and drops silent clients, [`report`] logs a line of connection
+//! counts per interval, [`state`] is what they all share,
 //! and [`run`] serves, then drains on shutdown. [`config`] holds the settings.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod heartbeat;
 pub mod hub;
 pub mod reader;
 pub mod registry;
+pub mod report;
 pub mod state;
 pub mod transport;
 pub mod wakeup;
@@ -143,6 +145,12 @@ pub async fn run(
     ));
     tokio::spawn(heartbeat::run(hub.clone(), config.heartbeat, tasks.clone()));
     tokio::spawn(gapless_shared::telemetry::upkeep(tasks.clone()));
+    tokio::spawn(gapless_shared::health::probe(
+        conn.clone(),
+        config.redis.command_timeout,
+        Arc::default(),
+        tasks.clone(),
+    ));
 
     // Install the recorder before the first connection, so none goes uncounted, and before
     // the hot metrics' handles are registered with it.
@@ -159,7 +167,9 @@ pub async fn run(
         draining: AtomicBool::new(false),
         conn: conn.clone(),
         hot: HotMetrics::register(),
+        tally: Default::default(),
     });
+    tokio::spawn(report::run(state.clone(), report::EVERY, tasks.clone()));
     tokio::spawn(forget_idle_loop(state.clone(), tasks.clone()));
     let sessions = TaskTracker::new();
     let router = router(&config, (state.clone(), sessions.clone()));
@@ -261,7 +271,7 @@ fn router(config: &Config, state: AppState) -> Router {
         Some(cors) => (fallbacks.layer(cors.clone()), ws.layer(cors)),
         None => (fallbacks, ws),
     };
-    Router::new()
+    let router = Router::new()
         .merge(ws)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -273,7 +283,8 @@ fn router(config: &Config, state: AppState) -> Router {
         ))
         .merge(fallbacks)
         .layer(axum::middleware::map_response(explain_timeout))
-        .with_state(state)
+        .with_state(state);
+    gapless_shared::telemetry::trace_requests(router)
 }
 
 /// CORS for the listed origins (`*`: any); `None` when there are none. An origin not listed

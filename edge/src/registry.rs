@@ -144,7 +144,11 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
     let result = execute(task, cmds).await;
     if let Err(e) = result {
         metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
-        tracing::warn!(error = %e, "registry update failed; the next refresh retries");
+        gapless_shared::health::log_failure(
+            e.is_unavailable(),
+            &e,
+            "registry update failed; the next refresh retries",
+        );
     }
     for done in waiting {
         let _ = done.send(());
@@ -168,7 +172,11 @@ async fn refresh_shard(task: &RegistryTask, slot: usize) {
         }
         if let Err(e) = execute(task, std::mem::take(&mut cmds)).await {
             metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);
-            tracing::warn!(error = %e, "registry refresh failed; retrying next period");
+            gapless_shared::health::log_failure(
+                e.is_unavailable(),
+                &e,
+                "registry refresh failed; retrying next period",
+            );
             return;
         }
     }

@@ -40,6 +40,17 @@ pub struct EdgeState {
     pub(crate) conn: Store,
     /// The metrics counted on every delivery and ack.
     pub(crate) hot: HotMetrics,
+    /// Sessions opened and ended, for the periodic log line of [`crate::report`].
+    pub(crate) tally: Tally,
+}
+
+/// Sessions opened and ended since the start, per transport (indexed by [`Kind::index`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Sessions opened.
+    pub opened: [std::sync::atomic::AtomicU64; 3],
+    /// Sessions ended.
+    pub ended: [std::sync::atomic::AtomicU64; 3],
 }
 
 /// Handles of the metrics counted on every delivery and ack, registered once: `counter!`
@@ -65,8 +76,63 @@ pub(crate) struct TransportMetrics {
 }
 
 impl HotMetrics {
-    /// Registers the handles with the installed recorder.
+    /// Registers the handles with the installed recorder, and every other counter of the
+    /// edge at zero under each label it can carry (see
+    /// [`gapless_shared::telemetry::zero_counter`]).
     pub fn register() -> Self {
+        use gapless_shared::telemetry::zero_counter;
+        for kind in Kind::ALL {
+            let t = kind.label();
+            // `crate::delivery::End::label`.
+            for reason in [
+                "client_closed",
+                "protocol_violation",
+                "heartbeat_timeout",
+                "slow_consumer",
+                "draining",
+                "write_failed",
+                "replaced",
+            ] {
+                zero_counter(
+                    "gapless_edge_disconnects_total",
+                    &[("reason", reason), ("transport", t)],
+                );
+            }
+            for reason in ["gap_trimmed", "epoch_changed"] {
+                zero_counter(
+                    "gapless_edge_resets_total",
+                    &[("reason", reason), ("transport", t)],
+                );
+            }
+        }
+        for reason in ["user_cap", "user_connect_rate"] {
+            zero_counter("gapless_edge_refused_total", &[("reason", reason)]);
+        }
+        for reason in [
+            "unauthorized",
+            "invalid_query",
+            "invalid_device",
+            "too_many_auth_failures",
+        ] {
+            zero_counter("gapless_edge_auth_failures_total", &[("reason", reason)]);
+        }
+        for result in ["ok", "undecodable"] {
+            zero_counter("gapless_edge_wakeups_total", &[("result", result)]);
+        }
+        for outcome in ["empty", "messages"] {
+            zero_counter("gapless_edge_polls_total", &[("outcome", outcome)]);
+        }
+        for op in ["ack", "read", "registry", "sweep"] {
+            zero_counter("gapless_redis_errors_total", &[("op", op)]);
+        }
+        for name in [
+            "gapless_edge_hint_overflows_total",
+            "gapless_edge_sweep_catches_total",
+            "gapless_edge_subscriptions_total",
+            "gapless_edge_resubscriptions_total",
+        ] {
+            zero_counter(name, &[]);
+        }
         let of = |kind: Kind| {
             let t = kind.label();
             TransportMetrics {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gapless_shared::ids::UserId;
 use gapless_shared::keys;
-use gapless_shared::store::Store;
+use gapless_shared::store::{Store, StoreError};
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -123,12 +123,20 @@ async fn subscribe_classic_once(
     let mut pubsub = match client.get_async_pubsub().await {
         Ok(pubsub) => pubsub,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot open the wakeup connection");
+            gapless_shared::health::log_failure(
+                StoreError::is_outage(&e),
+                &e,
+                "cannot open the wakeup connection",
+            );
             return Ended::Failed;
         }
     };
     if let Err(e) = pubsub.subscribe(channel).await {
-        tracing::warn!(error = %e, "cannot subscribe to wakeups");
+        gapless_shared::health::log_failure(
+            StoreError::is_outage(&e),
+            &e,
+            "cannot subscribe to wakeups",
+        );
         return Ended::Failed;
     }
     subscribed(channel, sweep_now, "classic");
@@ -199,12 +207,20 @@ async fn subscribe_sharded_once(
     let mut conn = match conn {
         Ok(conn) => conn,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot open the wakeup connection");
+            gapless_shared::health::log_failure(
+                StoreError::is_outage(&e),
+                &e,
+                "cannot open the wakeup connection",
+            );
             return Ended::Failed;
         }
     };
     if let Err(e) = conn.ssubscribe(channel).await {
-        tracing::warn!(error = %e, "cannot subscribe to wakeups");
+        gapless_shared::health::log_failure(
+            StoreError::is_outage(&e),
+            &e,
+            "cannot subscribe to wakeups",
+        );
         return Ended::Failed;
     }
     subscribed(channel, sweep_now, "sharded");
@@ -226,7 +242,11 @@ async fn subscribe_sharded_once(
                 tracing::info!(%channel, "the channel's slot moved; resubscribing at its new owner");
                 metrics::counter!("gapless_edge_resubscriptions_total").increment(1);
                 if let Err(e) = conn.ssubscribe(channel).await {
-                    tracing::warn!(error = %e, "cannot resubscribe; reconnecting");
+                    gapless_shared::health::log_failure(
+                        StoreError::is_outage(&e),
+                        &e,
+                        "cannot resubscribe; reconnecting",
+                    );
                     return Ended::Lost;
                 }
                 sweep_now.notify_one();
@@ -286,7 +306,11 @@ pub async fn sweep(conn: &Store, hub: &Hub, users: &[UserId], timeout: Duration)
             Ok(s) => s,
             Err(e) => {
                 metrics::counter!("gapless_redis_errors_total", "op" => "sweep").increment(1);
-                tracing::warn!(error = %e, "sweep failed; retrying next period");
+                gapless_shared::health::log_failure(
+                    e.is_unavailable(),
+                    &e,
+                    "sweep failed; retrying next period",
+                );
                 return;
             }
         };

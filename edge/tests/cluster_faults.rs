@@ -195,7 +195,7 @@ fn wait_replicating(cluster: &TestCluster, index: usize) {
 fn init_logs() {
     static INIT: Once = Once::new();
     if std::env::var_os("GAPLESS_LOG").is_some() {
-        INIT.call_once(gapless_shared::telemetry::init_tracing);
+        INIT.call_once(|| gapless_shared::telemetry::init_tracing(Default::default()));
     }
 }
 

@@ -594,6 +594,27 @@ async fn forged_expired_and_unsigned_tokens_are_refused() {
         ),
         ("not a JWT", "not-a-token".to_owned()),
     ];
+    // A person reading the refusal (the JSON body of the same URL over plain HTTP, which is
+    // what the browser client reads after a failed upgrade) learns what to fix.
+    let told = [
+        "bad signature",
+        "token expired",
+        "token signed with another algorithm",
+        "malformed token",
+        "malformed token",
+    ];
+    let http = reqwest::Client::new();
+    for ((case, bad), told) in refused.iter().zip(told) {
+        let answer = http
+            .get(format!("http://{}/v1/ws?token={bad}", edge.addr))
+            .send()
+            .await
+            .expect("the edge answers");
+        assert_eq!(answer.status(), 401, "{case}");
+        let body: serde_json::Value = answer.json().await.expect("a JSON refusal");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(told), "{case}: {body}");
+    }
     for (case, bad) in &refused {
         // In the header…
         let header = Client::open(&url, bad, false).await;

@@ -39,6 +39,8 @@ pub struct AppState {
     pub guard: Guard,
     /// Bound of one Redis call (for history and readiness).
     pub redis_timeout: std::time::Duration,
+    /// What the periodic Redis probe found last.
+    pub health: Arc<gapless_shared::health::RedisHealth>,
 }
 
 /// The ingest's router; with [`Config::demo`] on, also the demo page of [`crate::demo`].
@@ -57,7 +59,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     } else {
         Router::new()
     };
-    Router::new()
+    let router = Router::new()
         .merge(v1)
         .merge(demo)
         .route("/healthz", get(|| async { "ok\n" }))
@@ -79,7 +81,8 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         ))
         .layer(middleware::map_response(explain_timeout))
         .layer(middleware::from_fn(observe))
-        .with_state(state)
+        .with_state(state);
+    gapless_shared::telemetry::trace_requests(router)
 }
 
 /// Gives the timeout layer's bare 408 the JSON error body every other answer has.

@@ -370,7 +370,11 @@ impl Appender {
             Ok(()) => metrics::counter!("gapless_ingest_wakeups_total").increment(n),
             Err(e) => {
                 metrics::counter!("gapless_redis_errors_total", "op" => "publish").increment(1);
-                tracing::warn!(error = %e, "wakeups not published; edges will find the entries by sweeping");
+                gapless_shared::health::log_failure(
+                    e.is_unavailable(),
+                    &e,
+                    "wakeups not published; edges will find the entries by sweeping",
+                );
             }
         }
     }

@@ -104,6 +104,17 @@ impl Guard {
     fn failed(&self, source: Option<IpAddr>, refusal: ApiError) -> Response {
         metrics::counter!("gapless_ingest_auth_failures_total", "reason" => refusal.body.code)
             .increment(1);
+        // At most one line per interval: a flood of bad keys must not flood the log.
+        static LOG: LogThrottle = LogThrottle::new();
+        LOG.log(|suppressed| {
+            tracing::info!(
+                source = ?source,
+                code = refusal.body.code,
+                suppressed,
+                "request refused: {}",
+                refusal.body.message
+            )
+        });
         match source.map(|ip| self.failures.failed(&ip)) {
             Some(Err(wait)) => too_many_failures(wait).into_response(),
             _ => refusal.into_response(),
@@ -134,7 +145,7 @@ fn rate_limited(what: &str, wait: Duration) -> ApiError {
 
 fn too_many_failures(wait: Duration) -> ApiError {
     static LOG: LogThrottle = LogThrottle::new();
-    LOG.warn(|suppressed| {
+    LOG.log(|suppressed| {
         tracing::warn!(
             suppressed,
             "an address failed authentication too often; answering 429"

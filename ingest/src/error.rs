@@ -77,18 +77,18 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        // An operator must hear that Redis is gone, once per interval, not once per request.
-        static UNAVAILABLE: LogThrottle = LogThrottle::new();
+        // An outage is logged once, by the probe of `gapless_shared::health`; here each
+        // request's failure is a debug line. A refusal is not an outage: once per interval.
         static REFUSED: LogThrottle = LogThrottle::new();
         static UNREPLICATED: LogThrottle = LogThrottle::new();
         match &e {
-            StoreError::Unavailable(msg) => UNAVAILABLE.warn(|suppressed| {
-                tracing::warn!(error = %msg, suppressed, "Redis is unavailable; answering 503");
-            }),
-            StoreError::Redis(msg) => REFUSED.warn(|suppressed| {
+            StoreError::Unavailable(msg) => {
+                tracing::debug!(error = %msg, "Redis is unavailable; answering 503");
+            }
+            StoreError::Redis(msg) => REFUSED.log(|suppressed| {
                 tracing::warn!(error = %msg, suppressed, "Redis refused a request; answering 500");
             }),
-            StoreError::NotReplicated { wanted, acked } => UNREPLICATED.warn(|suppressed| {
+            StoreError::NotReplicated { wanted, acked } => UNREPLICATED.log(|suppressed| {
                 tracing::warn!(
                     wanted,
                     acked,

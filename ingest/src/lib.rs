@@ -55,6 +55,13 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut conn = store::connect(&config.redis).await?;
     let version = schema::check(&mut conn, config.redis.command_timeout).await?;
+    let health = Arc::new(gapless_shared::health::RedisHealth::default());
+    let probe = tokio::spawn(gapless_shared::health::probe(
+        conn.clone(),
+        config.redis.command_timeout,
+        health.clone(),
+        shutdown.clone(),
+    ));
     let pool = native::Pool::new(
         config.redis.url(),
         config.redis.connect_timeout,
@@ -82,9 +89,11 @@ pub async fn run(
         body_budget: body::BodyBudget::new(config.limits.inflight_body_bytes),
         guard: auth::Guard::new(config.api_keys.clone(), config.rates),
         redis_timeout: config.redis.command_timeout,
+        health,
     });
     // Install the recorder before the first request, so none goes uncounted.
     gapless_shared::telemetry::prometheus();
+    zero_counters();
     let router = api::router(state.clone(), &config);
     let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
     let forget = tokio::spawn(auth::forget_idle_loop(state.clone(), shutdown.clone()));
@@ -106,5 +115,33 @@ pub async fn run(
     };
     upkeep.abort();
     forget.abort();
+    probe.abort();
     result
+}
+
+/// Registers every counter of the ingest at zero under each label it can carry, so alerts
+/// and dashboards see 0 before the first event (see
+/// [`gapless_shared::telemetry::zero_counter`]).
+fn zero_counters() {
+    use gapless_shared::telemetry::zero_counter;
+    for result in ["appended", "duplicate", "rejected"] {
+        zero_counter("gapless_ingest_items_total", &[("result", result)]);
+    }
+    for op in ["append", "append_call", "append_user", "publish"] {
+        zero_counter("gapless_redis_errors_total", &[("op", op)]);
+    }
+    for reason in ["unauthorized", "forbidden", "too_many_auth_failures"] {
+        zero_counter("gapless_ingest_auth_failures_total", &[("reason", reason)]);
+    }
+    for limit in ["request", "items"] {
+        zero_counter("gapless_ingest_rate_limited_total", &[("limit", limit)]);
+    }
+    for name in [
+        "gapless_ingest_body_budget_refusals_total",
+        "gapless_ingest_append_conflicts_total",
+        "gapless_ingest_not_replicated_total",
+        "gapless_ingest_wakeups_total",
+    ] {
+        zero_counter(name, &[]);
+    }
 }

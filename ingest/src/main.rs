@@ -12,9 +12,9 @@ use gapless_ingest::config::{Args, Config};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    gapless_shared::telemetry::init_tracing();
     let args = Args::parse().with_file()?;
     let runtime = args.runtime.clone();
+    gapless_shared::telemetry::init_tracing(runtime.log_format.unwrap_or_default());
     let config = Config::from_args(args)?;
     gapless_shared::runtime::serve(&runtime, config.listen, |listener, shutdown| async move {
         gapless_ingest::run(listener, config, shutdown).await?;

@@ -6,6 +6,7 @@
 //! - [`keys`]: every Redis key and channel name;
 //! - [`schema`]: the Redis Function library of `migrations/` and its version;
 //! - [`store`]: the Redis connection and the timeout around every call;
+//! - [`health`]: the periodic Redis probe, its gauge and its once-per-outage log lines;
 //! - [`wakeup`]: the ingest -> edge wakeup message;
 //! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
 //! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
@@ -19,6 +20,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod health;
 pub mod ids;
 pub mod keys;
 pub mod listener;

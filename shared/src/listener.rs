@@ -241,6 +241,17 @@ impl Refusal {
 
     /// Kinds of refusal (the variants are numbered from 0).
     const COUNT: usize = 7;
+
+    /// Every kind, in number order.
+    const ALL: [Refusal; Refusal::COUNT] = [
+        Refusal::SourceCap,
+        Refusal::Evicted,
+        Refusal::EstablishedCap,
+        Refusal::Unauthenticated,
+        Refusal::HeaderTimeout,
+        Refusal::Idle,
+        Refusal::WriteStalled,
+    ];
 }
 
 const PENDING: u8 = 0;
@@ -273,7 +284,7 @@ struct Pending {
 impl Budgets {
     fn refused(&self, why: Refusal, source: IpAddr) {
         metrics::counter!("gapless_listener_refused_total", "reason" => why.label()).increment(1);
-        self.throttles[why as usize].warn(|suppressed| {
+        self.throttles[why as usize].log(|suppressed| {
             tracing::warn!(
                 reason = why.label(),
                 %source,
@@ -615,6 +626,13 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    for why in Refusal::ALL {
+        crate::telemetry::zero_counter(
+            "gapless_listener_refused_total",
+            &[("reason", why.label())],
+        );
+    }
+    crate::telemetry::zero_counter("gapless_listener_accept_errors_total", &[]);
     for (budget, value) in [
         ("pending", config.max_pending),
         ("pending_per_source", config.max_pending_per_source),
@@ -646,7 +664,7 @@ where
                 // Out of descriptors or memory: wait for some to free up, as mini-redis
                 // does, but never give up serving.
                 metrics::counter!("gapless_listener_accept_errors_total").increment(1);
-                accept_errors.warn(|suppressed| {
+                accept_errors.log(|suppressed| {
                     tracing::warn!(error = %e, suppressed, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 });
                 tokio::select! {

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The runtime settings as flags, `GAPLESS_*` variables and config file keys; flattened into
-/// each server's arguments.
+/// The process settings (runtime threads, log format) as flags, `GAPLESS_*` variables and
+/// config file keys; flattened into each server's arguments.
 #[derive(Debug, Default, Clone, clap::Args, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeArgs {
@@ -24,6 +24,10 @@ pub struct RuntimeArgs {
     /// most one core [default: one per CPU core, or TOKIO_WORKER_THREADS].
     #[arg(long, env = "GAPLESS_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// How log lines are written: `text` (coloured only on a terminal) or `json` (one object
+    /// per line) [default: text].
+    #[arg(long, env = "GAPLESS_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::telemetry::LogFormat>,
 }
 
 impl RuntimeArgs {
@@ -31,6 +35,7 @@ impl RuntimeArgs {
     pub fn or(self, other: RuntimeArgs) -> RuntimeArgs {
         RuntimeArgs {
             worker_threads: self.worker_threads.or(other.worker_threads),
+            log_format: self.log_format.or(other.log_format),
         }
     }
 
@@ -85,10 +90,12 @@ mod tests {
     fn zero_threads_is_refused_and_one_is_a_current_thread_runtime() {
         let zero = RuntimeArgs {
             worker_threads: Some(0),
+            log_format: None,
         };
         assert!(zero.build().is_err());
         let one = RuntimeArgs {
             worker_threads: Some(1),
+            log_format: None,
         }
         .build()
         .expect("builds");
@@ -98,6 +105,7 @@ mod tests {
         );
         let two = RuntimeArgs {
             worker_threads: Some(2),
+            log_format: None,
         }
         .build()
         .expect("builds");

@@ -307,33 +307,38 @@ pub enum StoreError {
 impl StoreError {
     /// Classifies a redis-rs error.
     pub fn from_redis(e: redis::RedisError) -> Self {
-        if e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || e.is_unrecoverable_error()
-            || matches!(
-                e.kind(),
-                redis::ErrorKind::Server(
-                    redis::ServerErrorKind::BusyLoading
-                        | redis::ServerErrorKind::TryAgain
-                        | redis::ServerErrorKind::MasterDown
-                        | redis::ServerErrorKind::ClusterDown
-                        | redis::ServerErrorKind::ReadOnly
-                        // A redirect still left after the client's retries: the slot's
-                        // owner is moving or failing over (the survivors name the dead
-                        // primary until its replica is promoted). Not written; retry later.
-                        | redis::ServerErrorKind::Moved
-                        | redis::ServerErrorKind::Ask
-                )
-            )
-            // Out of memory: writes fail until memory is freed; retrying later can work.
-            || e.code() == Some("OOM")
-        {
+        if Self::is_outage(&e) {
             StoreError::Unavailable(e.to_string())
         } else {
             StoreError::Redis(e.to_string())
         }
+    }
+
+    /// True when `e` says Redis cannot be reached or cannot take writes now (retrying later
+    /// may succeed), rather than refusing this request.
+    pub fn is_outage(e: &redis::RedisError) -> bool {
+        e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::BusyLoading
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::ReadOnly
+                    // A redirect still left after the client's retries: the slot's
+                    // owner is moving or failing over (the survivors name the dead
+                    // primary until its replica is promoted). Not written; retry later.
+                    | redis::ServerErrorKind::Moved
+                    | redis::ServerErrorKind::Ask
+            )
+        )
+        // Out of memory: writes fail until memory is freed; retrying later can work.
+        || e.code() == Some("OOM")
     }
 
     /// True when retrying later may succeed.

@@ -33,17 +33,90 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Logs to stderr, filtered by `GAPLESS_LOG` (`RUST_LOG` syntax; default `info`), coloured
-/// only when stderr is a terminal (a log file gets plain text). For binaries.
-pub fn init_tracing() {
+/// How log lines are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `span`), for log
+    /// collectors; never coloured.
+    Json,
+}
+
+/// Registers a counter at zero under `labels`, so a dashboard or an alert sees 0 from the
+/// first scrape instead of no series until the first event (the exporter lists a counter
+/// only once something named it).
+pub fn zero_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
+    let labels: Vec<metrics::Label> = labels
+        .iter()
+        .map(|&(key, value)| metrics::Label::new(key, value))
+        .collect();
+    metrics::counter!(name, labels).increment(0);
+}
+
+/// Logs to stderr in `format`, filtered by `GAPLESS_LOG` (`RUST_LOG` syntax; default `info`).
+/// Text is coloured only when stderr is a terminal: a log file or a pipe gets no ANSI
+/// escapes. For binaries.
+pub fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("GAPLESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// The header that carries a request's id, taken from the client when it sends one.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Wraps `router` so every request has an id (the client's `x-request-id`, else a fresh
+/// UUID), answered in the same header, and runs in an `info` span `request` naming it, the
+/// method and the path, so every line logged while it runs carries its id; tower-http's
+/// lines on each request and response are at `debug` (`GAPLESS_LOG=info,tower_http=debug`
+/// shows them). The query is never logged: it may hold a token.
+pub fn trace_requests<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+) -> axum::Router<S> {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::trace::{DefaultOnFailure, DefaultOnRequest, DefaultOnResponse, TraceLayer};
+    use tracing::Level;
+    let name = http::HeaderName::from_static(REQUEST_ID);
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &http::Request<axum::body::Body>| {
+            let id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!(
+                "request",
+                id,
+                method = %request.method(),
+                path = request.uri().path(),
+            )
+        })
+        .on_request(DefaultOnRequest::new().level(Level::DEBUG))
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::DEBUG)
+                .latency_unit(tower_http::LatencyUnit::Micros),
+        )
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
+    router
+        .layer(PropagateRequestIdLayer::new(name.clone()))
+        .layer(trace)
+        .layer(SetRequestIdLayer::new(name, MakeRequestUuid))
 }
 
 /// Cancels `token` on the first SIGINT or SIGTERM: the one place signals are handled.
@@ -106,7 +179,7 @@ impl LogThrottle {
 
     /// Calls `log` with the number of events suppressed since the last line, unless a line
     /// was written less than [`Self::INTERVAL`] ago.
-    pub fn warn(&self, log: impl FnOnce(u64)) {
+    pub fn log(&self, log: impl FnOnce(u64)) {
         let now = crate::now_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= Self::INTERVAL.as_millis() as u64;
@@ -132,11 +205,11 @@ mod tests {
         let t = LogThrottle::default();
         let mut lines = Vec::new();
         for _ in 0..5 {
-            t.warn(|suppressed| lines.push(suppressed));
+            t.log(|suppressed| lines.push(suppressed));
         }
         assert_eq!(lines, [0]);
         t.last_ms.store(1, Ordering::Relaxed); // long ago
-        t.warn(|suppressed| lines.push(suppressed));
+        t.log(|suppressed| lines.push(suppressed));
         assert_eq!(lines, [0, 4]);
     }
 }

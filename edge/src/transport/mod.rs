@@ -89,7 +89,7 @@ pub fn refuse(status: StatusCode, code: &'static str, message: &str) -> Response
 /// 429 with `Retry-After` rounded up from `wait`, logged at most once per 10 s.
 pub fn too_many(code: &'static str, message: &str, wait: Duration) -> Refused {
     static LOG: LogThrottle = LogThrottle::new();
-    LOG.warn(|suppressed| tracing::warn!(code, suppressed, "connection refused with 429"));
+    LOG.log(|suppressed| tracing::warn!(code, suppressed, "connection refused with 429"));
     Refused {
         retry_after: Some(retry_after_secs(wait)),
         ..Refused::new(StatusCode::TOO_MANY_REQUESTS, code, message)
@@ -169,6 +169,11 @@ pub fn authenticate(
     // Refusals of credentials count against the address.
     let failed = |status, code: &'static str, message: &str| {
         metrics::counter!("gapless_edge_auth_failures_total", "reason" => code).increment(1);
+        // At most one line per interval: a flood of bad tokens must not flood the log.
+        static LOG: LogThrottle = LogThrottle::new();
+        LOG.log(|suppressed| {
+            tracing::info!(source = ?source, code, suppressed, "connection refused: {message}")
+        });
         match source.map(|ip| state.auth_failures.failed(&ip)) {
             Some(Err(wait)) => locked_out(wait),
             _ => Refused::new(status, code, message),
