@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod credentials;
 use gapless_edge::auth::{JwtKey, mint_hs256};
 use gapless_shared::config::{RedisConfig, Secret, mask_url_password as mask};
 use gapless_shared::process::{ClusterOptions, RedisCluster, RedisOptions, RedisProcess};
@@ -96,12 +98,17 @@ enum Command {
         /// Address of the edge (port 0: any free one, printed).
         #[arg(long, default_value = "127.0.0.1:8080")]
         edge_listen: SocketAddr,
-        /// API key to accept (default: a fresh random one, printed).
+        /// API key to accept (default: the one kept in --dir/credentials.json, made at the
+        /// first start).
         #[arg(long, env = "GAPLESS_API_KEYS")]
         api_key: Option<String>,
-        /// HS256 secret of device tokens (default: a fresh random one).
+        /// HS256 secret of device tokens (default: the one kept in --dir/credentials.json).
         #[arg(long, env = "GAPLESS_JWT_SECRET")]
         jwt_secret: Option<String>,
+        /// Make a new API key, secret and demo tokens instead of those kept in
+        /// --dir/credentials.json (the old ones stop working).
+        #[arg(long)]
+        fresh_credentials: bool,
     },
 }
 
@@ -147,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
             edge_listen,
             api_key,
             jwt_secret,
+            fresh_credentials,
         } => {
             let dev = Dev {
                 redis,
@@ -157,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 edge_listen,
                 api_key,
                 jwt_secret,
+                fresh_credentials,
             };
             dev.run().await
         }
@@ -199,6 +208,7 @@ struct Dev {
     edge_listen: SocketAddr,
     api_key: Option<String>,
     jwt_secret: Option<String>,
+    fresh_credentials: bool,
 }
 
 impl Dev {
@@ -227,12 +237,14 @@ impl Dev {
             println!("schema:  version {version}");
         }
 
-        let api_key = self
-            .api_key
-            .unwrap_or_else(|| format!("dev-{:032x}", rand::random::<u128>()));
-        let jwt_secret = self
-            .jwt_secret
-            .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        let credentials = credentials::load_or_make(
+            &self.dir,
+            self.fresh_credentials,
+            self.api_key.as_deref(),
+            self.jwt_secret.as_deref(),
+        )?;
+        let api_key = credentials.api_key.clone();
+        let jwt_secret = credentials.jwt_secret.clone();
         let shutdown = CancellationToken::new();
         tokio::spawn(gapless_shared::telemetry::cancel_on_signal(
             shutdown.clone(),
@@ -292,21 +304,23 @@ impl Dev {
         let base = format!("http://{ingest_addr}");
         let edge_base = format!("http://{edge_addr}");
         let ws = format!("ws://{edge_addr}/v1/ws");
-        let day = std::time::Duration::from_secs(86_400);
-        let token = mint_hs256(&jwt_secret, "demo", Some("laptop"), day);
-        // The page is a device of its own, so it never takes the place of `laptop`.
-        let browser_token = mint_hs256(&jwt_secret, "demo", Some("browser"), day);
+        let token = &credentials.token;
+        let browser_token = &credentials.browser_token;
         let demo = format!(
             "{base}/demo#edge={}&user=demo&token={}&key={}",
             fragment_value(&edge_base),
-            fragment_value(&browser_token),
+            fragment_value(browser_token),
             fragment_value(&api_key),
         );
         println!("ingest:  {base}");
         println!("edge:    {edge_base} (WebSocket {ws})");
         println!("api key: {api_key}");
         println!("jwt secret (HS256): {jwt_secret}");
-        println!("token for user `demo`, device `laptop` (24 h): {token}");
+        println!("token for user `demo`, device `laptop` (valid 30 days): {token}");
+        println!(
+            "(kept in {}: a restart prints the same ones; --fresh-credentials makes new ones)",
+            credentials::path(&self.dir).display()
+        );
         println!();
         println!("Demo page (user `demo`, device `browser`; the secrets ride in the #fragment,");
         println!("which the browser never sends to a server):");
@@ -338,6 +352,10 @@ impl Dev {
         local.stop().await;
         ingest_result?;
         edge_result?;
+        println!(
+            "gapless dev stopped: everything is down; data and credentials stay in {}",
+            self.dir.display()
+        );
         Ok(())
     }
 }

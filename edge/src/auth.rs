@@ -85,8 +85,11 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
             "malformed token: not a JWT (three base64url parts joined by dots)".into()
         }
-        ErrorKind::Json(_) => {
-            "malformed token: its header or claims are not the JSON a JWT holds".into()
+        // serde's words name the field: "missing field `sub`", "invalid type: …".
+        ErrorKind::Json(e) => {
+            format!(
+                "malformed token: its header or claims are not what a gapless token holds ({e})"
+            )
         }
         _ => "invalid token".into(),
     }

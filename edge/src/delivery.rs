@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
+use gapless_shared::presence;
 use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage};
 use gapless_shared::store::StoreError;
 use gapless_shared::wakeup::WakeItem;
@@ -159,10 +160,40 @@ pub async fn finish(state: &EdgeState, conn: &Conn, tx: mpsc::Sender<Out>, end: 
         "transport" => conn.kind.label()
     )
     .increment(1);
+    // A poll's entry stays for its `until` (the device polls again at once), like its lease.
+    if conn.kind != Kind::Poll {
+        state
+            .registry
+            .leave(conn.user.clone(), presence_field(state, conn));
+    }
     if state.hub.remove(conn) && conn.kind != Kind::Poll {
         state.registry.remove(conn.user.clone());
     }
     state.acks.flush_soon();
+}
+
+/// The connection's field in its user's presence hash.
+fn presence_field(state: &EdgeState, conn: &Conn) -> String {
+    match conn.kind {
+        Kind::Poll => presence::poll_field(&state.config.edge_id, &conn.device),
+        _ => presence::field(&state.config.edge_id, conn.id),
+    }
+}
+
+/// Records the connection in its user's presence hash (DESIGN.md §4, presence); a long-poll
+/// device counts as connected for one lease after each poll begins.
+fn join_presence(state: &EdgeState, conn: &Conn) {
+    let now = gapless_shared::now_ms();
+    let entry = presence::Entry {
+        device: conn.device.clone(),
+        edge: state.config.edge_id.clone(),
+        transport: conn.kind.name().to_owned(),
+        since: now,
+        until: (conn.kind == Kind::Poll).then(|| now + state.config.lease.as_millis() as u64),
+    };
+    state
+        .registry
+        .join(conn.user.clone(), presence_field(state, conn), &entry);
 }
 
 /// Where delivery stands, and what is queued to go out.
@@ -367,6 +398,7 @@ pub async fn deliver<I: Inbound>(
     // device whose first read ran while the first device's lease was still being written
     // would miss a wakeup for an append made in between, and wait for the sweep.
     state.hub.add(conn.clone());
+    join_presence(state, conn);
     state.registry.add(conn.user.clone()).await;
     match resume_start(resume.epoch, resume.after, &position) {
         Some((epoch, after)) => {

@@ -42,6 +42,15 @@ impl Kind {
         }
     }
 
+    /// Name in the producer API (presence): `websocket`, `sse`, `poll`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::WebSocket => "websocket",
+            Kind::Sse => "sse",
+            Kind::Poll => "poll",
+        }
+    }
+
     /// Position in [`Kind::ALL`].
     pub fn index(self) -> usize {
         self as usize

@@ -243,32 +243,8 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
     }
 }
 
-/// `<epoch>:<seq>` or `<epoch>:<seq>:<unix s>` -> (epoch, seq).
+/// `<epoch>:<seq>` or `<epoch>:<seq>:<unix s>` -> (epoch, seq); see
+/// [`gapless_shared::presence::Position`].
 pub fn parse_position(s: &str) -> Option<(String, u64)> {
-    let (epoch, rest) = s.split_once(':')?;
-    // Schema 4 appends the time of the write: `<epoch>:<seq>:<unix s>`.
-    let seq = match rest.split_once(':') {
-        Some((seq, written)) => {
-            written.parse::<u64>().ok()?;
-            seq
-        }
-        None => rest,
-    };
-    Some((epoch.to_owned(), seq.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn positions_parse() {
-        assert_eq!(parse_position("ab:17"), Some(("ab".into(), 17)));
-        assert_eq!(parse_position("ab:17:1764250000"), Some(("ab".into(), 17)));
-        assert_eq!(parse_position(":0"), Some((String::new(), 0)));
-        assert_eq!(parse_position("ab:17:garbage"), None);
-        assert_eq!(parse_position("ab:17:1:2"), None);
-        assert_eq!(parse_position("ab"), None);
-        assert_eq!(parse_position("ab:x"), None);
-    }
+    gapless_shared::presence::Position::parse(s).map(|p| (p.epoch, p.seq))
 }

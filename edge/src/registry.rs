@@ -1,13 +1,17 @@
 //! The edge's entries in the Redis registry (DESIGN.md §3): `gl:{user}:r` holds this edge's id
 //! with a lease while a device of the user is connected here, and `gl:edge:<id>` says the edge
 //! is alive. Leases are refreshed in pipelined batches by one task, not per connection.
+//!
+//! The same task writes each connection's presence entry (`gl:{user}:p`, see
+//! [`gapless_shared::presence`]) when it opens and deletes it when it ends, in the same
+//! pipelines: what `GET /v1/users/{user}/presence` reads.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
-use gapless_shared::keys;
 use gapless_shared::store::{Shard, Store, StoreError};
+use gapless_shared::{keys, presence};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +25,10 @@ enum Op {
     Add(UserId, oneshot::Sender<()>),
     /// Unregister the user.
     Remove(UserId),
+    /// Write a connection's presence entry (field, JSON entry).
+    Join(UserId, String, String),
+    /// Delete a connection's presence entry (field).
+    Leave(UserId, String),
 }
 
 /// Handle to the registry task. Cheap to clone.
@@ -66,6 +74,21 @@ impl Registry {
     pub fn remove(&self, user: UserId) {
         let _ = self.tx.send(Op::Remove(user));
     }
+
+    /// Records `entry` as the connection `field` of `user` (written with the next batch; a
+    /// failed write is not retried: presence is a view, and the connection's next event
+    /// rewrites nothing, so it shows up at the user's next connection).
+    pub fn join(&self, user: UserId, field: String, entry: &presence::Entry) {
+        let Ok(json) = serde_json::to_string(entry) else {
+            return;
+        };
+        let _ = self.tx.send(Op::Join(user, field, json));
+    }
+
+    /// Deletes the connection `field` of `user`.
+    pub fn leave(&self, user: UserId, field: String) {
+        let _ = self.tx.send(Op::Leave(user, field));
+    }
 }
 
 async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: CancellationToken) {
@@ -74,6 +97,7 @@ async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: 
     let mut refresh = tokio::time::interval(task.lease / 3 / Hub::SHARDS as u32);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut slot = 0;
+    let mut round: u64 = 0;
     loop {
         tokio::select! {
             op = rx.recv() => {
@@ -86,7 +110,11 @@ async fn run(task: RegistryTask, mut rx: mpsc::UnboundedReceiver<Op>, shutdown: 
             }
             _ = refresh.tick() => {
                 slot = (slot + 1) % Hub::SHARDS;
-                refresh_shard(&task, slot).await;
+                if slot == 0 {
+                    round += 1;
+                }
+                let presence_too = round.is_multiple_of(presence::KEY_TTL_REFRESH_ROUNDS);
+                refresh_shard(&task, slot, presence_too).await;
             }
             () = shutdown.cancelled() => return,
         }
@@ -108,6 +136,13 @@ fn add_cmds(cmds: &mut Vec<(Shard, redis::Cmd)>, task: &RegistryTask, user: &Use
     expire.arg(&registry).arg(2 * task.lease.as_millis() as u64);
     cmds.push((shard, add));
     cmds.push((shard, expire));
+}
+
+/// The command that sets the expiry of `user`'s presence hash.
+fn presence_expiry(user: &UserId) -> redis::Cmd {
+    let mut expire = redis::cmd("PEXPIRE");
+    expire.arg(presence::key(user)).arg(presence::KEY_TTL_MS);
+    expire
 }
 
 /// Runs registry commands, one pipeline per shard; `Err` when a pipeline or a command failed.
@@ -134,6 +169,18 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
             // A connection of the user may have arrived since its last one closed (its
             // add queued before this remove): then the entry stays.
             Op::Remove(user) if !task.hub.conns_of(&user).is_empty() => {}
+            Op::Join(user, field, entry) => {
+                let key = presence::key(&user);
+                let mut set = redis::cmd("HSET");
+                set.arg(&key).arg(field).arg(entry);
+                cmds.push((task.conn.shard_of(&user), set));
+                cmds.push((task.conn.shard_of(&user), presence_expiry(&user)));
+            }
+            Op::Leave(user, field) => {
+                let mut del = redis::cmd("HDEL");
+                del.arg(presence::key(&user)).arg(field);
+                cmds.push((task.conn.shard_of(&user), del));
+            }
             Op::Remove(user) => {
                 let mut rem = redis::cmd("ZREM");
                 rem.arg(keys::registry(&user)).arg(&task.edge_id);
@@ -155,7 +202,9 @@ async fn apply(task: &RegistryTask, ops: Vec<Op>) {
     }
 }
 
-async fn refresh_shard(task: &RegistryTask, slot: usize) {
+/// Refreshes the leases of one hub shard's users, and with `presence_too` the expiry of their
+/// presence hashes.
+async fn refresh_shard(task: &RegistryTask, slot: usize, presence_too: bool) {
     let until = lease_until(task.lease);
     let users = task.hub.shard_users(slot);
     let lease_key = keys::edge_lease(&task.edge_id);
@@ -169,6 +218,9 @@ async fn refresh_shard(task: &RegistryTask, slot: usize) {
     for chunk in users.chunks(REFRESH_CHUNK) {
         for user in chunk {
             add_cmds(&mut cmds, task, user, until);
+            if presence_too {
+                cmds.push((task.conn.shard_of(user), presence_expiry(user)));
+            }
         }
         if let Err(e) = execute(task, std::mem::take(&mut cmds)).await {
             metrics::counter!("gapless_redis_errors_total", "op" => "registry").increment(1);

@@ -25,7 +25,7 @@ use crate::auth::{self, Guard, KeyId};
 use crate::body::{self, BodyBudget};
 use crate::config::{Config, Limits};
 use crate::error::{ApiError, ErrorBody};
-use crate::history;
+use crate::{devices, history};
 
 /// State shared by all handlers.
 pub struct AppState {
@@ -49,6 +49,8 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/v1/notifications", post(append_one))
         .route("/v1/notifications/batch", post(append_batch))
         .route("/v1/users/{user}/notifications", get(read_history))
+        .route("/v1/users/{user}/presence", get(read_presence))
+        .route("/v1/users/{user}/devices", get(read_devices))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -218,6 +220,52 @@ fn count_items<E>(results: &[Result<Appended, E>]) {
     metrics::counter!("gapless_ingest_items_total", "result" => "rejected").increment(rejected);
 }
 
+/// The `{user}` of a path, checked.
+fn path_user(user: Result<Path<String>, PathRejection>) -> Result<UserId, ApiError> {
+    let Path(user) = user.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
+    UserId::parse(&user).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))
+}
+
+/// `GET /v1/users/{user}/presence`.
+async fn read_presence(
+    State(state): State<Arc<AppState>>,
+    user: Result<Path<String>, PathRejection>,
+) -> Result<Json<devices::Presence>, ApiError> {
+    let user = path_user(user)?;
+    let mut conn = state.appender.connection();
+    Ok(Json(
+        devices::presence(&mut conn, state.redis_timeout, &user).await?,
+    ))
+}
+
+/// Query of the devices endpoint.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesQuery {
+    /// Ask, per device, whether this seq of the current epoch is acknowledged.
+    seq: Option<u64>,
+}
+
+/// `GET /v1/users/{user}/devices?seq=`.
+async fn read_devices(
+    State(state): State<Arc<AppState>>,
+    user: Result<Path<String>, PathRejection>,
+    query: Result<Query<DevicesQuery>, QueryRejection>,
+) -> Result<Json<devices::Devices>, ApiError> {
+    let user = path_user(user)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    if query.seq == Some(0) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "seq counts from 1 in each epoch",
+        ));
+    }
+    let mut conn = state.appender.connection();
+    Ok(Json(
+        devices::devices(&mut conn, state.redis_timeout, &user, query.seq).await?,
+    ))
+}
+
 /// Query of the history endpoint.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,9 +283,7 @@ async fn read_history(
     user: Result<Path<String>, PathRejection>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<history::History>, ApiError> {
-    let Path(user) = user.map_err(|e| ApiError::bad_request("invalid_user", e.body_text()))?;
-    let user =
-        UserId::parse(&user).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))?;
+    let user = path_user(user)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(history::DEFAULT_LIMIT);
     if limit == 0 || limit > history::MAX_LIMIT {

@@ -3,7 +3,8 @@
 //! A notification enters at [`api`] (routes) past [`auth`] (API keys, rate limits), its body is read and decoded with the
 //! limits by [`body`], it is appended by [`append`]
 //! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
-//! be read back through [`history`]. [`config`] holds the settings and [`error`] the JSON
+//! be read back through [`history`]; [`devices`] answers who is connected and how far each
+//! device acknowledged. [`config`] holds the settings and [`error`] the JSON
 //! error answers; [`demo`] is the browser demo page `gapless dev` turns on. [`run`] serves
 //! it all until the shutdown token fires.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod error;
 pub mod history;
 pub mod native;

@@ -8,6 +8,7 @@
 //! - [`store`]: the Redis connection and the timeout around every call;
 //! - [`health`]: the periodic Redis probe, its gauge and its once-per-outage log lines;
 //! - [`wakeup`]: the ingest -> edge wakeup message;
+//! - [`presence`]: the connections and ack positions edges record for producers to read;
 //! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
 //! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
 //! - [`rate`]: rate limits per API key, source address or user, and the failed-auth box;
@@ -24,6 +25,7 @@ pub mod health;
 pub mod ids;
 pub mod keys;
 pub mod listener;
+pub mod presence;
 pub mod process;
 pub mod protocol;
 pub mod rate;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
