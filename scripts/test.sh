@@ -74,6 +74,13 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 bin_dir="$(realpath -m "$target_dir")/debug"
 (cd clients/js && GAPLESS_BIN_DIR="$bin_dir" npm test)
 
+# The operations files (compose.yaml, deploy/): compose validated with docker-compose, the
+# Prometheus config and alert rules with promtool (rule unit tests included), and every
+# dashboard and alert query run against a real Prometheus scraping a real system of the
+# debug binaries under real traffic (about 15 s; installs prometheus and docker-compose
+# from apt when missing).
+GAPLESS_BIN_DIR="$bin_dir" ./scripts/check-deploy.sh
+
 # The CI-sized fault drill (about 2 minutes, every fault kind at least once) against the
 # debug binaries the tests just built: exits non-zero on any lost, out-of-order or
 # unexplained duplicate notification.

@@ -217,8 +217,11 @@ struct Delivery {
     tolerate_stale_ack: bool,
     /// Messages ready for the writer, in order.
     queue: VecDeque<ServerMessage>,
-    /// Still replaying what the client missed (for metrics).
+    /// Still reading what the client missed (for metrics).
     replaying: bool,
+    /// The last seq queued by the replay: what is sent up to it counts as replayed, not
+    /// live, even when it goes out after the replay's reading ended.
+    replay_through: u64,
     /// Earliest time of the next read after a Redis failure.
     retry_at: Option<Instant>,
 }
@@ -237,6 +240,7 @@ impl Delivery {
             tolerate_stale_ack: false,
             queue: VecDeque::new(),
             replaying: true,
+            replay_through: 0,
             retry_at: None,
         }
     }
@@ -369,6 +373,9 @@ impl Delivery {
                 }));
         }
         self.must_read = full || last < self.target || reread;
+        if self.replaying {
+            self.replay_through = last;
+        }
         if !self.must_read {
             self.replaying = false;
         }
@@ -506,10 +513,14 @@ pub async fn deliver<I: Inbound>(
                 match &msg {
                     ServerMessage::Notification(n) => {
                         d.sent = n.seq;
-                        let delivered = if d.replaying { &metrics.delivered_replay } else { &metrics.delivered_live };
-                        delivered.increment(1);
-                        let latency = gapless_shared::now_ms().saturating_sub(n.ts);
-                        state.hot.delivery_latency.record(latency as f64 / 1000.0);
+                        if n.seq <= d.replay_through {
+                            metrics.delivered_replay.increment(1);
+                        } else {
+                            // Live only: a replay's age is how long the device was away.
+                            metrics.delivered_live.increment(1);
+                            let latency = gapless_shared::now_ms().saturating_sub(n.ts);
+                            state.hot.delivery_latency.record(latency as f64 / 1000.0);
+                        }
                     }
                     ServerMessage::Reset { first_seq, reason, .. } => {
                         // Nothing before first_seq can be acked in the numbering that follows.
@@ -747,6 +758,10 @@ mod tests {
         assert_eq!(queued(&d), ["4", "5", "6"]);
         assert!(!d.must_read, "caught up");
         assert!(!d.replaying);
+        assert_eq!(
+            d.replay_through, 6,
+            "sent later, 4..=6 still count as replayed"
+        );
     }
 
     #[test]

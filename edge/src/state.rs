@@ -59,7 +59,7 @@ pub(crate) struct HotMetrics {
     /// Per transport, indexed by [`Kind::index`].
     per_transport: [TransportMetrics; 3],
     /// `gapless_edge_delivery_latency_seconds`: the entry's ingest time to its hand-over to
-    /// the transport.
+    /// the transport, for live deliveries (a replayed entry's age is the device's absence).
     pub delivery_latency: metrics::Histogram,
 }
 

@@ -101,7 +101,11 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(msg) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                format!("storage is unavailable, nothing was written; retry later ({msg})"),
+                format!(
+                    "storage is unavailable, so this is not acknowledged; a call that timed out \
+                     may still have been written: retry later with an idempotency key, which \
+                     never appends twice ({msg})"
+                ),
             ),
             StoreError::Redis(msg) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -138,6 +138,19 @@ fn zero_counters() {
     for limit in ["request", "items"] {
         zero_counter("gapless_ingest_rate_limited_total", &[("limit", limit)]);
     }
+    // A first 5xx of a route is then a rise from 0, which `rate()` sees.
+    for route in [
+        "/v1/notifications",
+        "/v1/notifications/batch",
+        "/v1/users/{user}/notifications",
+    ] {
+        for status in ["500", "503"] {
+            zero_counter(
+                "gapless_ingest_requests_total",
+                &[("route", route), ("status", status)],
+            );
+        }
+    }
     for name in [
         "gapless_ingest_body_budget_refusals_total",
         "gapless_ingest_append_conflicts_total",

@@ -149,6 +149,32 @@ async fn unauthenticated_connections_end_at_their_deadline_and_a_slow_body_gets_
     assert_eq!(request(&mut health, &get("/healthz", false)).await.0, 200);
     let took = closed_within(&mut health, Duration::from_secs(5)).await;
     assert!(took >= Duration::from_millis(600), "{took:?}");
+    // One that never sent a request is closed at the same deadline, counted apart: only it
+    // is worth a warning (a scraper's connection is not).
+    let mut silent = connect_from(1, to).await;
+    closed_within(&mut silent, Duration::from_secs(5)).await;
+    let metrics = ingest
+        .http
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let count = |reason: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "gapless_listener_refused_total{{reason=\"{reason}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("unauthenticated_idle") >= 1.0, "{metrics}");
+    assert!(count("unauthenticated_timeout") >= 1.0, "{metrics}");
     // An authenticated request whose body never arrives: 408 with a JSON error.
     let mut slow = connect_from(1, to).await;
     let head = format!(

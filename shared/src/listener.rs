@@ -217,6 +217,10 @@ pub enum Refusal {
     EstablishedCap,
     /// It did not authenticate within the deadline.
     Unauthenticated,
+    /// It did not authenticate within the deadline, but every request it sent was answered
+    /// and it sits idle: a scraper's or a health checker's keep-alive connection to a public
+    /// endpoint (`/metrics`, `/healthz`). Closed gracefully; logged at `debug`, not `warn`.
+    UnauthenticatedIdle,
     /// Its request head took too long.
     HeaderTimeout,
     /// It sat idle too long.
@@ -233,6 +237,7 @@ impl Refusal {
             Refusal::Evicted => "evicted",
             Refusal::EstablishedCap => "established_cap",
             Refusal::Unauthenticated => "unauthenticated_timeout",
+            Refusal::UnauthenticatedIdle => "unauthenticated_idle",
             Refusal::HeaderTimeout => "header_timeout",
             Refusal::Idle => "idle_timeout",
             Refusal::WriteStalled => "write_timeout",
@@ -240,7 +245,7 @@ impl Refusal {
     }
 
     /// Kinds of refusal (the variants are numbered from 0).
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 
     /// Every kind, in number order.
     const ALL: [Refusal; Refusal::COUNT] = [
@@ -248,6 +253,7 @@ impl Refusal {
         Refusal::Evicted,
         Refusal::EstablishedCap,
         Refusal::Unauthenticated,
+        Refusal::UnauthenticatedIdle,
         Refusal::HeaderTimeout,
         Refusal::Idle,
         Refusal::WriteStalled,
@@ -284,6 +290,10 @@ struct Pending {
 impl Budgets {
     fn refused(&self, why: Refusal, source: IpAddr) {
         metrics::counter!("gapless_listener_refused_total", "reason" => why.label()).increment(1);
+        if why == Refusal::UnauthenticatedIdle {
+            tracing::debug!(%source, "idle unauthenticated keep-alive connection closed");
+            return;
+        }
         self.throttles[why as usize].log(|suppressed| {
             tracing::warn!(
                 reason = why.label(),
@@ -455,6 +465,8 @@ struct Activity {
     since_ms: AtomicU64,
     /// Requests being served.
     busy: AtomicUsize,
+    /// Requests begun on the connection, ever.
+    begun: AtomicU64,
     /// Since when a write has been waiting for the socket, ms since the listener's epoch;
     /// 0 while writes make progress.
     write_stalled_ms: AtomicU64,
@@ -466,6 +478,7 @@ impl Activity {
             state: AtomicU8::new(IDLE),
             since_ms: AtomicU64::new(crate::monotonic_ms()),
             busy: AtomicUsize::new(0),
+            begun: AtomicU64::new(0),
             write_stalled_ms: AtomicU64::new(0),
         }
     }
@@ -506,6 +519,7 @@ impl Activity {
     /// A request's head was parsed: it is being served until the guard drops.
     fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
+        self.begun.fetch_add(1, Ordering::AcqRel);
         self.state.store(BUSY, Ordering::Release);
         Busy(self.clone())
     }
@@ -775,7 +789,7 @@ async fn connection<S, B>(
                 let why = overstayed(&slot, &activity, &config);
                 if let Some(why) = why {
                     budgets.refused(why, slot.source);
-                    if why == Refusal::Idle {
+                    if matches!(why, Refusal::Idle | Refusal::UnauthenticatedIdle) {
                         // Nothing in flight: closing loses nothing.
                         conn.as_mut().graceful_shutdown();
                         draining = true;
@@ -794,6 +808,12 @@ fn overstayed(slot: &Slot, activity: &Activity, config: &ListenerConfig) -> Opti
         && slot.admitted.elapsed() > config.unauth_timeout
         && activity.busy.load(Ordering::Acquire) == 0
     {
+        // A connection whose every request was answered, between two of them, is a public
+        // endpoint's client (a scraper); one that never finished a request is not.
+        let (state, _) = activity.current();
+        if state == IDLE && activity.begun.load(Ordering::Acquire) > 0 {
+            return Some(Refusal::UnauthenticatedIdle);
+        }
         return Some(Refusal::Unauthenticated);
     }
     if activity.write_stall() > config.write_timeout {

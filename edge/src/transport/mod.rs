@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 
 use crate::auth;
 use crate::delivery::{self, Resume};
-use crate::hub::Reservation;
+use crate::hub::{Kind, Reservation};
 use crate::reader::Page;
 use crate::state::EdgeState;
 
@@ -341,11 +341,13 @@ pub fn named_resume(epoch: Option<String>, after: Option<u64>) -> Result<Resume,
 /// The position read an HTTP session starts from (before it registers, see
 /// [`delivery::deliver`]), once: 503 when Redis does not answer, 409 for a named position
 /// beyond the log ([`check_named`]). A named position in the current epoch is acknowledged
-/// (stored like an ack): the client says it processed everything up to it.
+/// (stored like an ack, and counted as one of `kind`): the client says it processed
+/// everything up to it.
 pub async fn start_position(
     state: &EdgeState,
     authed: &Authed,
     resume: &Resume,
+    kind: Kind,
 ) -> Result<Page, Response> {
     let position = delivery::read_position_once(state, &authed.user, &authed.device)
         .await
@@ -358,6 +360,7 @@ pub async fn start_position(
         state
             .acks
             .record(&authed.user, &authed.device, epoch, *after);
+        state.hot.of(kind).acks.increment(1);
     }
     Ok(position)
 }

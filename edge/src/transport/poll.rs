@@ -109,7 +109,7 @@ pub async fn poll(
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };
-    let position = match super::start_position(&state, &authed, &resume).await {
+    let position = match super::start_position(&state, &authed, &resume, Kind::Poll).await {
         Ok(p) => p,
         Err(answer) => return answer,
     };

@@ -83,7 +83,7 @@ pub async fn stream(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
-    let position = match super::start_position(&state, &authed, &resume).await {
+    let position = match super::start_position(&state, &authed, &resume, Kind::Sse).await {
         Ok(p) => p,
         Err(answer) => return answer,
     };
