@@ -513,13 +513,15 @@ pub async fn deliver<I: Inbound>(
                 match &msg {
                     ServerMessage::Notification(n) => {
                         d.sent = n.seq;
+                        state.tally.delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if n.seq <= d.replay_through {
                             metrics.delivered_replay.increment(1);
                         } else {
                             // Live only: a replay's age is how long the device was away.
                             metrics.delivered_live.increment(1);
-                            let latency = gapless_shared::now_ms().saturating_sub(n.ts);
-                            state.hot.delivery_latency.record(latency as f64 / 1000.0);
+                            let latency = gapless_shared::now_ms().saturating_sub(n.ts) as f64 / 1000.0;
+                            state.hot.delivery_latency.record(latency);
+                            state.tally.latency.record(latency);
                         }
                     }
                     ServerMessage::Reset { first_seq, reason, .. } => {

@@ -170,6 +170,7 @@ pub async fn run(
         tally: Default::default(),
     });
     tokio::spawn(report::run(state.clone(), report::EVERY, tasks.clone()));
+    tokio::spawn(report::publish(state.clone(), tasks.clone()));
     tokio::spawn(forget_idle_loop(state.clone(), tasks.clone()));
     let sessions = TaskTracker::new();
     let router = router(&config, (state.clone(), sessions.clone()));

@@ -235,12 +235,23 @@ async fn refresh_shard(task: &RegistryTask, slot: usize, presence_too: bool) {
     let _ = execute(task, cmds).await;
 }
 
-/// Removes every entry of this edge (at the end of a drain).
+/// Removes every entry of this edge (at the end of a drain): its lease, its status report
+/// (a stopped edge leaves the status page; a dead one stays, silent), and its users'
+/// registry entries.
 pub async fn leave(conn: &Store, edge_id: &str, timeout: Duration, users: &[UserId]) {
     let lease_key = keys::edge_lease(edge_id);
+    let status_key = keys::edge_status(edge_id);
     let mut del = redis::cmd("DEL");
     del.arg(&lease_key);
-    let mut cmds = vec![(conn.shard_of_key(&lease_key), del)];
+    let mut del_status = redis::cmd("DEL");
+    del_status.arg(&status_key);
+    let mut rem = redis::cmd("ZREM");
+    rem.arg(keys::EDGES).arg(edge_id);
+    let mut cmds = vec![
+        (conn.shard_of_key(&lease_key), del),
+        (conn.shard_of_key(&status_key), del_status),
+        (conn.shard_of_key(keys::EDGES), rem),
+    ];
     for chunk in users.chunks(REFRESH_CHUNK) {
         for user in chunk {
             let mut rem = redis::cmd("ZREM");

@@ -44,13 +44,17 @@ pub struct EdgeState {
     pub(crate) tally: Tally,
 }
 
-/// Sessions opened and ended since the start, per transport (indexed by [`Kind::index`]).
+/// Sessions and deliveries since the start, for [`crate::report`].
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    /// Sessions opened.
+    /// Sessions opened, per transport (indexed by [`Kind::index`]).
     pub opened: [std::sync::atomic::AtomicU64; 3],
-    /// Sessions ended.
+    /// Sessions ended, per transport.
     pub ended: [std::sync::atomic::AtomicU64; 3],
+    /// Notifications handed to a transport (live and replayed).
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Latencies of live deliveries.
+    pub latency: gapless_shared::status::LatencyBuckets,
 }
 
 /// Handles of the metrics counted on every delivery and ack, registered once: `counter!`

@@ -5,6 +5,10 @@
 //! browser and the edge sits a TCP proxy the test can take down and whose connections it
 //! can kill, and which keeps each connection's request head.
 //!
+//! The ingest's live status page in the same browser: it authenticates by HTTP Basic with
+//! the API key, and renders the devices connected to two edges, the rates, the p99, Redis
+//! and each edge's lease and drain state, refreshed as they change.
+//!
 //! Needs `node`, `/usr/bin/chromium` and `npm ci` in `edge/tests/browser` (the README's test
 //! command, `scripts/test.sh`, installs all three).
 
@@ -118,8 +122,13 @@ struct Browser {
 
 impl Browser {
     fn start(dir: &std::path::Path) -> Self {
+        Self::start_script(dir, "eventsource.mjs")
+    }
+
+    /// Runs the driver `script` of `dir`.
+    fn start_script(dir: &std::path::Path, script: &str) -> Self {
         let mut child = Command::new("node")
-            .arg("eventsource.mjs")
+            .arg(script)
             .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -150,6 +159,24 @@ impl Browser {
             .unwrap_or_else(|e| panic!("the driver printed {line:?}: {e}"));
         assert!(answer.get("error").is_none(), "{command}: {answer}");
         answer
+    }
+}
+
+impl Browser {
+    /// Asks the status driver for what the page shows until `done` holds, at most 20 s.
+    async fn until(&mut self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let shown = self.call(json!({"cmd": "figures", "after": 1})).await;
+            if done(&shown) {
+                return shown;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 20 s; last: {shown}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -243,4 +270,136 @@ async fn a_browsers_eventsource_reconnects_by_itself_with_last_event_id_and_gets
     assert_eq!(seen["seqs"].as_array().map(Vec::len), Some(6));
     browser.call(json!({"cmd": "stop"})).await;
     let _ = browser.child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_fleet_live_in_a_browser() {
+    let Some(dir) = driver_dir() else { return };
+    let sys = System::start().await;
+    let a = sys.edge(sys.edge_config("edge-a")).await;
+    let mut config_b = sys.edge_config("edge-b");
+    config_b.drain_window = Duration::from_secs(20);
+    config_b.shutdown_grace = Duration::from_secs(30);
+    let b = sys.edge(config_b).await;
+    // Two WebSocket devices on edge-a, two SSE devices on edge-b (a drain closes them spread
+    // over its window: the second one keeps edge-b draining for half of it).
+    let mut phone = common::Client::connect(&a.ws_url(), "sam", "phone", (None, None)).await;
+    let _tablet = common::Client::connect(&a.ws_url(), "sam", "tablet", (None, None)).await;
+    let mut streams = Vec::new();
+    for device in ["laptop", "desktop"] {
+        let sse = reqwest::Client::new()
+            .get(format!(
+                "http://{}/v1/sse?token={}",
+                b.addr,
+                token("sam", Some(device))
+            ))
+            .send()
+            .await
+            .expect("the edge answers");
+        assert_eq!(sse.status(), 200);
+        streams.push(sse);
+    }
+    let (epoch, _) = sys.send("sam", json!("first")).await;
+    assert_eq!(phone.notification().await.epoch, epoch);
+
+    let mut browser = Browser::start_script(&dir, "status.mjs");
+    let url = format!("{}/status", sys.ingest_url);
+    let opened = browser
+        .call(json!({"cmd": "open", "url": url, "key": common::API_KEY}))
+        .await;
+    assert_eq!(
+        opened["status"], 200,
+        "the key as the Basic password opens the page"
+    );
+    let shots = std::env::temp_dir().join(format!("gapless-status-{}", std::process::id()));
+    std::fs::create_dir_all(&shots).expect("a directory for the screenshots");
+    let before = browser
+        .call(json!({"cmd": "figures", "after": 0, "shot": shots.join("before.png")}))
+        .await;
+    browser.call(json!({"cmd": "release"})).await;
+
+    // Appends while the page watches: the rates and the p99 have something to show.
+    let feed = {
+        let ingest = sys.ingest_url.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..40 {
+                let _ = http
+                    .post(format!("{ingest}/v1/notifications"))
+                    .bearer_auth(common::API_KEY)
+                    .json(&json!({"user": "sam", "payload": i}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    browser
+        .until("the page shows all four devices", |shown| {
+            shown["figures"]["connections"] == "4"
+        })
+        .await;
+    feed.await.expect("the feed ran");
+    let after = browser
+        .call(json!({"cmd": "figures", "after": 2, "shot": shots.join("after.png")}))
+        .await;
+    let figures = &after["figures"];
+    assert!(
+        figures["redis"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("up")),
+        "{after}"
+    );
+    assert!(
+        figures["appends"].as_str().is_some_and(|r| r != "–"),
+        "{after}"
+    );
+    let row = |shown: &Value, edge: &str| -> Vec<String> {
+        shown["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["edge"] == edge)
+            .and_then(|r| r["cells"].as_array())
+            .into_iter()
+            .flatten()
+            .map(|c| c.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let row_a = row(&after, "edge-a");
+    assert_eq!(
+        row_a.get(1..4),
+        Some(&["2", "0", "0"].map(String::from)[..]),
+        "edge-a: two WebSockets: {row_a:?}"
+    );
+    assert!(
+        row_a.len() == 8 && row_a[6].ends_with("s left") && row_a[7] == "serving",
+        "{row_a:?}"
+    );
+    let row_b = row(&after, "edge-b");
+    assert_eq!(
+        row_b.get(1..4),
+        Some(&["0", "2", "0"].map(String::from)[..]),
+        "edge-b: two SSE streams: {row_b:?}"
+    );
+    // The pixels of the figures changed once figures arrived.
+    assert_ne!(
+        before["shot"]["figures_sha256"], after["shot"]["figures_sha256"],
+        "the screenshot shows figures, not the placeholders"
+    );
+    assert!(
+        after["shot"]["bytes"].as_u64().is_some_and(|b| b > 10_000),
+        "{after}"
+    );
+
+    // edge-b starts draining: the page says so within a refresh or two.
+    b.stop.cancel();
+    browser
+        .until("the page shows edge-b draining", |shown| {
+            row(shown, "edge-b").get(7).is_some_and(|s| s == "draining")
+        })
+        .await;
+    drop(streams);
+    browser.call(json!({"cmd": "stop"})).await;
+    let _ = std::fs::remove_dir_all(&shots);
 }

@@ -25,7 +25,7 @@ use crate::auth::{self, Guard, KeyId};
 use crate::body::{self, BodyBudget};
 use crate::config::{Config, Limits};
 use crate::error::{ApiError, ErrorBody};
-use crate::{devices, history};
+use crate::{devices, history, openapi, status};
 
 /// State shared by all handlers.
 pub struct AppState {
@@ -41,6 +41,8 @@ pub struct AppState {
     pub redis_timeout: std::time::Duration,
     /// What the periodic Redis probe found last.
     pub health: Arc<gapless_shared::health::RedisHealth>,
+    /// Notifications appended, for the status page.
+    pub appends: Arc<status::AppendRate>,
 }
 
 /// The ingest's router; with [`Config::demo`] on, also the demo page of [`crate::demo`].
@@ -51,6 +53,8 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/v1/users/{user}/notifications", get(read_history))
         .route("/v1/users/{user}/presence", get(read_presence))
         .route("/v1/users/{user}/devices", get(read_devices))
+        .route("/v1/status", get(read_status))
+        .route("/status", get(status_page))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -64,7 +68,8 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     let router = Router::new()
         .merge(v1)
         .merge(demo)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi::serve))
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .fallback(|| async {
@@ -117,6 +122,28 @@ async fn observe(request: Request, next: Next) -> Response {
 }
 
 /// `POST /v1/notifications`.
+#[utoipa::path(
+    post,
+    path = "/v1/notifications",
+    tag = "notifications",
+    summary = "Append one notification",
+    description = "Answered only after Redis accepted the write.",
+    request_body(content = crate::body::ItemIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Appended, or a duplicate of an earlier idempotency key", body = Appended),
+        (status = 400, description = "Malformed JSON, user id or idempotency key", body = openapi::Error),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 408, description = "The request took too long", body = openapi::Error),
+        (status = 413, description = "Body or payload over its limit", body = openapi::Error),
+        (status = 415, description = "Not application/json", body = openapi::Error),
+        (status = 422, description = "Valid JSON of the wrong shape, or a payload nested too deep", body = openapi::Error),
+        (status = 429, description = "Over the key's rate, or too many failed authentications (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable, the body budget or connection budget full (Retry-After); not acknowledged", body = openapi::Error),
+    ),
+    security(("api_key" = []))
+)]
 async fn append_one(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -139,19 +166,57 @@ async fn append_one(
         .pop()
         .ok_or_else(|| ApiError::from(StoreError::Redis("no result for the item".into())))?;
     let appended = result?;
-    count_items::<ApiError>(std::slice::from_ref(&Ok(appended.clone())));
+    count_items::<ApiError>(&state, std::slice::from_ref(&Ok(appended.clone())));
     Ok(Json(appended))
 }
 
-/// One entry of a batch answer.
-#[derive(Serialize)]
+/// One entry of a batch answer: the appended item, or why it alone was refused.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum ItemResult {
+pub(crate) enum ItemResult {
+    /// Appended (or a recognised duplicate).
     Ok(Appended),
-    Err { error: ErrorBody },
+    /// Refused; its neighbours are not.
+    Err {
+        /// Why.
+        error: ErrorBody,
+    },
+}
+
+/// The answer of a batch: one result per item, in order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct BatchAnswer {
+    /// One per item of the request, in its order.
+    results: Vec<ItemResult>,
 }
 
 /// `POST /v1/notifications/batch`: JSON array, NDJSON or postcard; one result per item.
+#[utoipa::path(
+    post,
+    path = "/v1/notifications/batch",
+    tag = "notifications",
+    summary = "Append many notifications",
+    description = "One result per item, in order; a bad item never sinks its neighbours. Items of one user are appended in order, in one atomic step per user.",
+    request_body(content(
+        (Vec<crate::body::ItemIn> = "application/json"),
+        (String = "application/x-ndjson", example = json!("{\"user\":\"alice\",\"payload\":1}\n")),
+        (Vec<u8> = "application/x-postcard"),
+    )),
+    responses(
+        (status = 200, description = "One result per item", body = BatchAnswer),
+        (status = 400, description = "A body that is not a list of items", body = openapi::Error),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 408, description = "The request took too long", body = openapi::Error),
+        (status = 413, description = "Body or item count over its limit", body = openapi::Error),
+        (status = 415, description = "Not JSON, NDJSON or postcard", body = openapi::Error),
+        (status = 422, description = "Valid JSON of the wrong shape", body = openapi::Error),
+        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable or a budget full (Retry-After); nothing acknowledged", body = openapi::Error),
+    ),
+    security(("api_key" = []))
+)]
 async fn append_batch(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -191,7 +256,7 @@ async fn append_batch(
             Err(e) => Err(e.body),
         })
         .collect();
-    count_items(&results);
+    count_items(&state, &results);
     let results: Vec<ItemResult> = results
         .into_iter()
         .map(|r| match r {
@@ -199,14 +264,10 @@ async fn append_batch(
             Err(error) => ItemResult::Err { error },
         })
         .collect();
-    #[derive(Serialize)]
-    struct BatchAnswer {
-        results: Vec<ItemResult>,
-    }
     Ok(Json(BatchAnswer { results }).into_response())
 }
 
-fn count_items<E>(results: &[Result<Appended, E>]) {
+fn count_items<E>(state: &AppState, results: &[Result<Appended, E>]) {
     let (mut appended, mut duplicate, mut rejected) = (0u64, 0u64, 0u64);
     for r in results {
         match r {
@@ -215,6 +276,7 @@ fn count_items<E>(results: &[Result<Appended, E>]) {
             Err(_) => rejected += 1,
         }
     }
+    state.appends.add(appended);
     metrics::counter!("gapless_ingest_items_total", "result" => "appended").increment(appended);
     metrics::counter!("gapless_ingest_items_total", "result" => "duplicate").increment(duplicate);
     metrics::counter!("gapless_ingest_items_total", "result" => "rejected").increment(rejected);
@@ -227,6 +289,25 @@ fn path_user(user: Result<Path<String>, PathRejection>) -> Result<UserId, ApiErr
 }
 
 /// `GET /v1/users/{user}/presence`.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/presence",
+    tag = "users",
+    summary = "Who of a user is connected now",
+    description = "From the registry and the edges' leases in Redis, O(devices); an edge that died stops counting within its lease.",
+    params(("user" = String, Path, description = "The user id")),
+    responses(
+        (status = 200, description = "The user's connections", body = devices::Presence),
+        (status = 400, description = "Malformed user id or query", body = openapi::Error),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 408, description = "The request took too long", body = openapi::Error),
+        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+    ),
+    security(("api_key" = []))
+)]
 async fn read_presence(
     State(state): State<Arc<AppState>>,
     user: Result<Path<String>, PathRejection>,
@@ -238,15 +319,96 @@ async fn read_presence(
     ))
 }
 
+/// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "The process is up",
+    responses((status = 200, description = "Up", body = String, content_type = "text/plain"))
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /status`: the live status page (HTML).
+#[utoipa::path(
+    get,
+    path = "/status",
+    tag = "operations",
+    summary = "The live status page",
+    description = "A browser presents the API key by HTTP Basic authentication (any user name, the key as the password): without credentials the answer is 401 with `WWW-Authenticate: Basic`.",
+    responses(
+        (status = 200, description = "The page", body = String, content_type = "text/html"),
+        (status = 401, description = "No API key: the browser is asked for one", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 429, description = "Over the key's rate, or too many failed authentications (Retry-After)", body = openapi::Error),
+    ),
+    security(("browser" = []), ("api_key" = []))
+)]
+async fn status_page() -> Response {
+    status::page()
+}
+
+/// `GET /v1/status`: what the status page shows.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "operations",
+    summary = "The fleet's live figures",
+    responses(
+        (status = 200, description = "Edges, rates, p99, Redis", body = status::Status),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+    ),
+    security(("api_key" = []), ("browser" = []))
+)]
+async fn read_status(State(state): State<Arc<AppState>>) -> Result<Json<status::Status>, ApiError> {
+    let mut conn = state.appender.connection();
+    Ok(Json(
+        status::read(
+            &mut conn,
+            state.redis_timeout,
+            &state.appends,
+            state.health.snapshot(),
+        )
+        .await?,
+    ))
+}
+
 /// Query of the devices endpoint.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DevicesQuery {
-    /// Ask, per device, whether this seq of the current epoch is acknowledged.
+    /// Ask, per device, whether this seq of the current epoch is acknowledged (from 1).
+    #[param(minimum = 1)]
     seq: Option<u64>,
 }
 
 /// `GET /v1/users/{user}/devices?seq=`.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/devices",
+    tag = "users",
+    summary = "Every known device of a user and how far it acknowledged",
+    description = "From the stored ack positions and presence in Redis, O(devices).",
+    params(("user" = String, Path, description = "The user id"), DevicesQuery),
+    responses(
+        (status = 200, description = "Each device's delivery status", body = devices::Devices),
+        (status = 400, description = "Malformed user id or query", body = openapi::Error),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 408, description = "The request took too long", body = openapi::Error),
+        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+    ),
+    security(("api_key" = []))
+)]
 async fn read_devices(
     State(state): State<Arc<AppState>>,
     user: Result<Path<String>, PathRejection>,
@@ -267,17 +429,37 @@ async fn read_devices(
 }
 
 /// Query of the history endpoint.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
-    /// Entries after this seq.
+    /// Entries after this seq [default: 0].
     #[serde(default)]
     after: u64,
-    /// Most entries.
+    /// Most entries [default: 100].
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// `GET /v1/users/{user}/notifications?after=&limit=`.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/notifications",
+    tag = "users",
+    summary = "A user's retained notifications after a seq",
+    params(("user" = String, Path, description = "The user id"), HistoryQuery),
+    responses(
+        (status = 200, description = "A page of the user's log", body = history::History),
+        (status = 400, description = "Malformed user id or query", body = openapi::Error),
+        (status = 401, description = "No API key", body = openapi::Error),
+        (status = 403, description = "Unknown API key", body = openapi::Error),
+        (status = 408, description = "The request took too long", body = openapi::Error),
+        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
+        (status = 500, description = "Redis refused the request", body = openapi::Error),
+        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+    ),
+    security(("api_key" = []))
+)]
 async fn read_history(
     State(state): State<Arc<AppState>>,
     user: Result<Path<String>, PathRejection>,
@@ -298,6 +480,16 @@ async fn read_history(
 }
 
 /// `GET /readyz`: Redis answers and holds the schema this build needs.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Redis answers and holds the current schema",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Redis unavailable or its schema outdated (Retry-After)", body = openapi::Error),
+    )
+)]
 async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     let mut conn = state.appender.connection();
     let checked = tokio::time::timeout(
@@ -322,6 +514,13 @@ async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiEr
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"))
+)]
 async fn render_metrics() -> impl IntoResponse {
     (
         [(

@@ -43,7 +43,7 @@ pub struct NewNotification<'a> {
 }
 
 /// The answer for one appended (or recognised duplicate) notification.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Appended {
     /// Recipient.
     pub user: String,

@@ -108,7 +108,7 @@ impl Guard {
         static LOG: LogThrottle = LogThrottle::new();
         LOG.log(|suppressed| {
             tracing::info!(
-                source = ?source,
+                source = %source.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
                 code = refusal.body.code,
                 suppressed,
                 "request refused: {}",
@@ -175,8 +175,11 @@ pub async fn authenticate(
             .increment(1);
         return too_many_failures(wait).into_response();
     }
+    // The status page is opened by a browser, which can present a key only by HTTP Basic
+    // authentication (the key as the password): there a missing key asks the browser for it.
+    let challenge = request.uri().path() == "/status";
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
-        return guard.failed(
+        let mut refused = guard.failed(
             source,
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -184,24 +187,28 @@ pub async fn authenticate(
                 "missing `Authorization: Bearer <api key>` header",
             ),
         );
+        if challenge && refused.status() == StatusCode::UNAUTHORIZED {
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static(
+                    "Basic realm=\"gapless status: any user name, the API key as password\", charset=\"UTF-8\"",
+                ),
+            );
+        }
+        return refused;
     };
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    let presented = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim());
-    let Some(presented) = presented else {
+    let Some(presented) = value.to_str().ok().and_then(presented_key) else {
         return guard.failed(
             source,
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "the Authorization header must be `Bearer <api key>`",
+                "the Authorization header must be `Bearer <api key>` (or, from a browser, Basic \
+                 with the key as the password)",
             ),
         );
     };
+    let presented = presented.as_str();
     let Some(key) = guard.find(presented) else {
         return guard.failed(
             source,
@@ -226,6 +233,26 @@ pub async fn authenticate(
     next.run(request).await
 }
 
+/// The key of an `Authorization` value: `Bearer <key>`, or `Basic <base64 of user:key>` (a
+/// browser's; the user name is ignored). Schemes are case-insensitive (RFC 9110 §11.1).
+fn presented_key(value: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, credentials) = value.split_once(' ')?;
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (_, key) = decoded.split_once(':')?;
+    Some(key.to_owned())
+}
+
 /// Compares without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -234,6 +261,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_comes_as_bearer_or_as_the_password_of_basic() {
+        assert_eq!(presented_key("Bearer k1").as_deref(), Some("k1"));
+        assert_eq!(presented_key("bearer  k1 ").as_deref(), Some("k1"));
+        // base64("anyone:k1")
+        assert_eq!(presented_key("Basic YW55b25lOmsx").as_deref(), Some("k1"));
+        assert_eq!(presented_key("basic YW55b25lOmsx").as_deref(), Some("k1"));
+        assert_eq!(presented_key("Basic not-base64!"), None);
+        assert_eq!(
+            presented_key("Basic YW55b25l"),
+            None,
+            "no colon: no password"
+        );
+        assert_eq!(presented_key("Digest k1"), None);
+        assert_eq!(presented_key("k1"), None);
+    }
 
     #[test]
     fn keys_are_found_by_value_only() {

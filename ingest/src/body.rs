@@ -224,15 +224,22 @@ async fn refuse_after_draining(
 }
 
 /// One notification as a producer writes it in JSON.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ItemIn<'a> {
-    /// Borrowed unless the JSON string holds escapes.
+#[schema(as = NotificationIn)]
+pub(crate) struct ItemIn<'a> {
+    /// The recipient: 1..=128 bytes of `A-Z a-z 0-9 . _ : @ -` (borrowed unless the JSON
+    /// string holds escapes).
     #[serde(borrow)]
+    #[schema(value_type = String, min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@-]{1,128}$")]
     user: Cow<'a, str>,
+    /// Any JSON value, delivered as it is.
     #[serde(borrow)]
+    #[schema(value_type = Value)]
     payload: &'a RawValue,
+    /// A repeated key appends nothing and answers the original seq (kept 24 h).
     #[serde(default, borrow)]
+    #[schema(value_type = Option<String>)]
     idempotency_key: Option<Cow<'a, str>>,
 }
 

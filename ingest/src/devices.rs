@@ -15,7 +15,7 @@ use serde::Serialize;
 
 /// One connected device (a device connected twice, to two edges or twice to one, is listed
 /// once per connection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Connected {
     /// The device.
     pub device: String,
@@ -29,7 +29,7 @@ pub struct Connected {
 }
 
 /// `GET /v1/users/{user}/presence`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Presence {
     /// The user.
     pub user: String,
@@ -38,7 +38,7 @@ pub struct Presence {
 }
 
 /// One device's delivery status.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Device {
     /// The device.
     pub device: String,
@@ -61,7 +61,7 @@ pub struct Device {
 }
 
 /// `GET /v1/users/{user}/devices`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Devices {
     /// The user.
     pub user: String,

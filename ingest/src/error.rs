@@ -11,7 +11,7 @@ use serde::Serialize;
 const RETRY_AFTER_SECS: &str = "1";
 
 /// The error half of a JSON error body, also used per item in batch results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable machine-readable code.
     pub code: &'static str,
@@ -124,9 +124,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: &'a ErrorBody,
+/// The body of every error answer: `{"error":{"code":…,"message":…}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct Envelope<'a> {
+    /// What went wrong.
+    pub error: &'a ErrorBody,
 }
 
 impl IntoResponse for ApiError {

@@ -17,18 +17,20 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
 /// One retained notification.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = HistoryEntry)]
 pub struct Entry {
     /// Sequence number.
     pub seq: u64,
     /// Ingest time, ms.
     pub ts: u64,
     /// The producer's JSON.
+    #[schema(value_type = Value)]
     pub payload: Box<RawValue>,
 }
 
 /// A page of a user's log.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct History {
     /// The user.
     pub user: String,

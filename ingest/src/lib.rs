@@ -4,7 +4,7 @@
 //! limits by [`body`], it is appended by [`append`]
 //! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
 //! be read back through [`history`]; [`devices`] answers who is connected and how far each
-//! device acknowledged. [`config`] holds the settings and [`error`] the JSON
+//! device acknowledged; [`status`] is the live status page, [`openapi`] the API's document. [`config`] holds the settings and [`error`] the JSON
 //! error answers; [`demo`] is the browser demo page `gapless dev` turns on. [`run`] serves
 //! it all until the shutdown token fires.
 #![forbid(unsafe_code)]
@@ -19,6 +19,8 @@ pub mod devices;
 pub mod error;
 pub mod history;
 pub mod native;
+pub mod openapi;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -92,6 +94,7 @@ pub async fn run(
         guard: auth::Guard::new(config.api_keys.clone(), config.rates),
         redis_timeout: config.redis.command_timeout,
         health,
+        appends: Arc::default(),
     });
     // Install the recorder before the first request, so none goes uncounted.
     gapless_shared::telemetry::prometheus();
@@ -99,6 +102,7 @@ pub async fn run(
     let router = api::router(state.clone(), &config);
     let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
     let forget = tokio::spawn(auth::forget_idle_loop(state.clone(), shutdown.clone()));
+    let sampler = tokio::spawn(status::sample_loop(state.appends.clone(), shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
 
     let serve = gapless_shared::listener::serve(
@@ -118,6 +122,7 @@ pub async fn run(
     upkeep.abort();
     forget.abort();
     probe.abort();
+    sampler.abort();
     result
 }
 
@@ -143,6 +148,9 @@ fn zero_counters() {
         "/v1/notifications",
         "/v1/notifications/batch",
         "/v1/users/{user}/notifications",
+        "/v1/users/{user}/presence",
+        "/v1/users/{user}/devices",
+        "/v1/status",
     ] {
         for status in ["500", "503"] {
             zero_counter(

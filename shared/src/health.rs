@@ -30,6 +30,7 @@ pub struct RedisHealth {
 
 /// A copy of [`RedisHealth`] at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HealthSnapshot {
     /// The last probe succeeded.
     pub up: bool,

@@ -72,6 +72,16 @@ pub fn edge_lease(edge: &str) -> String {
     format!("gl:edge:{edge}")
 }
 
+/// `gl:edge:<edge id>:status`: what the edge last reported about itself (JSON of
+/// [`crate::status::EdgeStatus`]), for the ingest's status page.
+pub fn edge_status(edge: &str) -> String {
+    format!("gl:edge:{edge}:status")
+}
+
+/// `gl:edges`: sorted set of the edges that report a status, score = when they last did
+/// (ms since the Unix epoch).
+pub const EDGES: &str = "gl:edges";
+
 /// `gl:wake:{<edge id>}`: the channel on which the ingest wakes an edge.
 pub fn wake_channel(edge: &str) -> String {
     format!("gl:wake:{{{edge}}}")

@@ -9,6 +9,7 @@
 //! - [`health`]: the periodic Redis probe, its gauge and its once-per-outage log lines;
 //! - [`wakeup`]: the ingest -> edge wakeup message;
 //! - [`presence`]: the connections and ack positions edges record for producers to read;
+//! - [`status`]: what each edge reports about itself for the ingest's status page;
 //! - [`protocol`]: the edge <-> client WebSocket messages and their codecs;
 //! - [`listener`]: the servers' accept side: connection budgets, timeouts, accept back-off;
 //! - [`rate`]: rate limits per API key, source address or user, and the failed-auth box;
@@ -31,6 +32,7 @@ pub mod protocol;
 pub mod rate;
 pub mod runtime;
 pub mod schema;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]

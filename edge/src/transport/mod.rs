@@ -139,6 +139,11 @@ pub struct Authed {
     pub places: (Option<Reservation>, Option<Admission>),
 }
 
+/// A source address for a log line (`-` when the listener gave none).
+fn display_source(source: Option<std::net::IpAddr>) -> String {
+    source.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
 /// Checks a request's credentials in the order every endpoint shares: draining, the source's
 /// failure rate, the token (`Authorization: Bearer` or `?token=`), the device, the user's
 /// connection rate and cap, and the listener's established budget. Every refusal is a JSON
@@ -172,7 +177,7 @@ pub fn authenticate(
         // At most one line per interval: a flood of bad tokens must not flood the log.
         static LOG: LogThrottle = LogThrottle::new();
         LOG.log(|suppressed| {
-            tracing::info!(source = ?source, code, suppressed, "connection refused: {message}")
+            tracing::info!(source = %display_source(source), code, suppressed, "connection refused: {message}")
         });
         match source.map(|ip| state.auth_failures.failed(&ip)) {
             Some(Err(wait)) => locked_out(wait),
