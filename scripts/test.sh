@@ -81,6 +81,12 @@ bin_dir="$(realpath -m "$target_dir")/debug"
 # from apt when missing).
 GAPLESS_BIN_DIR="$bin_dir" ./scripts/check-deploy.sh
 
+# The ingest's OpenAPI document (GET /openapi.json, generated from the handlers' types):
+# validated with openapi-spec-validator, then schemathesis against a real ingest with it
+# (no 5xx, every answer as documented; about 10 s, plus a one-time pip install into
+# target/openapi-venv).
+GAPLESS_BIN_DIR="$bin_dir" ./scripts/check-openapi.sh
+
 # The CI-sized fault drill (about 2 minutes, every fault kind at least once) against the
 # debug binaries the tests just built: exits non-zero on any lost, out-of-order or
 # unexplained duplicate notification.

@@ -196,11 +196,11 @@ pub(crate) struct BatchAnswer {
     path = "/v1/notifications/batch",
     tag = "notifications",
     summary = "Append many notifications",
-    description = "One result per item, in order; a bad item never sinks its neighbours. Items of one user are appended in order, in one atomic step per user.",
+    description = "One result per item, in order; a bad item never sinks its neighbours (it gets an error result of its own). Items of one user are appended in order, in one atomic step per user. The same items travel as a JSON array, as NDJSON (one item object per line) or as postcard (`gapless_shared::batch::PostcardBatch::V1`, the payload as JSON text).",
     request_body(content(
         (Vec<crate::body::ItemIn> = "application/json"),
-        (String = "application/x-ndjson", example = json!("{\"user\":\"alice\",\"payload\":1}\n")),
-        (Vec<u8> = "application/x-postcard"),
+        (Vec<crate::body::ItemIn> = "application/x-ndjson"),
+        (Vec<crate::body::ItemIn> = "application/x-postcard"),
     )),
     responses(
         (status = 200, description = "One result per item", body = BatchAnswer),
@@ -295,7 +295,7 @@ fn path_user(user: Result<Path<String>, PathRejection>) -> Result<UserId, ApiErr
     tag = "users",
     summary = "Who of a user is connected now",
     description = "From the registry and the edges' leases in Redis, O(devices); an edge that died stops counting within its lease.",
-    params(("user" = String, Path, description = "The user id")),
+    params(("user" = gapless_shared::ids::UserId, Path, description = "The user id")),
     responses(
         (status = 200, description = "The user's connections", body = devices::Presence),
         (status = 400, description = "Malformed user id or query", body = openapi::Error),
@@ -385,7 +385,7 @@ async fn read_status(State(state): State<Arc<AppState>>) -> Result<Json<status::
 #[into_params(parameter_in = Query)]
 struct DevicesQuery {
     /// Ask, per device, whether this seq of the current epoch is acknowledged (from 1).
-    #[param(minimum = 1)]
+    #[param(minimum = 1, maximum = 9_007_199_254_740_991_u64)]
     seq: Option<u64>,
 }
 
@@ -396,7 +396,7 @@ struct DevicesQuery {
     tag = "users",
     summary = "Every known device of a user and how far it acknowledged",
     description = "From the stored ack positions and presence in Redis, O(devices).",
-    params(("user" = String, Path, description = "The user id"), DevicesQuery),
+    params(("user" = gapless_shared::ids::UserId, Path, description = "The user id"), DevicesQuery),
     responses(
         (status = 200, description = "Each device's delivery status", body = devices::Devices),
         (status = 400, description = "Malformed user id or query", body = openapi::Error),
@@ -422,11 +422,21 @@ async fn read_devices(
             "seq counts from 1 in each epoch",
         ));
     }
+    if query.seq.is_some_and(|n| n > MAX_SEQ) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("seq is at most {MAX_SEQ}"),
+        ));
+    }
     let mut conn = state.appender.connection();
     Ok(Json(
         devices::devices(&mut conn, state.redis_timeout, &user, query.seq).await?,
     ))
 }
+
+/// The largest seq a query may name: 2^53 - 1, the largest integer every JSON reader holds
+/// exactly (a log never gets near it).
+const MAX_SEQ: u64 = (1 << 53) - 1;
 
 /// Query of the history endpoint.
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -435,6 +445,7 @@ async fn read_devices(
 struct HistoryQuery {
     /// Entries after this seq [default: 0].
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9_007_199_254_740_991_u64)]
     after: u64,
     /// Most entries [default: 100].
     #[param(minimum = 1, maximum = 1000)]
@@ -447,7 +458,7 @@ struct HistoryQuery {
     path = "/v1/users/{user}/notifications",
     tag = "users",
     summary = "A user's retained notifications after a seq",
-    params(("user" = String, Path, description = "The user id"), HistoryQuery),
+    params(("user" = gapless_shared::ids::UserId, Path, description = "The user id"), HistoryQuery),
     responses(
         (status = 200, description = "A page of the user's log", body = history::History),
         (status = 400, description = "Malformed user id or query", body = openapi::Error),
@@ -472,6 +483,12 @@ async fn read_history(
         return Err(ApiError::bad_request(
             "invalid_query",
             format!("limit must be between 1 and {}", history::MAX_LIMIT),
+        ));
+    }
+    if query.after > MAX_SEQ {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("after is at most {MAX_SEQ}"),
         ));
     }
     let mut conn = state.appender.connection();

@@ -239,7 +239,7 @@ pub(crate) struct ItemIn<'a> {
     payload: &'a RawValue,
     /// A repeated key appends nothing and answers the original seq (kept 24 h).
     #[serde(default, borrow)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 200, pattern = "^[!-~]{1,200}$")]
     idempotency_key: Option<Cow<'a, str>>,
 }
 

@@ -34,6 +34,7 @@ pub type Error = crate::error::Envelope<'static>;
         crate::api::render_metrics,
         serve,
     ),
+    components(schemas(gapless_shared::ids::UserId)),
     modifiers(&Security),
     tags(
         (name = "notifications", description = "Appending"),

@@ -37,6 +37,11 @@ pub enum IdError {
 
 /// A user id: 1..=128 bytes of `[A-Za-z0-9._:@-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(value_type = String, min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@-]{1,128}$")
+)]
 pub struct UserId(String);
 
 impl UserId {
