@@ -64,7 +64,15 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# The test suite: cargo-nextest where installed (each test in its own process, test binaries
+# run side by side: the suite is mostly waiting on real processes, so this is several minutes
+# shorter), plus the doc tests, which nextest does not run; else cargo test.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked
+fi
 
 # The browser client's tests (clients/js): unit tests of its state machine, and end-to-end
 # tests in headless Chromium against real redis-server, ingest and edges started from the

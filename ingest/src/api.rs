@@ -131,16 +131,7 @@ async fn observe(request: Request, next: Next) -> Response {
     request_body(content = crate::body::ItemIn, content_type = "application/json"),
     responses(
         (status = 200, description = "Appended, or a duplicate of an earlier idempotency key", body = Appended),
-        (status = 400, description = "Malformed JSON, user id or idempotency key", body = openapi::Error),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 408, description = "The request took too long", body = openapi::Error),
-        (status = 413, description = "Body or payload over its limit", body = openapi::Error),
-        (status = 415, description = "Not application/json", body = openapi::Error),
-        (status = 422, description = "Valid JSON of the wrong shape, or a payload nested too deep", body = openapi::Error),
-        (status = 429, description = "Over the key's rate, or too many failed authentications (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable, the body budget or connection budget full (Retry-After); not acknowledged", body = openapi::Error),
+        openapi::AppendRefusals,
     ),
     security(("api_key" = []))
 )]
@@ -204,16 +195,7 @@ pub(crate) struct BatchAnswer {
     )),
     responses(
         (status = 200, description = "One result per item", body = BatchAnswer),
-        (status = 400, description = "A body that is not a list of items", body = openapi::Error),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 408, description = "The request took too long", body = openapi::Error),
-        (status = 413, description = "Body or item count over its limit", body = openapi::Error),
-        (status = 415, description = "Not JSON, NDJSON or postcard", body = openapi::Error),
-        (status = 422, description = "Valid JSON of the wrong shape", body = openapi::Error),
-        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable or a budget full (Retry-After); nothing acknowledged", body = openapi::Error),
+        openapi::AppendRefusals,
     ),
     security(("api_key" = []))
 )]
@@ -298,13 +280,7 @@ fn path_user(user: Result<Path<String>, PathRejection>) -> Result<UserId, ApiErr
     params(("user" = gapless_shared::ids::UserId, Path, description = "The user id")),
     responses(
         (status = 200, description = "The user's connections", body = devices::Presence),
-        (status = 400, description = "Malformed user id or query", body = openapi::Error),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 408, description = "The request took too long", body = openapi::Error),
-        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+        openapi::ReadRefusals,
     ),
     security(("api_key" = []))
 )]
@@ -358,11 +334,7 @@ async fn status_page() -> Response {
     summary = "The fleet's live figures",
     responses(
         (status = 200, description = "Edges, rates, p99, Redis", body = status::Status),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+        openapi::ReadRefusals,
     ),
     security(("api_key" = []), ("browser" = []))
 )]
@@ -399,13 +371,7 @@ struct DevicesQuery {
     params(("user" = gapless_shared::ids::UserId, Path, description = "The user id"), DevicesQuery),
     responses(
         (status = 200, description = "Each device's delivery status", body = devices::Devices),
-        (status = 400, description = "Malformed user id or query", body = openapi::Error),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 408, description = "The request took too long", body = openapi::Error),
-        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+        openapi::ReadRefusals,
     ),
     security(("api_key" = []))
 )]
@@ -461,13 +427,7 @@ struct HistoryQuery {
     params(("user" = gapless_shared::ids::UserId, Path, description = "The user id"), HistoryQuery),
     responses(
         (status = 200, description = "A page of the user's log", body = history::History),
-        (status = 400, description = "Malformed user id or query", body = openapi::Error),
-        (status = 401, description = "No API key", body = openapi::Error),
-        (status = 403, description = "Unknown API key", body = openapi::Error),
-        (status = 408, description = "The request took too long", body = openapi::Error),
-        (status = 429, description = "Over the key's rate (Retry-After)", body = openapi::Error),
-        (status = 500, description = "Redis refused the request", body = openapi::Error),
-        (status = 503, description = "Redis unavailable (Retry-After)", body = openapi::Error),
+        openapi::ReadRefusals,
     ),
     security(("api_key" = []))
 )]

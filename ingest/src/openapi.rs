@@ -13,6 +13,68 @@ use utoipa::{Modify, OpenApi};
 /// The body of every error answer, as the documents name it.
 pub type Error = crate::error::Envelope<'static>;
 
+/// The refusals of an append (one or a batch), each with the JSON error body.
+#[derive(utoipa::IntoResponses)]
+pub enum AppendRefusals {
+    /// Malformed JSON, user id or idempotency key, or a body that is not a list of items.
+    #[response(status = 400)]
+    BadRequest(Error),
+    /// No API key.
+    #[response(status = 401)]
+    Unauthorized(Error),
+    /// Unknown API key.
+    #[response(status = 403)]
+    Forbidden(Error),
+    /// The request, body included, took too long.
+    #[response(status = 408)]
+    Timeout(Error),
+    /// Body, payload or item count over its limit.
+    #[response(status = 413)]
+    TooLarge(Error),
+    /// Not JSON (nor NDJSON or postcard, for a batch).
+    #[response(status = 415)]
+    MediaType(Error),
+    /// Valid JSON of the wrong shape, or a payload nested too deep.
+    #[response(status = 422)]
+    Unprocessable(Error),
+    /// Over the key's rate, or too many failed authentications (`Retry-After`).
+    #[response(status = 429)]
+    TooMany(Error),
+    /// Redis refused the request.
+    #[response(status = 500)]
+    Store(Error),
+    /// Redis unavailable, or a body or connection budget full (`Retry-After`); nothing is
+    /// acknowledged.
+    #[response(status = 503)]
+    Unavailable(Error),
+}
+
+/// The refusals of an authenticated read, each with the JSON error body.
+#[derive(utoipa::IntoResponses)]
+pub enum ReadRefusals {
+    /// Malformed user id or query.
+    #[response(status = 400)]
+    BadRequest(Error),
+    /// No API key.
+    #[response(status = 401)]
+    Unauthorized(Error),
+    /// Unknown API key.
+    #[response(status = 403)]
+    Forbidden(Error),
+    /// The request took too long.
+    #[response(status = 408)]
+    Timeout(Error),
+    /// Over the key's rate, or too many failed authentications (`Retry-After`).
+    #[response(status = 429)]
+    TooMany(Error),
+    /// Redis refused the request.
+    #[response(status = 500)]
+    Store(Error),
+    /// Redis unavailable (`Retry-After`).
+    #[response(status = 503)]
+    Unavailable(Error),
+}
+
 /// The document.
 #[derive(OpenApi)]
 #[openapi(
