@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use gapless_shared::config::RedisConfig;
-use gapless_shared::process::{ClusterOptions, RedisCluster, RedisOptions, RedisProcess};
+use gapless_shared::process::{
+    ClusterOptions, RedisCluster, RedisOptions, RedisProcess, free_port,
+};
 use gapless_shared::{schema, store};
 
 /// An existing deployment to aim at instead of starting a fleet (`drill` and `load`).
@@ -443,11 +445,4 @@ fn log_file(dir: &std::path::Path, name: &str) -> anyhow::Result<std::fs::File> 
         .create(true)
         .append(true)
         .open(dir.join(format!("{name}.log")))?)
-}
-
-/// A port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

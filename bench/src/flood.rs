@@ -22,6 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::fleet::{Fleet, JWT_SECRET};
+use crate::producer::{Ingest, notification, payload};
 
 /// Arguments of `gapless-bench flood`.
 #[derive(Debug, clap::Args)]
@@ -171,8 +172,12 @@ fn http_from(source: IpAddr) -> anyhow::Result<reqwest::Client> {
 
 /// A client of `user` from `source`.
 fn client(ws_url: &str, user: &str, source: IpAddr) -> Client {
-    let token =
-        gapless_edge::auth::mint_hs256(JWT_SECRET, user, Some("phone"), Duration::from_secs(3600));
+    let token = gapless_shared::token::mint_hs256(
+        JWT_SECRET,
+        user,
+        Some("phone"),
+        Duration::from_secs(3600),
+    );
     let mut config = ClientConfig::new(vec![ws_url.to_owned()], token);
     config.local_addr = Some(SocketAddr::new(source, 0));
     config.backoff_min = Duration::from_millis(50);
@@ -302,18 +307,12 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         .get_multiplexed_async_connection()
         .await?;
     let http = http_from(checker)?;
-    let append = |user: String, payload: serde_json::Value| {
-        let http = http.clone();
-        let url = format!("{}/v1/notifications", fleet.ingest_url);
-        let key = fleet.api_key.clone();
+    let ingest = Ingest::with_client(http.clone(), &fleet.ingest_url, &fleet.api_key);
+    let append = |user: String, value: serde_json::Value| {
+        let ingest = ingest.clone();
         async move {
-            let r = http
-                .post(url)
-                .bearer_auth(key)
-                .json(&serde_json::json!({"user": user, "payload": payload}))
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().is_success(), "append answered {}", r.status());
+            let body = payload(&value);
+            ingest.append(&notification(&user, &body, None)).await?;
             anyhow::Ok(())
         }
     };

@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use bytes::Bytes;
+use clap::Args;
 use gapless_shared::batch::{PostcardBatch, PostcardItem};
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::fleet::{Fleet, FleetOptions, FleetRedis};
+use crate::producer::{Format, Ingest, notification};
 use crate::stats::{Percentiles, cpu_seconds, median, percentiles};
 
 /// Settings of the ingest scenario.
@@ -46,15 +49,6 @@ pub struct IngestArgs {
     /// Requests of the redis-benchmark XADD run.
     #[arg(long, default_value_t = 1_000_000)]
     xadd_requests: usize,
-}
-
-/// Batch body encodings.
-#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Format {
-    Json,
-    Ndjson,
-    Postcard,
 }
 
 /// What the scenario measured.
@@ -202,9 +196,9 @@ pub async fn run(
 
 /// Request bodies of one round, in every encoding (only the chosen one is used).
 struct Bodies {
-    json: Vec<Vec<u8>>,
-    ndjson: Vec<Vec<u8>>,
-    postcard: Vec<Vec<u8>>,
+    json: Vec<Bytes>,
+    ndjson: Vec<Bytes>,
+    postcard: Vec<Bytes>,
 }
 
 fn build_bodies(args: &IngestArgs) -> Bodies {
@@ -221,18 +215,27 @@ fn build_bodies(args: &IngestArgs) -> Bodies {
         ndjson: Vec::new(),
         postcard: Vec::new(),
     };
-    for chunk in items.chunks(args.batch) {
-        let lines: Vec<String> = chunk
+    let payloads: Vec<Box<RawValue>> = items
+        .iter()
+        .map(|it| RawValue::from_string(it.payload.clone()).expect("the payload is JSON"))
+        .collect();
+    for (chunk, payloads) in items.chunks(args.batch).zip(payloads.chunks(args.batch)) {
+        let notifications: Vec<_> = chunk
             .iter()
-            .map(|it| format!("{{\"user\":\"{}\",\"payload\":{}}}", it.user, it.payload))
+            .zip(payloads)
+            .map(|(it, payload)| notification(&it.user, payload, None))
             .collect();
-        bodies
-            .json
-            .push(format!("[{}]", lines.join(",")).into_bytes());
-        bodies.ndjson.push(lines.join("\n").into_bytes());
+        let lines: Vec<String> = notifications
+            .iter()
+            .map(|n| serde_json::to_string(n).expect("a notification serialises"))
+            .collect();
+        bodies.json.push(Bytes::from(
+            serde_json::to_vec(&notifications).expect("notifications serialise"),
+        ));
+        bodies.ndjson.push(Bytes::from(lines.join("\n")));
         bodies
             .postcard
-            .push(PostcardBatch::V1(chunk.to_vec()).encode());
+            .push(Bytes::from(PostcardBatch::V1(chunk.to_vec()).encode()));
     }
     bodies
 }
@@ -246,37 +249,31 @@ async fn ingest_round(
     format: Format,
 ) -> anyhow::Result<Vec<f64>> {
     let next = Arc::new(AtomicUsize::new(0));
-    let url = format!("{}/v1/notifications/batch", fleet.ingest_url);
+    let ingest = Ingest::with_client(client.clone(), &fleet.ingest_url, &fleet.api_key);
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, bodies, next, url) =
-            (client.clone(), bodies.clone(), next.clone(), url.clone());
-        let key = fleet.api_key.clone();
+        let (ingest, bodies, next) = (ingest.clone(), bodies.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            let (list, content_type) = match format {
-                Format::Json => (&bodies.json, "application/json"),
-                Format::Ndjson => (&bodies.ndjson, "application/x-ndjson"),
-                Format::Postcard => (&bodies.postcard, "application/x-postcard"),
+            let list = match format {
+                Format::Json => &bodies.json,
+                Format::Ndjson => &bodies.ndjson,
+                Format::Postcard => &bodies.postcard,
             };
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = list.get(i) else { break };
                 let started = Instant::now();
-                let response = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("content-type", content_type)
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                let status = response.status();
-                let text = response.text().await?;
+                let results = ingest
+                    .send_batch(format, body.clone())
+                    .await
+                    .with_context(|| format!("batch {i}"))?;
                 latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-                if !status.is_success() || text.contains("\"error\"") {
+                if let Some(Err(refused)) = results.iter().find(|r| r.is_err()) {
                     bail!(
-                        "batch {i} failed: {status} {}",
-                        &text[..text.len().min(300)]
+                        "batch {i}: an item was refused: {} ({})",
+                        refused.code,
+                        refused.message
                     );
                 }
             }

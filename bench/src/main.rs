@@ -12,7 +12,9 @@ mod fleet;
 mod flood;
 mod ingest;
 mod load;
+mod producer;
 mod stats;
+mod target;
 mod transports;
 
 use clap::{Parser, Subcommand};
@@ -64,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     // On SIGINT or SIGTERM the scenario is dropped, and with it the fleet, which kills the
     // processes it started: none is left behind.
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(gapless_shared::telemetry::cancel_on_signal(stop.clone()));
+    tokio::spawn(gapless_shared::shutdown::cancel_on_signal(stop.clone()));
     tokio::select! {
         result = scenario => result,
         () = stop.cancelled() => anyhow::bail!("interrupted"),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use gapless_edge::auth::mint_hs256;
+use gapless_shared::token::mint_hs256;
 use serde::{Deserialize, Serialize};
 
 /// How long the demo tokens are valid; a kept token with less than [`RENEW_WITHIN`] left is

@@ -9,9 +9,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod credentials;
-use gapless_edge::auth::{JwtKey, mint_hs256};
+use gapless_edge::auth::JwtKey;
 use gapless_shared::config::{RedisConfig, Secret, mask_url_password as mask};
 use gapless_shared::process::{ClusterOptions, RedisCluster, RedisOptions, RedisProcess};
+use gapless_shared::token::mint_hs256;
 use gapless_shared::{schema, store};
 use tokio_util::sync::CancellationToken;
 
@@ -246,9 +247,7 @@ impl Dev {
         let api_key = credentials.api_key.clone();
         let jwt_secret = credentials.jwt_secret.clone();
         let shutdown = CancellationToken::new();
-        tokio::spawn(gapless_shared::telemetry::cancel_on_signal(
-            shutdown.clone(),
-        ));
+        tokio::spawn(gapless_shared::shutdown::cancel_on_signal(shutdown.clone()));
 
         let mut ingest_config =
             gapless_ingest::Config::new(redis_config.clone(), vec![Secret::new(api_key.clone())]);

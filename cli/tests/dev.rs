@@ -275,7 +275,9 @@ async fn dev_with_cluster_runs_the_system_on_its_own_cluster_and_keeps_the_data_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_keeps_its_credentials_across_restarts_and_rotates_them_when_asked() {
-    let port = gapless_shared::testing::free_port().to_string();
+    let port = gapless_shared::testing::free_port()
+        .expect("a free port")
+        .to_string();
     let dir = std::env::temp_dir().join(format!("gapless-dev-cred-{}-{port}", std::process::id()));
     let http = reqwest::Client::new();
     let args = ["--redis-port", port.as_str()];

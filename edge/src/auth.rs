@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use gapless_shared::config::Secret;
 use gapless_shared::ids::UserId;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use gapless_shared::token::Claims;
+use gapless_shared::token::MIN_HS256_SECRET;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 /// The key tokens are checked with.
 #[derive(Clone)]
@@ -95,9 +96,6 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
     }
 }
 
-/// Shortest HS256 secret accepted: 256 bits, the hash's own size (RFC 7518 §3.2).
-pub const MIN_HS256_SECRET: usize = 32;
-
 /// Claim checks beyond the signature and `exp`.
 #[derive(Debug, Clone)]
 pub struct TokenRules {
@@ -117,24 +115,6 @@ impl Default for TokenRules {
             issuer: None,
         }
     }
-}
-
-/// The claims gapless reads.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Claims {
-    /// The user.
-    pub sub: String,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
-    /// The device, optional.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// Not valid before, seconds since the Unix epoch; checked when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Issued at, seconds since the Unix epoch; a time in the future is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
 }
 
 /// Checks tokens with one pinned algorithm.
@@ -215,32 +195,11 @@ impl Verifier {
     }
 }
 
-/// Mints an HS256 token, for `gapless token`, `gapless dev` and tests.
-pub fn mint_hs256(
-    secret: &str,
-    user: &str,
-    device: Option<&str>,
-    ttl: std::time::Duration,
-) -> String {
-    let now = gapless_shared::now_ms() / 1000;
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp: now + ttl.as_secs(),
-        device: device.map(str::to_owned),
-        nbf: None,
-        iat: Some(now),
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("HS256 signing of plain claims cannot fail")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gapless_shared::token::mint_hs256;
+    use jsonwebtoken::{EncodingKey, Header};
     use std::time::Duration;
 
     const K: &str = "0123456789abcdef0123456789abcdef";

@@ -23,14 +23,16 @@ use std::time::Duration;
 
 use gapless_shared::ids::UserId;
 use gapless_shared::presence;
-use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage};
+use gapless_shared::protocol::{
+    ClientMessage, DrainHint, Notification, ResetReason, ServerMessage, close,
+};
 use gapless_shared::store::StoreError;
 use gapless_shared::wakeup::WakeItem;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::frame::{self, Violation};
+use crate::frame::Violation;
 use crate::hub::{CloseReason, Closing, Conn, Kind, Out};
 use crate::reader::{Page, ReadOp};
 use crate::state::EdgeState;
@@ -64,22 +66,25 @@ impl End {
         let (code, reason, reconnect_ms) = match self {
             End::Violation(v) => (v.code, v.reason.clone(), None),
             End::Closed(CloseReason::Draining(ms)) => (
-                frame::CLOSE_RESTART,
-                format!("edge draining; reconnect in {ms} ms"),
+                close::RESTART,
+                DrainHint {
+                    reconnect_in_ms: *ms,
+                }
+                .reason(),
                 Some(*ms),
             ),
             End::Closed(CloseReason::HeartbeatTimeout) => (
-                frame::CLOSE_POLICY,
+                close::POLICY,
                 "no frame from the client for two heartbeat intervals".to_owned(),
                 None,
             ),
             End::Closed(CloseReason::SlowConsumer) => (
-                frame::CLOSE_TRY_AGAIN,
+                close::TRY_AGAIN,
                 "slow consumer: the client took nothing in time; resume later".to_owned(),
                 None,
             ),
             End::Closed(CloseReason::Replaced) => (
-                frame::CLOSE_REPLACED,
+                close::REPLACED,
                 "replaced by a newer connection of this device".to_owned(),
                 None,
             ),
@@ -488,7 +493,7 @@ pub async fn deliver<I: Inbound>(
                 }
                 Ok(ClientMessage::Resume { .. }) => {
                     return End::Violation(Violation::new(
-                        frame::CLOSE_POLICY,
+                        close::POLICY,
                         "resume may be sent once, right after welcome",
                     ));
                 }
@@ -599,10 +604,8 @@ pub async fn read_position_once(
     });
     match tokio::time::timeout(state.config.redis.command_timeout, rx).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err(StoreError::Unavailable("the reader stopped".into())),
-        Err(_) => Err(StoreError::Unavailable(
-            "Redis did not answer in time".into(),
-        )),
+        Ok(Err(_)) => Err(StoreError::stopped("the reader")),
+        Err(_) => Err(StoreError::timeout(state.config.redis.command_timeout)),
     }
 }
 
@@ -643,7 +646,7 @@ fn ack(state: &EdgeState, conn: &Conn, d: &mut Delivery, seq: u64) -> Result<(),
             return Ok(());
         }
         return Err(Violation::new(
-            frame::CLOSE_POLICY,
+            close::POLICY,
             format!("ack {seq} is beyond the last seq sent ({})", d.sent),
         ));
     }

@@ -16,6 +16,7 @@ pub mod acks;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod drain;
 pub mod frame;
 pub mod heartbeat;
 pub mod hub;
@@ -49,10 +50,10 @@ pub use config::Config;
 
 use crate::acks::AckBook;
 use crate::auth::Verifier;
-use crate::hub::{CloseReason, Hub};
+use crate::hub::Hub;
 use crate::reader::Reader;
 use crate::registry::{Registry, RegistryTask};
-use crate::state::{EdgeState, HotMetrics};
+use crate::state::{AppState, EdgeState, HotMetrics};
 use crate::transport::refuse;
 
 /// Why the edge could not run.
@@ -193,8 +194,8 @@ pub async fn run(
     state.draining.store(true, Ordering::SeqCst);
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         match served {
-            Some(served) => (served, drain(&state, &sessions).await).0,
-            None => tokio::join!(serving, drain(&state, &sessions)).0,
+            Some(served) => (served, drain::run(&state, &sessions).await).0,
+            None => tokio::join!(serving, drain::run(&state, &sessions)).0,
         }
     })
     .await;
@@ -209,48 +210,6 @@ pub async fn run(
     served?;
     Ok(())
 }
-
-/// Closes every client with 1012 spread over the drain window, waits for the sessions,
-/// writes the last ack positions and leaves the registry.
-async fn drain(state: &Arc<EdgeState>, sessions: &TaskTracker) {
-    let config = &state.config;
-    let conns = state.hub.conns();
-    let users = state.hub.users();
-    tracing::info!(connections = conns.len(), "draining");
-    let window = config.drain_window.as_millis() as u64;
-    let n = conns.len().max(1) as u64;
-    for (i, conn) in conns.iter().enumerate() {
-        let at = window * i as u64 / n;
-        let hint = window.saturating_sub(at)
-            + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=window / 4 + 1);
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(at)).await;
-            conn.request_close(CloseReason::Draining(hint));
-        });
-    }
-    sessions.close();
-    let grace_left = config
-        .shutdown_grace
-        .saturating_sub(config.drain_window)
-        .max(Duration::from_millis(500));
-    let _ = tokio::time::timeout(config.drain_window + grace_left / 2, sessions.wait()).await;
-    state
-        .acks
-        .flush(&state.conn, config.redis.command_timeout)
-        .await;
-    registry::leave(
-        &state.conn,
-        &config.edge_id,
-        config.redis.command_timeout,
-        &users,
-    )
-    .await;
-    tracing::info!("drained");
-}
-
-/// What every handler gets: the shared state, and the tracker the drain waits on.
-pub(crate) type AppState = (Arc<EdgeState>, TaskTracker);
 
 /// The edge's routes. Every answer but a held poll is bounded by the request timeout (a
 /// poll's own `wait_ms` bounds it); the HTTP fallbacks and `/v1/ws` answer CORS for the

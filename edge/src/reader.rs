@@ -167,7 +167,7 @@ async fn execute(conn: Store, timeout: Duration, batch: Vec<Request>) {
     let replies = match result {
         Ok(r) if r.len() == 2 * batch.len() => r,
         Ok(r) => {
-            let e = StoreError::Redis(format!("{} replies for {} reads", r.len(), 2 * batch.len()));
+            let e = StoreError::reply(format!("{} replies for {} reads", r.len(), 2 * batch.len()));
             for req in batch {
                 let _ = req.reply.send(Err(e.clone()));
             }
@@ -187,14 +187,14 @@ async fn execute(conn: Store, timeout: Duration, batch: Vec<Request>) {
         let page = match (a, b) {
             (Some(Ok(a)), Some(Ok(b))) => parse(&req.op, a, b),
             (Some(Err(e)), _) | (_, Some(Err(e))) => Err(StoreError::from_redis(e)),
-            _ => Err(StoreError::Redis("missing reply".into())),
+            _ => Err(StoreError::reply("missing reply")),
         };
         let _ = req.reply.send(page);
     }
 }
 
 fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
-    let bad = |e: redis::ParsingError| StoreError::Redis(format!("unreadable reply: {e}"));
+    let bad = |e: redis::ParsingError| StoreError::reply(format!("unreadable reply: {e}"));
     match op {
         ReadOp::Position { .. } => {
             let (epoch, last_seq): (Option<String>, Option<u64>) =
@@ -229,7 +229,7 @@ fn parse(op: &ReadOp, a: Value, b: Value) -> Result<Page, StoreError> {
                     RawValue::from_string(serde_json::Value::String(raw).to_string())
                 });
                 let payload =
-                    payload.map_err(|e| StoreError::Redis(format!("payload of seq {seq}: {e}")))?;
+                    payload.map_err(|e| StoreError::reply(format!("payload of seq {seq}: {e}")))?;
                 entries.push(Entry { seq, ts, payload });
             }
             let last_seq = last_seq.unwrap_or(0);

@@ -9,9 +9,9 @@ use gapless_shared::ids::UserId;
 use gapless_shared::rate::{AuthFailures, KeyedLimit};
 use gapless_shared::store::Store;
 
-use crate::Config;
 use crate::acks::AckBook;
 use crate::auth::Verifier;
+use crate::config::Config;
 use crate::hub::{Hub, Kind};
 use crate::reader::Reader;
 use crate::registry::Registry;
@@ -157,3 +157,6 @@ impl HotMetrics {
         &self.per_transport[kind.index()]
     }
 }
+
+/// What every handler gets: the shared state, and the tracker the drain waits on.
+pub type AppState = (Arc<EdgeState>, tokio_util::task::TaskTracker);

@@ -10,7 +10,8 @@ use gapless_client::{Client, ClientConfig, Event, Position};
 use gapless_shared::protocol::ResetReason;
 
 fn config(urls: Vec<String>, user: &str) -> ClientConfig {
-    let token = gapless_edge::auth::mint_hs256(SECRET, user, Some("sdk"), Duration::from_secs(600));
+    let token =
+        gapless_shared::token::mint_hs256(SECRET, user, Some("sdk"), Duration::from_secs(600));
     let mut config = ClientConfig::new(urls, token);
     config.backoff_min = Duration::from_millis(20);
     config.backoff_max = Duration::from_millis(200);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{Client, SECRET, System, eventually, token};
 use futures_util::{SinkExt, StreamExt};
-use gapless_edge::auth::{Claims, mint_hs256};
 use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage};
+use gapless_shared::token::{Claims, mint_hs256};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio::sync::{RwLock, RwLockReadGuard, watch};

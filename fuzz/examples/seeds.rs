@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gapless_edge::auth::mint_hs256;
 use gapless_shared::batch::{PostcardBatch, PostcardItem};
 use gapless_shared::protocol::{ClientMessage, Notification, ResetReason, ServerMessage, to_json};
+use gapless_shared::token::mint_hs256;
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use serde_json::value::RawValue;
 

@@ -6,7 +6,7 @@
 #![no_main]
 
 use axum::extract::ws::Message;
-use gapless_edge::frame::Codec;
+use gapless_edge::frame::{Codec, FrameCodec};
 use gapless_shared::protocol::{ClientMessage, from_json, to_json};
 use libfuzzer_sys::fuzz_target;
 

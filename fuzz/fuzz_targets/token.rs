@@ -13,8 +13,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use gapless_edge::auth::{JwtKey, Verifier, mint_hs256};
+use gapless_edge::auth::{JwtKey, Verifier};
 use gapless_shared::config::Secret;
+use gapless_shared::token::mint_hs256;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
 

@@ -17,15 +17,16 @@ use axum::{Json, Router};
 use gapless_shared::ids::UserId;
 use gapless_shared::schema;
 use gapless_shared::store::StoreError;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::append::{Appended, Appender, NewNotification};
+use crate::append::{Appender, NewNotification};
 use crate::auth::{self, Guard, KeyId};
 use crate::body::{self, BodyBudget};
 use crate::config::{Config, Limits};
 use crate::error::{ApiError, ErrorBody};
 use crate::{devices, history, openapi, status};
+use gapless_shared::api::{Appended, BatchAnswer, ItemResult, Notification};
 
 /// State shared by all handlers.
 pub struct AppState {
@@ -128,7 +129,7 @@ async fn observe(request: Request, next: Next) -> Response {
     tag = "notifications",
     summary = "Append one notification",
     description = "Answered only after Redis accepted the write.",
-    request_body(content = crate::body::ItemIn, content_type = "application/json"),
+    request_body(content = Notification, content_type = "application/json"),
     responses(
         (status = 200, description = "Appended, or a duplicate of an earlier idempotency key", body = Appended),
         openapi::AppendRefusals,
@@ -155,30 +156,10 @@ async fn append_one(
     let mut results = state.appender.append(std::slice::from_ref(&item)).await?;
     let result = results
         .pop()
-        .ok_or_else(|| ApiError::from(StoreError::Redis("no result for the item".into())))?;
+        .ok_or_else(|| ApiError::from(StoreError::reply("no result for the item")))?;
     let appended = result?;
     count_items::<ApiError>(&state, std::slice::from_ref(&Ok(appended.clone())));
     Ok(Json(appended))
-}
-
-/// One entry of a batch answer: the appended item, or why it alone was refused.
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub(crate) enum ItemResult {
-    /// Appended (or a recognised duplicate).
-    Ok(Appended),
-    /// Refused; its neighbours are not.
-    Err {
-        /// Why.
-        error: ErrorBody,
-    },
-}
-
-/// The answer of a batch: one result per item, in order.
-#[derive(Serialize, utoipa::ToSchema)]
-pub(crate) struct BatchAnswer {
-    /// One per item of the request, in its order.
-    results: Vec<ItemResult>,
 }
 
 /// `POST /v1/notifications/batch`: JSON array, NDJSON or postcard; one result per item.
@@ -189,9 +170,9 @@ pub(crate) struct BatchAnswer {
     summary = "Append many notifications",
     description = "One result per item, in order; a bad item never sinks its neighbours (it gets an error result of its own). Items of one user are appended in order, in one atomic step per user. The same items travel as a JSON array, as NDJSON (one item object per line) or as postcard (`gapless_shared::batch::PostcardBatch::V1`, the payload as JSON text).",
     request_body(content(
-        (Vec<crate::body::ItemIn> = "application/json"),
-        (Vec<crate::body::ItemIn> = "application/x-ndjson"),
-        (Vec<crate::body::ItemIn> = "application/x-postcard"),
+        (Vec<Notification> = "application/json"),
+        (Vec<Notification> = "application/x-ndjson"),
+        (Vec<Notification> = "application/x-postcard"),
     )),
     responses(
         (status = 200, description = "One result per item", body = BatchAnswer),
@@ -231,9 +212,7 @@ async fn append_batch(
             Ok(_) => match appended.next() {
                 Some(Ok(a)) => Ok(a),
                 Some(Err(e)) => Err(ApiError::from(e).body),
-                None => {
-                    Err(ApiError::from(StoreError::Redis("no result for the item".into())).body)
-                }
+                None => Err(ApiError::from(StoreError::reply("no result for the item")).body),
             },
             Err(e) => Err(e.body),
         })
@@ -482,11 +461,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiEr
             "schema_outdated",
             e.to_string(),
         )),
-        Err(_) => Err(StoreError::Unavailable(format!(
-            "no answer within {} ms",
-            state.redis_timeout.as_millis()
-        ))
-        .into()),
+        Err(_) => Err(StoreError::timeout(state.redis_timeout).into()),
     }
 }
 

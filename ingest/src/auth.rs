@@ -102,14 +102,14 @@ impl Guard {
     /// Counts a failure of `source`; the answer is 429 instead of `refusal` once it goes
     /// over the rate.
     fn failed(&self, source: Option<IpAddr>, refusal: ApiError) -> Response {
-        metrics::counter!("gapless_ingest_auth_failures_total", "reason" => refusal.body.code)
+        metrics::counter!("gapless_ingest_auth_failures_total", "reason" => refusal.body.code.clone())
             .increment(1);
         // At most one line per interval: a flood of bad keys must not flood the log.
         static LOG: LogThrottle = LogThrottle::new();
         LOG.log(|suppressed| {
             tracing::info!(
                 source = %source.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-                code = refusal.body.code,
+                code = %refusal.body.code,
                 suppressed,
                 "request refused: {}",
                 refusal.body.message
@@ -303,7 +303,7 @@ mod tests {
         guard.spend_items(key, 60).expect("within the burst");
         let err = guard.spend_items(key, 60).expect_err("over it");
         assert_eq!(
-            (err.status, err.body.code),
+            (err.status, err.body.code.as_ref()),
             (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
         );
         assert!(err.retry_after.is_some_and(|s| s >= 1));

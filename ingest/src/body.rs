@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::{Bytes, BytesMut};
+use gapless_shared::api::Notification;
 use gapless_shared::ids::{UserId, validate_idempotency_key};
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -26,9 +27,9 @@ use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::append::NewNotification;
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::plan::NewNotification;
 
 /// The encodings of a batch body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,26 +224,6 @@ async fn refuse_after_draining(
     refusal
 }
 
-/// One notification as a producer writes it in JSON.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(as = NotificationIn)]
-pub(crate) struct ItemIn<'a> {
-    /// The recipient: 1..=128 bytes of `A-Z a-z 0-9 . _ : @ -` (borrowed unless the JSON
-    /// string holds escapes).
-    #[serde(borrow)]
-    #[schema(value_type = String, min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@-]{1,128}$")]
-    user: Cow<'a, str>,
-    /// Any JSON value, delivered as it is.
-    #[serde(borrow)]
-    #[schema(value_type = Value)]
-    payload: &'a RawValue,
-    /// A repeated key appends nothing and answers the original seq (kept 24 h).
-    #[serde(default, borrow)]
-    #[schema(value_type = Option<String>, min_length = 1, max_length = 200, pattern = "^[!-~]{1,200}$")]
-    idempotency_key: Option<Cow<'a, str>>,
-}
-
 /// One notification of a postcard batch, borrowed from the body: the wire layout of
 /// `gapless_shared::batch::PostcardItem`.
 #[derive(Deserialize)]
@@ -400,7 +381,7 @@ impl<'de, T: Deserialize<'de>, F: FnMut(T)> DeserializeSeed<'de> for Limited<'_,
 
 /// Parses one JSON item: malformed JSON is 400, the wrong shape 422.
 fn parse_json_item<'a>(text: &'a str, limits: &Limits) -> Result<NewNotification<'a>, ApiError> {
-    let item: ItemIn<'a> = serde_json::from_str(text).map_err(|e| {
+    let item: Notification<'a> = serde_json::from_str(text).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             ApiError::bad_request("invalid_json", e.to_string())
         } else {
@@ -509,10 +490,10 @@ mod tests {
         }
     }
 
-    fn codes(items: &Items<'_>) -> Vec<&'static str> {
+    fn codes<'a>(items: &'a Items<'_>) -> Vec<&'a str> {
         items
             .iter()
-            .map(|r| r.as_ref().map_or_else(|e| e.body.code, |_| "ok"))
+            .map(|r| r.as_ref().map_or_else(|e| e.body.code.as_ref(), |_| "ok"))
             .collect()
     }
 
@@ -603,7 +584,7 @@ mod tests {
         let one = format!(r#"{{"user":"a","payload":{deep}}}"#);
         let err = decode_one(one.as_bytes(), &Limits::default()).expect_err("too deep");
         assert_eq!(
-            (err.status, err.body.code),
+            (err.status, err.body.code.as_ref()),
             (StatusCode::UNPROCESSABLE_ENTITY, "payload_too_deep")
         );
     }

@@ -226,7 +226,7 @@ pub struct Config {
     pub wakeup_payload_max: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
-    /// Fewest items of one user in a request for the native path (see [`crate::native`]).
+    /// Fewest items of one user in a request for the native path (see [`crate::transaction`]).
     pub native_min_items: usize,
     /// Connection budgets and timeouts.
     pub listener: ListenerConfig,

@@ -7,72 +7,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+pub use gapless_shared::api::{Connected, Device, Devices, Presence};
 use gapless_shared::ids::UserId;
 use gapless_shared::presence::{self, Entry, Position};
 use gapless_shared::store::{Store, StoreError, with_timeout};
 use gapless_shared::{keys, now_ms};
-use serde::Serialize;
-
-/// One connected device (a device connected twice, to two edges or twice to one, is listed
-/// once per connection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct Connected {
-    /// The device.
-    pub device: String,
-    /// The edge that holds the connection.
-    pub edge: String,
-    /// `websocket`, `sse` or `poll`.
-    pub transport: String,
-    /// When the connection opened (a long-poll device: when its latest poll began), ms since
-    /// the Unix epoch.
-    pub since: u64,
-}
-
-/// `GET /v1/users/{user}/presence`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Presence {
-    /// The user.
-    pub user: String,
-    /// Its connections now, oldest first.
-    pub devices: Vec<Connected>,
-}
-
-/// One device's delivery status.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Device {
-    /// The device.
-    pub device: String,
-    /// Epoch of its stored position; `null` when it connected before the user had a log and
-    /// has acknowledged nothing since.
-    pub epoch: Option<String>,
-    /// Everything up to this seq of `epoch` is acknowledged.
-    pub acked: u64,
-    /// Notifications of the current epoch it has not acknowledged (all of them when its
-    /// position is of another epoch).
-    pub behind: u64,
-    /// Now for a connected device; else when its position was last written (its last ack
-    /// that moved it), ms since the Unix epoch; `null` when unknown (written before schema 4).
-    pub last_seen: Option<u64>,
-    /// Connected now (see [`Presence`]).
-    pub connected: bool,
-    /// With `?seq=N`: whether seq N of the current epoch is acknowledged.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acknowledged: Option<bool>,
-}
-
-/// `GET /v1/users/{user}/devices`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Devices {
-    /// The user.
-    pub user: String,
-    /// The log's epoch; `null` when the user has no log.
-    pub epoch: Option<String>,
-    /// Last assigned seq (0 when the user has no log).
-    pub last_seq: u64,
-    /// Every device with a stored position, then connected devices that have none yet; by
-    /// device id.
-    pub devices: Vec<Device>,
-}
 
 /// The live connections of `user`, and the fields of dead ones (to delete).
 async fn connections(

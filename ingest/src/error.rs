@@ -1,23 +1,17 @@
 //! API errors: an HTTP status and the JSON body `{"error":{"code":…,"message":…}}`
 //! (DESIGN.md §4).
 
+use std::borrow::Cow;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+pub use gapless_shared::api::ErrorBody;
+use gapless_shared::api::ErrorEnvelope;
 use gapless_shared::store::StoreError;
 use gapless_shared::telemetry::LogThrottle;
-use serde::Serialize;
 
 /// Seconds a client is asked to wait when Redis is unavailable.
 const RETRY_AFTER_SECS: &str = "1";
-
-/// The error half of a JSON error body, also used per item in batch results.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// Stable machine-readable code.
-    pub code: &'static str,
-    /// Human-readable explanation.
-    pub message: String,
-}
 
 /// An error answer of the API.
 #[derive(Debug, Clone)]
@@ -36,7 +30,7 @@ impl ApiError {
         Self {
             status,
             body: ErrorBody {
-                code,
+                code: Cow::Borrowed(code),
                 message: message.into(),
             },
             retry_after: None,
@@ -124,18 +118,10 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// The body of every error answer: `{"error":{"code":…,"message":…}}`.
-#[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = Error)]
-pub struct Envelope<'a> {
-    /// What went wrong.
-    pub error: &'a ErrorBody,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response =
-            (self.status, axum::Json(Envelope { error: &self.body })).into_response();
+            (self.status, axum::Json(ErrorEnvelope { error: self.body })).into_response();
         let retry_after = match (self.retry_after, self.status) {
             (Some(secs), _) => Some(HeaderValue::from(secs)),
             (None, StatusCode::SERVICE_UNAVAILABLE) => {

@@ -3,44 +3,18 @@
 
 use std::time::Duration;
 
+pub use gapless_shared::api::{History, HistoryEntry as Entry};
 use gapless_shared::ids::UserId;
 use gapless_shared::keys::{self, UserKeys};
 use gapless_shared::store::Store;
 use gapless_shared::store::{StoreError, with_timeout};
 use redis::streams::StreamRangeReply;
-use serde::Serialize;
 use serde_json::value::RawValue;
 
 /// Entries answered when the request names no limit.
 pub const DEFAULT_LIMIT: usize = 100;
 /// Most entries one request may ask for.
 pub const MAX_LIMIT: usize = 1000;
-
-/// One retained notification.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(as = HistoryEntry)]
-pub struct Entry {
-    /// Sequence number.
-    pub seq: u64,
-    /// Ingest time, ms.
-    pub ts: u64,
-    /// The producer's JSON.
-    #[schema(value_type = Value)]
-    pub payload: Box<RawValue>,
-}
-
-/// A page of a user's log.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct History {
-    /// The user.
-    pub user: String,
-    /// Epoch of the log; `null` when the user has no log.
-    pub epoch: Option<String>,
-    /// Last assigned seq (0 when the user has no log).
-    pub last_seq: u64,
-    /// Retained entries after the requested seq, oldest first.
-    pub notifications: Vec<Entry>,
-}
 
 /// Reads up to `limit` entries after `after`.
 pub async fn read(
@@ -67,7 +41,7 @@ pub async fn read(
         with_timeout(timeout, pipe.query_async(conn)).await?;
     let mut notifications = Vec::with_capacity(range.ids.len());
     for entry in range.ids {
-        let corrupt = |what: &str| StoreError::Redis(format!("stream entry {}: {what}", entry.id));
+        let corrupt = |what: &str| StoreError::reply(format!("stream entry {}: {what}", entry.id));
         let seq = keys::parse_entry_id(&entry.id).ok_or_else(|| corrupt("id is not <seq>-<ms>"))?;
         let ts: u64 = keys::entry_ts(&entry.id)
             .or_else(|| entry.get(keys::FIELD_TS))

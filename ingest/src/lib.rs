@@ -1,12 +1,20 @@
 //! gapless-ingest: the producer-facing HTTP API (DESIGN.md §4).
 //!
-//! A notification enters at [`api`] (routes) past [`auth`] (API keys, rate limits), its body is read and decoded with the
-//! limits by [`body`], it is appended by [`append`]
-//! (one Redis Function call per user, pipelined, then wakeups to the user's edges), and can
-//! be read back through [`history`]; [`devices`] answers who is connected and how far each
-//! device acknowledged; [`status`] is the live status page, [`openapi`] the API's document. [`config`] holds the settings and [`error`] the JSON
-//! error answers; [`demo`] is the browser demo page `gapless dev` turns on. [`run`] serves
-//! it all until the shutdown token fires.
+//! The modules in the order a notification flows (DESIGN.md §1.1-1.2):
+//! - [`api`]: the routes, and [`auth`] before them (API keys, rate limits);
+//! - [`body`]: the request body read and decoded with the limits, into items;
+//! - [`append`]: a request's items appended, step by step:
+//!   - [`plan`]: grouped per user, packed into calls and transactions;
+//!   - [`transaction`]: native `XADD`s in `WATCH`/`MULTI`/`EXEC`, for plain runs of items;
+//!   - [`function`]: the `gapless_append` Function call and its reply, for the rest;
+//!   - [`wake`]: one wakeup per live edge;
+//! - [`error`]: the JSON error answers (the request and answer types are
+//!   `gapless_shared::api`'s).
+//!
+//! Reading back: [`history`] (a user's log), [`devices`] (who is connected and how far each
+//! device acknowledged), [`status`] (the live status page), [`openapi`] (the API's document).
+//! [`config`] holds the settings; [`demo`] is the browser demo page `gapless dev` turns on.
+//! [`run`] serves it all until the shutdown token fires.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -17,10 +25,13 @@ pub mod config;
 pub mod demo;
 pub mod devices;
 pub mod error;
+pub mod function;
 pub mod history;
-pub mod native;
 pub mod openapi;
+pub mod plan;
 pub mod status;
+pub mod transaction;
+pub mod wake;
 
 use std::sync::Arc;
 
@@ -66,7 +77,7 @@ pub async fn run(
         health.clone(),
         shutdown.clone(),
     ));
-    let pool = native::Pool::new(
+    let pool = transaction::Pool::new(
         config.redis.url(),
         config.redis.connect_timeout,
         config.redis.command_timeout,

@@ -11,7 +11,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 /// The body of every error answer, as the documents name it.
-pub type Error = crate::error::Envelope<'static>;
+pub type Error = gapless_shared::api::ErrorEnvelope;
 
 /// The refusals of an append (one or a batch), each with the JSON error body.
 #[derive(utoipa::IntoResponses)]

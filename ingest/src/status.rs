@@ -19,11 +19,11 @@ use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
 };
 use axum::response::{IntoResponse, Response};
+pub use gapless_shared::api::{EdgeRow, IngestFigures, Status, Totals};
 use gapless_shared::health::HealthSnapshot;
 use gapless_shared::keys;
 use gapless_shared::status::{Connections, EdgeStatus, REPORT_TTL_MS};
 use gapless_shared::store::{Store, StoreError, with_timeout};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 /// The page: one HTML file with its CSS and script inline.
@@ -83,63 +83,6 @@ pub async fn sample_loop(rate: Arc<AppendRate>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
     }
-}
-
-/// One edge on the page.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct EdgeRow {
-    /// The edge.
-    pub edge: String,
-    /// Open sessions by transport, at its last report.
-    pub connections: Connections,
-    /// Deliveries per second at its last report.
-    pub delivered_per_s: f64,
-    /// p99 of live deliveries at its last report, ms.
-    pub p99_ms: Option<f64>,
-    /// Draining at its last report.
-    pub draining: bool,
-    /// How long ago it last reported, ms (a dead edge's grows).
-    pub silent_ms: u64,
-    /// Time left on its registry lease (`gl:edge:<id>`), ms; `None` when it has none (it
-    /// died, or Redis lost it).
-    pub lease_ttl_ms: Option<u64>,
-    /// When it started, ms since the Unix epoch.
-    pub started: u64,
-}
-
-/// Figures over the whole fleet.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Totals {
-    /// Devices connected (sessions open) on edges that reported in the last 5 s.
-    pub connections: u64,
-    /// Sessions by transport, likewise.
-    pub by_transport: Connections,
-    /// Deliveries per second, likewise.
-    pub delivered_per_s: f64,
-    /// The highest p99 of those edges, ms.
-    pub p99_ms: Option<f64>,
-}
-
-/// This ingest's own figures.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct IngestFigures {
-    /// Notifications appended per second over the last second.
-    pub appends_per_s: f64,
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Status {
-    /// When this was read, ms since the Unix epoch.
-    pub at: u64,
-    /// This ingest.
-    pub ingest: IngestFigures,
-    /// Redis as this ingest's probe found it.
-    pub redis: HealthSnapshot,
-    /// The fleet.
-    pub totals: Totals,
-    /// Each edge that reported in the last hour, by id.
-    pub edges: Vec<EdgeRow>,
 }
 
 /// A report older than this does not count in the totals (the edge is silent).

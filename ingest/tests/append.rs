@@ -9,9 +9,10 @@ use gapless_shared::on_both;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use common::{TestIngest, error_code, eventually, user_keys};
+use common::{DEADLINE, TestIngest, error_code, user_keys};
 use gapless_shared::batch::{PostcardBatch, PostcardItem};
 use gapless_shared::keys::wake_channel;
+use gapless_shared::testing::eventually;
 use gapless_shared::wakeup::{WakeItem, Wakeup};
 use redis::{PushInfo, PushKind, Value as RedisValue};
 use reqwest::StatusCode;
@@ -337,7 +338,7 @@ async fn expired_log_starts_a_new_epoch(kind: Kind) {
     ingest.append(user, json!(2)).await;
 
     let meta = user_keys(user).meta;
-    eventually("the user's log expires", || ingest_lacks(&ingest, &meta)).await;
+    eventually("the user's log expires", DEADLINE, || ingest_lacks(&ingest, &meta)).await;
 
     // The idempotency key outlives the log, but it names an entry of the old epoch.
     let (status, second) = ingest.post_json("/v1/notifications", &keyed(3)).await;

@@ -38,7 +38,7 @@ impl IngestProcess {
             .expect("migrations apply");
         let http = reqwest::Client::new();
         for _ in 0..3 {
-            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port().expect("a free port")).into();
             let mut child = Command::new(env!("CARGO_BIN_EXE_gapless-ingest"))
                 .env("GAPLESS_LISTEN", addr.to_string())
                 .env("GAPLESS_REDIS_URL", redis.url())
@@ -232,7 +232,7 @@ async fn the_bytes_of_bodies_held_at_once_are_bounded() {
     ingest.append("c", json!(1)).await;
     // Once the slow body goes, its share comes back.
     drop(held);
-    common::eventually("the budget is returned", || async {
+    gapless_shared::testing::eventually("the budget is returned", common::DEADLINE, || async {
         let response = ingest
             .post("/v1/notifications/batch", "application/json", body.clone())
             .await;
@@ -266,16 +266,20 @@ async fn with_body_budget(limit: usize, budget: usize) -> TestIngest {
 /// Waits until a held body takes the budget `body` (a batch for user b) needs, then posts it
 /// `times` more times: each is answered 503 `busy` with `Retry-After`, and nothing is stored.
 async fn refused_as_busy(ingest: &TestIngest, body: &str, times: usize) {
-    common::eventually("the held body takes its share of the budget", || async {
-        let response = ingest
-            .post(
-                "/v1/notifications/batch",
-                "application/json",
-                body.to_owned(),
-            )
-            .await;
-        response.status() == StatusCode::SERVICE_UNAVAILABLE
-    })
+    gapless_shared::testing::eventually(
+        "the held body takes its share of the budget",
+        common::DEADLINE,
+        || async {
+            let response = ingest
+                .post(
+                    "/v1/notifications/batch",
+                    "application/json",
+                    body.to_owned(),
+                )
+                .await;
+            response.status() == StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
     .await;
     for _ in 0..times {
         let response = ingest

@@ -280,7 +280,7 @@ async fn past_the_established_cap_producers_get_503_and_health_still_answers() {
     }
     // A producer leaving frees its place.
     drop(producers.pop());
-    common::eventually("a place is free again", || async {
+    gapless_shared::testing::eventually("a place is free again", common::DEADLINE, || async {
         let mut c = connect_from(3, to).await;
         request(&mut c, &get("/v1/users/u/notifications", true))
             .await

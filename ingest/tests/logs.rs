@@ -22,7 +22,7 @@ struct Ingest {
 
 impl Ingest {
     fn start(redis: &TestRedis, args: &[&str], log: &str) -> Self {
-        let port = free_port();
+        let port = free_port().expect("a free port");
         let mut child = Command::new(env!("CARGO_BIN_EXE_gapless-ingest"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--redis", &redis.url(), "--api-keys", KEY])

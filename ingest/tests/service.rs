@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{TestIngest, error_code, eventually};
+use common::{DEADLINE, TestIngest, error_code};
 use gapless_shared::config::{RedisConfig, Secret};
 use gapless_shared::testing::TestRedis;
+use gapless_shared::testing::eventually;
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
@@ -277,11 +278,15 @@ async fn a_cluster_that_is_down_gets_503_and_each_retried_item_is_stored_once() 
         }
     });
     let survivor = cluster.other_primary(owner);
-    eventually("the survivors to declare the cluster down", || async {
-        cluster
-            .on_node::<String>(survivor, redis::cmd("CLUSTER").arg("INFO"))
-            .is_ok_and(|info| info.contains("cluster_state:fail"))
-    })
+    eventually(
+        "the survivors to declare the cluster down",
+        DEADLINE,
+        || async {
+            cluster
+                .on_node::<String>(survivor, redis::cmd("CLUSTER").arg("INFO"))
+                .is_ok_and(|info| info.contains("cluster_state:fail"))
+        },
+    )
     .await;
 
     let body = |user: &str, key: &str| {
@@ -490,13 +495,13 @@ async fn redis_killed_mid_run_gives_503_and_loses_no_acknowledged_write() {
         }
     });
 
-    eventually("the producer gets going", || {
+    eventually("the producer gets going", DEADLINE, || {
         let acked = acked.clone();
         async move { acked.load(Ordering::Relaxed) >= 50 }
     })
     .await;
     ingest.redis.kill();
-    eventually("appends are refused with 503", || {
+    eventually("appends are refused with 503", DEADLINE, || {
         let refused = refused.clone();
         async move { refused.load(Ordering::Relaxed) >= 3 }
     })
@@ -504,7 +509,7 @@ async fn redis_killed_mid_run_gives_503_and_loses_no_acknowledged_write() {
     // Restarting blocks this thread until Redis answers PING again (it polls, no guessing).
     tokio::task::block_in_place(|| ingest.redis.restart()).expect("Redis restarts from its AOF");
     let at_restart = acked.load(Ordering::Relaxed);
-    eventually("the same ingest recovers by itself", || {
+    eventually("the same ingest recovers by itself", DEADLINE, || {
         let acked = acked.clone();
         async move { acked.load(Ordering::Relaxed) >= at_restart + 50 }
     })
@@ -618,12 +623,18 @@ async fn redis_killed_under_native_transactions_loses_no_acknowledged_write() {
 
     let at_least =
         |counter: Arc<AtomicU64>, n: u64| async move { counter.load(Ordering::Relaxed) >= n };
-    eventually("the producer gets going", || at_least(acked.clone(), 30)).await;
+    eventually("the producer gets going", DEADLINE, || {
+        at_least(acked.clone(), 30)
+    })
+    .await;
     ingest.redis.kill();
-    eventually("batches are refused", || at_least(refused.clone(), 3)).await;
+    eventually("batches are refused", DEADLINE, || {
+        at_least(refused.clone(), 3)
+    })
+    .await;
     tokio::task::block_in_place(|| ingest.redis.restart()).expect("Redis restarts from its AOF");
     let at_restart = acked.load(Ordering::Relaxed);
-    eventually("the ingest recovers by itself", || {
+    eventually("the ingest recovers by itself", DEADLINE, || {
         at_least(acked.clone(), at_restart + 30)
     })
     .await;

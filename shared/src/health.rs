@@ -29,7 +29,7 @@ pub struct RedisHealth {
 }
 
 /// A copy of [`RedisHealth`] at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HealthSnapshot {
     /// The last probe succeeded.
@@ -39,7 +39,7 @@ pub struct HealthSnapshot {
     /// How long the last successful probe took, µs.
     pub latency_us: u64,
     /// Why the last probe failed, while down.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

@@ -190,3 +190,11 @@ fn log_tail(path: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
+
+/// A port of 127.0.0.1 that was free a moment ago (another process may take it before the
+/// caller binds it: callers that start a server on it retry on a bind failure).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -13,6 +13,120 @@ pub const SUBPROTOCOL_JSON: &str = "gapless.v1.json";
 /// WebSocket subprotocol of the postcard encoding.
 pub const SUBPROTOCOL_POSTCARD: &str = "gapless.v1.postcard";
 
+/// The encoding a WebSocket connection speaks, chosen by its subprotocol (the HTTP
+/// transports speak JSON only). The edge and the Rust client both frame messages with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Codec {
+    /// `gapless.v1.json`: one JSON object per text frame (the default).
+    #[default]
+    Json,
+    /// `gapless.v1.postcard`: binary frames, postcard inside a version envelope.
+    Postcard,
+}
+
+impl Codec {
+    /// The codec of a negotiated subprotocol (JSON when none was).
+    pub fn from_subprotocol(protocol: Option<&str>) -> Self {
+        match protocol {
+            Some(SUBPROTOCOL_POSTCARD) => Codec::Postcard,
+            _ => Codec::Json,
+        }
+    }
+
+    /// Its subprotocol name.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Codec::Json => SUBPROTOCOL_JSON,
+            Codec::Postcard => SUBPROTOCOL_POSTCARD,
+        }
+    }
+
+    /// A server message as this codec's frame.
+    pub fn encode_server(self, msg: &ServerMessage) -> Frame {
+        match self {
+            Codec::Json => Frame::Text(to_json(msg)),
+            Codec::Postcard => Frame::Binary(msg.to_postcard()),
+        }
+    }
+
+    /// A client message as this codec's frame.
+    pub fn encode_client(self, msg: &ClientMessage) -> Frame {
+        match self {
+            Codec::Json => Frame::Text(to_json(msg)),
+            Codec::Postcard => Frame::Binary(msg.to_postcard()),
+        }
+    }
+}
+
+/// A WebSocket data frame's content, whichever WebSocket library carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+}
+
+/// WebSocket close codes of the protocol (RFC 6455 §7.4, and one of the application range).
+/// The SSE and long-poll transports carry the same codes in their `close` event or answer.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Protocol error: a frame that breaks the protocol's rules.
+    pub const PROTOCOL: u16 = 1002;
+    /// A frame of a type the subprotocol does not use.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// A frame that cannot be decoded.
+    pub const INVALID: u16 = 1007;
+    /// Policy violation: unexpected message, no resume in time, silence.
+    pub const POLICY: u16 = 1008;
+    /// A frame larger than the edge accepts.
+    pub const TOO_BIG: u16 = 1009;
+    /// Server error.
+    pub const INTERNAL: u16 = 1011;
+    /// The edge is restarting or draining: reconnect after the delay of its reason
+    /// ([`super::DrainHint`]).
+    pub const RESTART: u16 = 1012;
+    /// Try again later (slow consumer).
+    pub const TRY_AGAIN: u16 = 1013;
+    /// A newer connection of the same device replaced this one. A client closed with it
+    /// should not reconnect on its own: the device is live elsewhere.
+    pub const REPLACED: u16 = 4001;
+}
+
+/// How long a drained client should wait before it reconnects: the number a draining edge
+/// sends with close [`close::RESTART`]. On the WebSocket it is the close reason,
+/// `edge draining; reconnect in <ms> ms` (a person reads it in a browser's console; the
+/// clients read the number back with [`DrainHint::parse`]); on SSE it is the `delay_ms` of
+/// the `reconnect` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainHint {
+    /// Milliseconds to wait.
+    pub reconnect_in_ms: u64,
+}
+
+impl DrainHint {
+    const PREFIX: &'static str = "edge draining; reconnect in ";
+    const SUFFIX: &'static str = " ms";
+
+    /// The close reason that carries it.
+    pub fn reason(self) -> String {
+        format!("{}{}{}", Self::PREFIX, self.reconnect_in_ms, Self::SUFFIX)
+    }
+
+    /// The hint of a close reason, when it is one.
+    pub fn parse(reason: &str) -> Option<Self> {
+        let ms = reason
+            .strip_prefix(Self::PREFIX)?
+            .strip_suffix(Self::SUFFIX)?
+            .parse()
+            .ok()?;
+        Some(Self {
+            reconnect_in_ms: ms,
+        })
+    }
+}
+
 /// A message from a client to its edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -504,5 +618,38 @@ mod tests {
     fn postcard_frames_start_with_their_version() {
         assert_eq!(ServerMessage::Ping.to_postcard(), vec![0x00, 0x03]);
         assert_eq!(ClientMessage::Pong.to_postcard(), vec![0x00, 0x02]);
+    }
+
+    #[test]
+    fn a_drain_hint_reads_back_from_its_close_reason_and_nothing_else() {
+        let hint = DrainHint {
+            reconnect_in_ms: 1234,
+        };
+        assert_eq!(hint.reason(), "edge draining; reconnect in 1234 ms");
+        assert_eq!(DrainHint::parse(&hint.reason()), Some(hint));
+        for other in [
+            "bye",
+            "edge draining; reconnect in x ms",
+            "reconnect in 5 ms",
+            "",
+        ] {
+            assert_eq!(DrainHint::parse(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn codecs_follow_their_subprotocol() {
+        for codec in [Codec::Json, Codec::Postcard] {
+            assert_eq!(Codec::from_subprotocol(Some(codec.subprotocol())), codec);
+        }
+        assert_eq!(Codec::from_subprotocol(None), Codec::Json);
+        assert_eq!(
+            Codec::Json.encode_client(&ClientMessage::Pong),
+            Frame::Text(r#"{"type":"pong"}"#.into())
+        );
+        assert!(matches!(
+            Codec::Postcard.encode_server(&ServerMessage::Ping),
+            Frame::Binary(_)
+        ));
     }
 }

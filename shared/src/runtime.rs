@@ -77,7 +77,7 @@ where
         let listener =
             crate::listener::bind(listen).map_err(context(format!("cannot listen on {listen}")))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(crate::telemetry::cancel_on_signal(shutdown.clone()));
+        tokio::spawn(crate::shutdown::cancel_on_signal(shutdown.clone()));
         serve(listener, shutdown).await
     })
 }

@@ -195,7 +195,7 @@ impl Store {
         for ((_, indexes, _), answer) in by_shard.iter().zip(answers) {
             let mut answer = answer?;
             if answer.len() != indexes.len() + trailer {
-                return Err(StoreError::Redis(format!(
+                return Err(StoreError::reply(format!(
                     "a pipeline answered {} replies for {} commands",
                     answer.len(),
                     indexes.len() + trailer
@@ -230,7 +230,7 @@ impl Store {
         let mut primaries: Vec<Primary> = Vec::new();
         for range in &slots {
             let addr = primary_of_range(range)
-                .ok_or_else(|| StoreError::Redis(format!("CLUSTER SLOTS answered {range:?}")))?;
+                .ok_or_else(|| StoreError::reply(format!("CLUSTER SLOTS answered {range:?}")))?;
             if !primaries.iter().any(|p| p.addr == addr) {
                 primaries.push(Primary { addr });
             }
@@ -254,7 +254,7 @@ impl Store {
                     .rsplit_once(':')
                     .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
                     .ok_or_else(|| {
-                        StoreError::Redis(format!("bad node address {}", primary.addr))
+                        StoreError::reply(format!("bad node address {}", primary.addr))
                     })?;
                 let routing =
                     RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
@@ -265,7 +265,7 @@ impl Store {
                     ),
                 )
                 .await?;
-                redis::from_redis_value(value).map_err(|e| StoreError::Redis(e.to_string()))
+                redis::from_redis_value(value).map_err(|e| StoreError::reply(e.to_string()))
             }
         }
     }
@@ -284,15 +284,15 @@ fn primary_of_range(range: &Value) -> Option<String> {
     Some(format!("{host}:{port}"))
 }
 
-/// A Redis operation that failed.
+/// A Redis operation that failed: whether retrying may help, and why, with the cause kept.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Redis could not be reached or did not answer in time; retrying later may work.
     #[error("redis unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// Redis answered with an error, or with something we cannot read.
     #[error("redis error: {0}")]
-    Redis(String),
+    Redis(#[source] Cause),
     /// The write is on its primary, but `WAIT` saw fewer replicas hold it than asked for
     /// within its timeout: it is not yet safe from a failover of that primary.
     #[error("written, but on {acked} of the {wanted} replicas asked for")]
@@ -304,14 +304,53 @@ pub enum StoreError {
     },
 }
 
+/// What went wrong under a [`StoreError`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Cause {
+    /// redis-rs's own error, whole (its kind, code and detail).
+    #[error(transparent)]
+    Client(#[from] redis::RedisError),
+    /// No answer within the bound.
+    #[error("no answer within {ms} ms")]
+    Timeout {
+        /// The bound, ms.
+        ms: u64,
+    },
+    /// An answer gapless cannot use: an error Redis reported inside a Function's reply, or
+    /// a reply of another shape than the command's.
+    #[error("{0}")]
+    Reply(String),
+    /// The task of this process that talks to Redis for the caller has stopped (the
+    /// process is shutting down).
+    #[error("{0} stopped")]
+    Stopped(&'static str),
+}
+
 impl StoreError {
     /// Classifies a redis-rs error.
     pub fn from_redis(e: redis::RedisError) -> Self {
         if Self::is_outage(&e) {
-            StoreError::Unavailable(e.to_string())
+            StoreError::Unavailable(Cause::Client(e))
         } else {
-            StoreError::Redis(e.to_string())
+            StoreError::Redis(Cause::Client(e))
         }
+    }
+
+    /// Redis answered something other than what the command answers.
+    pub fn reply(what: impl Into<String>) -> Self {
+        StoreError::Redis(Cause::Reply(what.into()))
+    }
+
+    /// No answer within `timeout`.
+    pub fn timeout(timeout: Duration) -> Self {
+        StoreError::Unavailable(Cause::Timeout {
+            ms: timeout.as_millis() as u64,
+        })
+    }
+
+    /// The task `what` that talks to Redis for the caller has stopped.
+    pub fn stopped(what: &'static str) -> Self {
+        StoreError::Unavailable(Cause::Stopped(what))
     }
 
     /// True when `e` says Redis cannot be reached or cannot take writes now (retrying later
@@ -546,9 +585,6 @@ pub async fn with_timeout<T>(
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(result) => result.map_err(StoreError::from_redis),
-        Err(_) => Err(StoreError::Unavailable(format!(
-            "no answer within {} ms",
-            timeout.as_millis()
-        ))),
+        Err(_) => Err(StoreError::timeout(timeout)),
     }
 }

@@ -119,28 +119,6 @@ pub fn trace_requests<S: Clone + Send + Sync + 'static>(
         .layer(SetRequestIdLayer::new(name, MakeRequestUuid))
 }
 
-/// Cancels `token` on the first SIGINT or SIGTERM: the one place signals are handled.
-pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown signal received");
-    token.cancel();
-}
-
 /// Content type of the Prometheus text format, for `/metrics` answers.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 

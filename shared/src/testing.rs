@@ -30,7 +30,7 @@ impl TestRedis {
         for _ in 0..5 {
             let dir = temp_dir();
             let options = RedisOptions {
-                port: free_port(),
+                port: free_port().expect("binding 127.0.0.1:0 works"),
                 dir: dir.clone(),
                 appendfsync: "always".into(),
                 extra: extra
@@ -76,12 +76,22 @@ impl Drop for TestRedis {
     }
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 works")
+pub use crate::process::free_port;
+
+/// Polls `check` every 10 ms until it holds; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 fn temp_dir() -> PathBuf {
@@ -120,7 +130,12 @@ impl TestCluster {
         for _ in 0..3 {
             let dir = temp_dir();
             let options = ClusterOptions {
-                ports: (0..6).map(|_| (free_port(), free_port())).collect(),
+                ports: (0..6)
+                    .map(|_| {
+                        let port = || free_port().expect("binding 127.0.0.1:0 works");
+                        (port(), port())
+                    })
+                    .collect(),
                 dir: dir.clone(),
                 appendfsync: "always".into(),
                 node_timeout_ms: CLUSTER_NODE_TIMEOUT_MS,

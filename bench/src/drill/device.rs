@@ -182,5 +182,5 @@ async fn stored_ack(mut store: Store, user: &str, device: &str) -> Option<u64> {
         .query_async(&mut store)
         .await
         .ok()?;
-    gapless_edge::reader::parse_position(&value?).map(|(_, seq)| seq)
+    gapless_shared::presence::Position::parse(&value?).map(|p| p.seq)
 }

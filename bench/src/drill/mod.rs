@@ -25,8 +25,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, FleetOptions, FleetRedis, JWT_SECRET};
+use crate::fleet::{Fleet, FleetOptions, FleetRedis};
+use crate::producer::{notification, payload};
 use crate::stats::{median, rss_kib};
+use crate::target::Target;
 use crate::transports::TransportMix;
 use device::{DeviceLog, DeviceShared, DeviceSpec};
 use gapless_shared::config::RedisConfig;
@@ -85,44 +87,12 @@ pub struct DrillArgs {
     target: crate::fleet::DeploymentArgs,
 }
 
-/// The system under test: started here (with process control) or targeted.
-struct Target {
-    /// The processes, when the drill started them.
-    fleet: Option<Fleet>,
-    ingest_url: String,
-    api_key: String,
-    /// `host:port` and `ws://` URL of each edge.
-    edges: Vec<(String, String)>,
-    jwt_secret: String,
-    /// The deployment's Redis, to read stored acks and kill pub/sub connections.
-    store: Store,
-}
-
-impl Target {
-    /// The fleet, or an error saying the fault needs one.
-    fn fleet(&mut self, kind: Fault) -> anyhow::Result<&mut Fleet> {
-        self.fleet
-            .as_mut()
-            .with_context(|| format!("{kind:?} needs process control"))
+/// The fleet's cluster, or an error saying the fault needs one.
+fn cluster(target: &mut Target, kind: Fault) -> anyhow::Result<&mut RedisCluster> {
+    match &mut target.fleet(kind)?.redis {
+        FleetRedis::Cluster(cluster) => Ok(cluster),
+        FleetRedis::Single(_) => bail!("{kind:?} needs a Redis Cluster (--cluster)"),
     }
-
-    /// The fleet's cluster, or an error saying the fault needs one.
-    fn cluster(&mut self, kind: Fault) -> anyhow::Result<&mut RedisCluster> {
-        match &mut self.fleet(kind)?.redis {
-            FleetRedis::Cluster(cluster) => Ok(cluster),
-            FleetRedis::Single(_) => bail!("{kind:?} needs a Redis Cluster (--cluster)"),
-        }
-    }
-}
-
-/// `ws://host:port/path` -> `host:port`.
-fn host_port(url: &str) -> anyhow::Result<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    Ok(rest
-        .split('/')
-        .next()
-        .context("an edge URL has a host")?
-        .to_owned())
 }
 
 /// "90s", "2m", "30m", "1h" or plain seconds.
@@ -277,26 +247,8 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     {
         bail!("{kind:?} needs --cluster");
     }
-    let mut target = match &args.target.ingest_url {
-        Some(ingest_url) => Target {
-            fleet: None,
-            ingest_url: ingest_url.clone(),
-            api_key: args.target.api_key.clone().unwrap_or_default(),
-            edges: args
-                .target
-                .edge_urls
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|u| Ok((host_port(&u)?, u)))
-                .collect::<anyhow::Result<_>>()?,
-            jwt_secret: args.target.jwt_secret.clone().unwrap_or_default(),
-            store: store::connect(&RedisConfig::from_args(
-                args.target.redis.as_deref().unwrap_or_default(),
-                args.cluster,
-            )?)
-            .await?,
-        },
+    let mut target = match Target::given(&args.target) {
+        Some(target) => target,
         None => {
             // On a cluster, an append is answered only once a replica holds it: what a
             // SIGKILLed primary's replica takes over is then everything acknowledged.
@@ -320,28 +272,28 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
                 ..FleetOptions::default()
             })
             .await?;
-            Target {
-                ingest_url: fleet.ingest_url.clone(),
-                api_key: fleet.api_key.clone(),
-                edges: fleet
-                    .edges
-                    .iter()
-                    .map(|e| (format!("127.0.0.1:{}", e.port), e.ws_url.clone()))
-                    .collect(),
-                jwt_secret: JWT_SECRET.to_owned(),
-                store: store::connect(&fleet.redis.config()?).await?,
-                fleet: Some(fleet),
-            }
+            Target::started(fleet)
         }
     };
-    if target.edges.len() < 2 {
+    // The deployment's Redis, to read stored acks and kill pub/sub connections.
+    let store = match &target.fleet {
+        Some(fleet) => store::connect(&fleet.redis.config()?).await?,
+        None => store::connect(&RedisConfig::from_args(&target.redis_url, args.cluster)?).await?,
+    };
+    // `host:port` and `ws://` URL of each edge.
+    let edges: Vec<(String, String)> = target
+        .edge_addrs()?
+        .into_iter()
+        .zip(target.edge_urls.clone())
+        .collect();
+    if edges.len() < 2 {
         bail!("the drill needs at least two edges");
     }
     let mut proxies = Vec::new();
-    for (upstream, _) in &target.edges {
+    for (upstream, _) in &edges {
         proxies.push(Proxy::start(upstream.clone()).await?);
     }
-    let direct: Vec<String> = target.edges.iter().map(|e| e.1.clone()).collect();
+    let direct: Vec<String> = edges.iter().map(|e| e.1.clone()).collect();
     let proxied: Vec<String> = proxies.iter().map(|p| p.ws_url.clone()).collect();
     let start = Instant::now();
     let stop_devices = CancellationToken::new();
@@ -355,7 +307,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     for i in 0..args.devices {
         let user = users[i % args.users].clone();
         let device = format!("dev-{i}");
-        let token = gapless_edge::auth::mint_hs256(
+        let token = gapless_shared::token::mint_hs256(
             &target.jwt_secret,
             &user,
             Some(&device),
@@ -378,7 +330,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             config,
             flappy: i % 4 != 0,
             freeze_for: Duration::from_millis(3 * hb),
-            store: target.store.clone(),
+            store: store.clone(),
         };
         let s = Arc::new(DeviceShared::default());
         shared.push(s.clone());
@@ -441,7 +393,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         }
         next_fault += every;
         let kind = faults[k % faults.len()];
-        let edge = (k / faults.len()) % target.edges.len();
+        let edge = (k / faults.len()) % edges.len();
         k += 1;
         if target.fleet.is_none() && kind.needs_fleet() {
             continue;
@@ -451,6 +403,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
             kind,
             edge,
             &mut target,
+            &store,
             &proxies,
             &shared,
             &users,
@@ -523,7 +476,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .collect();
     let report = check(
         &args,
-        target.edges.len(),
+        edges.len(),
         &applicable,
         &ledger,
         &logs,
@@ -585,6 +538,7 @@ async fn inject(
     kind: Fault,
     edge: usize,
     target: &mut Target,
+    store: &Store,
     proxies: &[Proxy],
     shared: &[Arc<DeviceShared>],
     users: &[String],
@@ -636,7 +590,7 @@ async fn inject(
         }
         Fault::SlotMigration => {
             let user = &users[edge % users.len()];
-            let cluster = target.cluster(kind)?;
+            let cluster = cluster(target, kind)?;
             tokio::task::block_in_place(|| {
                 let slot = cluster.slot_of_user(&UserId::parse(user)?)?;
                 let from = cluster.owner_of(slot)?;
@@ -649,7 +603,7 @@ async fn inject(
         }
         Fault::PrimaryFailover => {
             let user = &users[edge % users.len()];
-            let cluster = target.cluster(kind)?;
+            let cluster = cluster(target, kind)?;
             tokio::task::block_in_place(|| {
                 let owner = cluster.owner_of(cluster.slot_of_user(&UserId::parse(user)?)?)?;
                 let promoted = cluster.failover(owner)?;
@@ -662,9 +616,9 @@ async fn inject(
             // Every primary: on a cluster each edge's subscription is at its channel's shard.
             let timeout = Duration::from_secs(2);
             let mut killed = 0u64;
-            for primary in target.store.primaries(timeout).await? {
-                killed += target
-                    .store
+            for primary in store.clone().primaries(timeout).await? {
+                killed += store
+                    .clone()
                     .on_node::<u64>(
                         &primary,
                         redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
@@ -693,47 +647,29 @@ async fn inject(
                 }
             }
             // Edge memory can only be sampled for edges this drill started.
-            let edge_pids: Vec<u32> = target
-                .fleet
-                .iter()
-                .flat_map(|f| f.edges.iter())
-                .filter_map(|e| e.child.as_ref().map(std::process::Child::id))
-                .collect();
+            let edge_pids = target.edge_pids();
             let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
-            let http = reqwest::Client::new();
-            let pad = "x".repeat(16 << 10);
-            let items: Vec<serde_json::Value> = (0..300)
-                .map(|_| serde_json::json!({"user": slow_user, "payload": {"pad": pad}}))
+            let ingest = target.ingest(Duration::from_secs(10))?;
+            let pad = payload(&serde_json::json!({"pad": "x".repeat(16 << 10)}));
+            let items: Vec<_> = (0..300)
+                .map(|_| notification(slow_user, &pad, None))
                 .collect();
             // What the ingest acknowledges goes to the ledger: the frozen devices must get
             // all of it once they resume.
             let mut flooded = 0;
             for _ in 0..4 {
-                let Ok(r) = http
-                    .post(format!("{}/v1/notifications/batch", target.ingest_url))
-                    .bearer_auth(&target.api_key)
-                    .json(&items)
-                    .send()
-                    .await
-                else {
-                    continue;
-                };
-                let Ok(body) = r.json::<serde_json::Value>().await else {
+                let Ok(results) = ingest.append_batch(&items).await else {
                     continue;
                 };
                 let at = start.elapsed().as_millis() as u64;
                 let mut ledger = ledger.lock().expect("ledger lock is never poisoned");
-                for result in body["results"].as_array().into_iter().flatten() {
-                    if let (Some(seq), Some(epoch)) =
-                        (result["seq"].as_u64(), result["epoch"].as_str())
-                    {
-                        flooded += 1;
-                        ledger.entry(slow_user.to_owned()).or_default().push((
-                            seq,
-                            epoch.to_owned(),
-                            at,
-                        ));
-                    }
+                for appended in results.into_iter().flatten() {
+                    flooded += 1;
+                    ledger.entry(slow_user.to_owned()).or_default().push((
+                        appended.seq,
+                        appended.epoch,
+                        at,
+                    ));
                 }
             }
             let sample_until = Instant::now() + Duration::from_millis(freeze_ms);

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::producer::{Ingest, ItemResults, SendError, notification, payload};
 
 /// What the ingest acknowledged: user -> (seq, epoch, ms since the drill started).
 pub type Ledger = Arc<Mutex<HashMap<String, Vec<(u64, String, u64)>>>>;
@@ -67,9 +69,7 @@ impl Producer {
         start: Instant,
         stop: CancellationToken,
     ) -> ProducerStats {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
+        let ingest = Ingest::new(&self.ingest_url, &self.api_key, Duration::from_secs(3))
             .expect("a plain HTTP client builds");
         let mut stats = ProducerStats::default();
         let mut counter = 0u64;
@@ -97,45 +97,40 @@ impl Producer {
                 }
                 let key = format!("{}-{counter}", self.name);
                 let sent_ms = start.elapsed().as_millis() as u64;
-                items.push(match self.mode {
-                    Mode::Bulk => json!({
-                        "user": user,
-                        "payload": {"k": key, "sent_ms": sent_ms},
-                    }),
-                    Mode::Batch | Mode::Single => json!({
-                        "user": user,
-                        "payload": {"k": key, "sent_ms": sent_ms},
-                        "idempotency_key": key,
-                    }),
+                items.push(Pending {
+                    user: user.clone(),
+                    payload: payload(&serde_json::json!({"k": key, "sent_ms": sent_ms})),
+                    // Bulk runs go without keys: the ingest appends them natively.
+                    key: (!matches!(self.mode, Mode::Bulk)).then_some(key),
                 });
             }
             // Retry what is not acknowledged, with the same keys, until it is (or the drill
             // ends: then the items were never acknowledged and the checker expects nothing).
             let mut backoff = Duration::from_millis(50);
             while !items.is_empty() && !stop.is_cancelled() {
-                let pending = self.send(&http, &items).await;
+                let pending = self.send(&ingest, &items).await;
                 let mut retry = Vec::new();
                 match pending {
                     Ok(results) => {
                         for (item, result) in items.into_iter().zip(results) {
                             match result {
-                                Some((seq, epoch, duplicate)) => {
+                                Ok(appended) => {
                                     stats.acknowledged += 1;
-                                    stats.deduplicated += u64::from(duplicate);
-                                    let user = item["user"].as_str().unwrap_or_default().to_owned();
+                                    stats.deduplicated += u64::from(appended.duplicate);
                                     let at = start.elapsed().as_millis() as u64;
                                     ledger
                                         .lock()
                                         .expect("ledger lock is never poisoned")
-                                        .entry(user)
+                                        .entry(item.user)
                                         .or_default()
-                                        .push((seq, epoch, at));
+                                        .push((appended.seq, appended.epoch, at));
                                 }
-                                None => retry.push(item),
+                                // Refused alone (a per-item error): sent again.
+                                Err(_) => retry.push(item),
                             }
                         }
                     }
-                    Err(()) => retry = items,
+                    Err(_) => retry = items,
                 }
                 items = retry;
                 if !items.is_empty() {
@@ -155,55 +150,31 @@ impl Producer {
         stats
     }
 
-    /// Sends items; per item `Some((seq, epoch, duplicate))` when acknowledged.
-    async fn send(
-        &self,
-        http: &reqwest::Client,
-        items: &[serde_json::Value],
-    ) -> Result<Vec<Option<(u64, String, bool)>>, ()> {
-        let parse = |v: &serde_json::Value| {
-            Some((
-                v["seq"].as_u64()?,
-                v["epoch"].as_str()?.to_owned(),
-                v["duplicate"].as_bool().unwrap_or(false),
-            ))
-        };
+    /// Sends items, in one batch or one request each; one result per item.
+    async fn send(&self, ingest: &Ingest, items: &[Pending]) -> Result<ItemResults, SendError> {
+        let items: Vec<_> = items.iter().map(Pending::notification).collect();
         match self.mode {
-            Mode::Batch | Mode::Bulk => {
-                let body = self.post(http, "/v1/notifications/batch", items).await?;
-                let results = body["results"].as_array().ok_or(())?;
-                if results.len() != items.len() {
-                    return Err(());
-                }
-                Ok(results.iter().map(parse).collect())
-            }
+            Mode::Batch | Mode::Bulk => ingest.append_batch(&items).await,
             Mode::Single => {
                 let mut out = Vec::with_capacity(items.len());
-                for item in items {
-                    out.push(parse(&self.post(http, "/v1/notifications", item).await?));
+                for item in &items {
+                    out.push(Ok(ingest.append(item).await?));
                 }
                 Ok(out)
             }
         }
     }
+}
 
-    /// POSTs `body` as JSON to the ingest; the answer's JSON if it was a success.
-    async fn post(
-        &self,
-        http: &reqwest::Client,
-        path: &str,
-        body: &(impl serde::Serialize + ?Sized),
-    ) -> Result<serde_json::Value, ()> {
-        let response = http
-            .post(format!("{}{path}", self.ingest_url))
-            .bearer_auth(&self.api_key)
-            .json(body)
-            .send()
-            .await
-            .map_err(|_| ())?;
-        if !response.status().is_success() {
-            return Err(());
-        }
-        response.json().await.map_err(|_| ())
+/// A notification not yet acknowledged.
+struct Pending {
+    user: String,
+    payload: Box<RawValue>,
+    key: Option<String>,
+}
+
+impl Pending {
+    fn notification(&self) -> gapless_shared::api::Notification<'_> {
+        notification(&self.user, &self.payload, self.key.as_deref())
     }
 }

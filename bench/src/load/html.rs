@@ -831,7 +831,7 @@ fn summary(out: &mut String, r: &Report) {
                 "ingest-to-client over the {} of {} measured seconds in which PID 1 (here the VM's agent) used at most {}% of a core, nor in the second before; it was busy in {} seconds of the run",
                 r.pid1.quiet_s,
                 r.pid1.measured_s,
-                super::PID1_BUSY_PCT,
+                super::samplers::PID1_BUSY_PCT,
                 r.pid1.busy_s
             ),
         );

@@ -184,7 +184,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let i = args.from + devices.len();
             let mut config = ClientConfig::new(
                 vec![args.urls[i % args.urls.len()].clone()],
-                gapless_edge::auth::mint_hs256(
+                gapless_shared::token::mint_hs256(
                     &args.jwt_secret,
                     &user(i),
                     Some(&args.device),

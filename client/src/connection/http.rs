@@ -9,25 +9,27 @@ use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
-use serde::Deserialize;
+
+use gapless_shared::api::ErrorEnvelope;
 
 use super::Failure;
 use crate::ClientConfig;
+use crate::Disconnect;
 
 /// The edge endpoint `path` (`/v1/sse`, `/v1/poll`, `/v1/ack`) of a configured URL:
 /// `ws://host:port/v1/ws` -> `http://host:port<path>`, `wss` -> `https`; a URL whose path
 /// is not a gapless endpoint is a base (`ws://host:port`, `http://host/prefix`) the path is
 /// appended to. The query (`?device=`, `?token=`) is kept.
 pub(crate) fn endpoint(url: &str, path: &str) -> Result<Url, Failure> {
-    let mut url = Url::parse(url).map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    let mut url = Url::parse(url).map_err(|e| Failure::config(format!("bad URL {url:?}: {e}")))?;
     let scheme = match url.scheme() {
         "ws" | "http" => "http",
         "wss" | "https" => "https",
-        other => return Err(format!("unsupported URL scheme {other:?}").into()),
+        other => return Err(Failure::config(format!("unsupported URL scheme {other:?}"))),
     };
     // ws, wss, http and https are all special schemes: switching among them cannot fail.
     url.set_scheme(scheme)
-        .map_err(|()| Failure::from("cannot switch the URL to HTTP"))?;
+        .map_err(|()| Failure::config("cannot switch the URL to HTTP"))?;
     let base = url.path().trim_end_matches('/');
     let base = ["/v1/ws", "/v1/sse", "/v1/poll", "/v1/ack"]
         .iter()
@@ -41,7 +43,7 @@ pub(crate) fn endpoint(url: &str, path: &str) -> Result<Url, Failure> {
 /// `Authorization: Bearer <token>`, marked sensitive (kept out of debug output).
 pub(crate) fn bearer(config: &ClientConfig) -> Result<HeaderValue, Failure> {
     let mut value = HeaderValue::try_from(format!("Bearer {}", config.token))
-        .map_err(|_| Failure::from("the token is not a valid header value"))?;
+        .map_err(|_| Failure::config("the token is not a valid header value"))?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -85,7 +87,7 @@ pub(crate) fn client(config: &ClientConfig) -> Result<reqwest::Client, Failure> 
         }
         let client = builder
             .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+            .map_err(|e| Failure::config(format!("cannot build an HTTP client: {e}")))?;
         clients.insert(local, client.clone());
         Ok(client)
     })
@@ -116,30 +118,21 @@ pub(crate) async fn refusal(mut response: reqwest::Response, within: Duration) -
     }
 }
 
-/// `{"error":{"code":…,"message":…}}`, the edges' error body.
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-}
-
-/// "refused: 401 Unauthorized: unauthorized: token expired" from a status and an error body
-/// (JSON as the edges answer, else the first line of the text).
-pub(crate) fn refusal_reason(status: StatusCode, body: &[u8]) -> String {
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) => format!("refused: {status}: {}: {}", b.error.code, b.error.message),
+/// A refusal from its status and body: the edges' JSON error body
+/// (`gapless_shared::api::ErrorEnvelope`), else the first line of the text.
+pub(crate) fn refusal_reason(status: StatusCode, body: &[u8]) -> Disconnect {
+    match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(b) => Disconnect::Refused {
+            status: status.as_u16(),
+            code: Some(b.error.code.into_owned()),
+            message: b.error.message,
+        },
         Err(_) => {
             let text = String::from_utf8_lossy(body);
-            let line = text.lines().next().unwrap_or_default().trim();
-            if line.is_empty() {
-                format!("refused: {status}")
-            } else {
-                format!("refused: {status}: {line}")
+            Disconnect::Refused {
+                status: status.as_u16(),
+                code: None,
+                message: text.lines().next().unwrap_or_default().trim().to_owned(),
             }
         }
     }
@@ -207,16 +200,20 @@ mod tests {
     fn refusals_read_the_edges_error_body() {
         let body = br#"{"error":{"code":"unauthorized","message":"token expired"}}"#;
         assert_eq!(
-            refusal_reason(StatusCode::UNAUTHORIZED, body),
-            "refused: 401 Unauthorized: unauthorized: token expired"
+            refusal_reason(StatusCode::UNAUTHORIZED, body).to_string(),
+            "refused: 401: unauthorized: token expired"
         );
         assert_eq!(
             refusal_reason(StatusCode::BAD_GATEWAY, b"upstream gone\nmore"),
-            "refused: 502 Bad Gateway: upstream gone"
+            Disconnect::Refused {
+                status: 502,
+                code: None,
+                message: "upstream gone".into()
+            }
         );
         assert_eq!(
-            refusal_reason(StatusCode::SERVICE_UNAVAILABLE, b""),
-            "refused: 503 Service Unavailable"
+            refusal_reason(StatusCode::SERVICE_UNAVAILABLE, b"").to_string(),
+            "refused: 503"
         );
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));

@@ -21,7 +21,7 @@ use gapless_shared::protocol::{Notification, ResetReason};
 
 pub use ws::Codec;
 
-use crate::{ClientConfig, Transport};
+use crate::{ClientConfig, Disconnect, Transport};
 
 /// What the application-facing client needs from the edge's messages.
 pub(crate) enum Incoming {
@@ -47,19 +47,38 @@ pub(crate) enum Incoming {
 /// Why a connection could not be opened or went on no longer.
 #[derive(Debug)]
 pub(crate) struct Failure {
-    /// Readable, for [`crate::Event::Disconnected`].
-    pub(crate) reason: String,
+    /// What happened, for [`crate::Event::Disconnected`].
+    pub(crate) reason: Disconnect,
     /// The edge's `Retry-After` on a refusal (429, 503): the next attempt waits at least
     /// this long.
     pub(crate) retry_after: Option<Duration>,
 }
 
-impl From<String> for Failure {
-    fn from(reason: String) -> Self {
+impl Failure {
+    /// The edge broke the protocol.
+    pub(crate) fn protocol(what: impl Into<String>) -> Self {
+        Disconnect::Protocol(what.into()).into()
+    }
+
+    /// The configuration cannot work.
+    pub(crate) fn config(what: impl Into<String>) -> Self {
+        Disconnect::Config(what.into()).into()
+    }
+}
+
+impl From<Disconnect> for Failure {
+    fn from(reason: Disconnect) -> Self {
         Self {
             reason,
             retry_after: None,
         }
+    }
+}
+
+/// A lost connection, in words (connect, I/O or timeout failures).
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Disconnect::Lost(reason).into()
     }
 }
 

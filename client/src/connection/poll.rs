@@ -89,7 +89,9 @@ impl PollConnection {
                 .map(str::to_owned)
         };
         let (Some(edge), Some(device)) = (header("gapless-edge"), header("gapless-device")) else {
-            return Err("the poll answer names no Gapless-Edge and Gapless-Device".into());
+            return Err(Failure::protocol(
+                "the poll answer names no Gapless-Edge and Gapless-Device",
+            ));
         };
         let heartbeat = header("gapless-heartbeat-ms")
             .and_then(|h| h.parse().ok())
@@ -133,7 +135,9 @@ impl PollConnection {
                         });
                     }
                     ServerMessage::Ping => continue,
-                    ServerMessage::Welcome { .. } => return Err("a welcome in a poll".into()),
+                    ServerMessage::Welcome { .. } => {
+                        return Err(Failure::protocol("a welcome in a poll"));
+                    }
                 }
             }
             // Everything handed out: release the answer's memory before waiting.
@@ -186,13 +190,15 @@ impl PollConnection {
                 .map_err(|e| format!("poll answer failed: {}", http::describe(&e)))?
             {
                 if body.len() + chunk.len() > MAX_ANSWER {
-                    return Err(format!("poll answer longer than {MAX_ANSWER} bytes").into());
+                    return Err(Failure::protocol(format!(
+                        "poll answer longer than {MAX_ANSWER} bytes"
+                    )));
                 }
                 body.extend_from_slice(&chunk);
             }
             let text = std::str::from_utf8(&body).map_err(|_| "poll answer is not UTF-8")?;
             let messages = protocol::from_json::<Vec<ServerMessage>>(text)
-                .map_err(|e| format!("bad poll answer: {e}"))?;
+                .map_err(|e| Failure::protocol(format!("bad poll answer: {e}")))?;
             Ok(Answer { headers, messages })
         };
         tokio::time::timeout(timeout, exchange)

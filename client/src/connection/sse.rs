@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use gapless_shared::protocol::{self, ServerMessage};
+use gapless_shared::protocol::{self, DrainHint, ServerMessage, close};
 use reqwest::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::event_stream::{EventStream, SseEvent};
 use super::{Failure, Incoming, Resume, http};
-use crate::ClientConfig;
+use crate::{ClientConfig, Disconnect};
 
 /// An ack request in flight; resolves when the edge answered it.
 type AckFuture = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
@@ -121,7 +121,9 @@ impl SseConnection {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if !content_type.starts_with("text/event-stream") {
-            return Err(format!("expected text/event-stream, got {content_type:?}").into());
+            return Err(Failure::protocol(format!(
+                "expected text/event-stream, got {content_type:?}"
+            )));
         }
         let mut conn = Self {
             response,
@@ -152,7 +154,9 @@ impl SseConnection {
                 },
             ) => (edge, device, heartbeat_ms),
             (kind, other) => {
-                return Err(format!("expected welcome, got {kind} event {other:?}").into());
+                return Err(Failure::protocol(format!(
+                    "expected welcome, got {kind} event {other:?}"
+                )));
             }
         };
         conn.deadline = Duration::from_millis(heartbeat_ms) + config.heartbeat_grace;
@@ -208,29 +212,35 @@ impl SseConnection {
                         });
                     }
                     other => {
-                        return Err(format!("{} event carries {other:?}", event.kind).into());
+                        return Err(Failure::protocol(format!(
+                            "{} event carries {other:?}",
+                            event.kind
+                        )));
                     }
                 },
                 "reconnect" => {
                     let hint: Reconnect = serde_json::from_str(&event.data)
-                        .map_err(|e| format!("bad reconnect event: {e}"))?;
+                        .map_err(|e| Failure::protocol(format!("bad reconnect event: {e}")))?;
                     let ms = hint.delay_ms.or(self.events.retry()).unwrap_or(0);
                     return Ok(Incoming::Closed {
-                        code: 1012,
-                        reason: format!("edge draining; reconnect in {ms} ms"),
+                        code: close::RESTART,
+                        reason: DrainHint {
+                            reconnect_in_ms: ms,
+                        }
+                        .reason(),
                         retry_in: Some(Duration::from_millis(ms)),
                     });
                 }
                 "close" => {
                     let close: Close = serde_json::from_str(&event.data)
-                        .map_err(|e| format!("bad close event: {e}"))?;
+                        .map_err(|e| Failure::protocol(format!("bad close event: {e}")))?;
                     return Ok(Incoming::Closed {
                         code: close.code,
                         reason: close.reason,
                         retry_in: None,
                     });
                 }
-                "welcome" => return Err("a second welcome".into()),
+                "welcome" => return Err(Failure::protocol("a second welcome")),
                 // Event types of later versions.
                 _ => continue,
             }
@@ -240,7 +250,7 @@ impl SseConnection {
     /// A message of the shared protocol, from an event's data.
     fn decode(&self, event: &SseEvent) -> Result<ServerMessage, Failure> {
         protocol::from_json::<ServerMessage>(&event.data)
-            .map_err(|e| format!("bad {} event: {e}", event.kind).into())
+            .map_err(|e| Failure::protocol(format!("bad {} event: {e}", event.kind)))
     }
 
     /// The next event of the stream, within the deadline; drives the ack in flight
@@ -250,7 +260,7 @@ impl SseConnection {
             if let Some(event) = self
                 .events
                 .next()
-                .map_err(|e| format!("bad event stream: {e}"))?
+                .map_err(|e| Failure::protocol(format!("bad event stream: {e}")))?
             {
                 return Ok(event);
             }
@@ -313,8 +323,11 @@ impl Acks {
             if response.status().is_success() {
                 Ok(())
             } else {
+                // The refusal names the ack's position in its message.
                 let mut failure = http::refusal(response, Duration::from_secs(1)).await;
-                failure.reason = format!("ack {seq}: {}", failure.reason);
+                if let Disconnect::Refused { message, .. } = &mut failure.reason {
+                    *message = format!("ack {seq}: {message}");
+                }
                 Err(failure)
             }
         }));

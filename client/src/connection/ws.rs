@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use gapless_shared::protocol::{
-    self, ClientMessage, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD, ServerMessage,
-};
+pub use gapless_shared::protocol::Codec;
+use gapless_shared::protocol::{ClientMessage, DrainHint, Frame, ServerMessage, close};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -14,16 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{Failure, Incoming, Resume, http};
-use crate::ClientConfig;
-
-/// Wire encoding of a WebSocket client (the HTTP transports speak JSON only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
-    /// `gapless.v1.json`.
-    Json,
-    /// `gapless.v1.postcard`.
-    Postcard,
-}
+use crate::{ClientConfig, Disconnect};
 
 /// One WebSocket connection.
 pub(crate) struct WsConnection {
@@ -44,18 +34,15 @@ impl WsConnection {
     ) -> Result<(Self, String, String), Failure> {
         let mut request = url
             .into_client_request()
-            .map_err(|e| format!("bad URL: {e}"))?;
+            .map_err(|e| Failure::config(format!("bad URL: {e}")))?;
         let headers = request.headers_mut();
         headers.insert(
             "authorization",
             format!("Bearer {}", config.token)
                 .parse()
-                .map_err(|_| "the token is not a valid header value".to_owned())?,
+                .map_err(|_| Failure::config("the token is not a valid header value"))?,
         );
-        let protocol = match config.codec {
-            Codec::Json => SUBPROTOCOL_JSON,
-            Codec::Postcard => SUBPROTOCOL_POSTCARD,
-        };
+        let protocol = config.codec.subprotocol();
         headers.insert(
             "sec-websocket-protocol",
             protocol
@@ -97,9 +84,13 @@ impl WsConnection {
                 heartbeat_ms,
                 ..
             }) => (edge, device, heartbeat_ms),
-            Read::Message(other) => return Err(format!("expected welcome, got {other:?}").into()),
+            Read::Message(other) => {
+                return Err(Failure::protocol(format!(
+                    "expected welcome, got {other:?}"
+                )));
+            }
             Read::Closed { code, reason } => {
-                return Err(format!("closed before welcome: {code} {reason}").into());
+                return Err(Disconnect::Closed { code, reason }.into());
             }
         };
         conn.deadline = Duration::from_millis(heartbeat_ms) + config.heartbeat_grace;
@@ -131,9 +122,9 @@ impl WsConnection {
     }
 
     async fn send(&mut self, msg: &ClientMessage) -> Result<(), Failure> {
-        let frame = match self.codec {
-            Codec::Json => Message::Text(protocol::to_json(msg).into()),
-            Codec::Postcard => Message::Binary(msg.to_postcard().into()),
+        let frame = match self.codec.encode_client(msg) {
+            Frame::Text(text) => Message::Text(text.into()),
+            Frame::Binary(bytes) => Message::Binary(bytes.into()),
         };
         self.ws
             .send(frame)
@@ -151,11 +142,12 @@ impl WsConnection {
             let msg = match frame {
                 None => return Err("connection ended".into()),
                 Some(Err(e)) => return Err(format!("connection failed: {e}").into()),
-                Some(Ok(Message::Text(t))) => protocol::from_json::<ServerMessage>(t.as_str())
-                    .map_err(|e| format!("bad frame: {e}"))?,
-                Some(Ok(Message::Binary(b))) => {
-                    ServerMessage::from_postcard(&b).map_err(|e| format!("bad frame: {e}"))?
+                Some(Ok(Message::Text(t))) => {
+                    gapless_shared::protocol::from_json::<ServerMessage>(t.as_str())
+                        .map_err(|e| Failure::protocol(format!("bad frame: {e}")))?
                 }
+                Some(Ok(Message::Binary(b))) => ServerMessage::from_postcard(&b)
+                    .map_err(|e| Failure::protocol(format!("bad frame: {e}")))?,
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
                         .map(|f| (u16::from(f.code), f.reason.to_string()))
@@ -185,10 +177,10 @@ impl WsConnection {
                 first_seq,
                 reason,
             }),
-            Read::Message(other) => Err(format!("unexpected {other:?}").into()),
+            Read::Message(other) => Err(Failure::protocol(format!("unexpected {other:?}"))),
             Read::Closed { code, reason } => Ok(Incoming::Closed {
-                retry_in: if code == 1012 {
-                    parse_drain_delay(&reason)
+                retry_in: if code == close::RESTART {
+                    DrainHint::parse(&reason).map(|h| Duration::from_millis(h.reconnect_in_ms))
                 } else {
                     None
                 },
@@ -208,7 +200,7 @@ async fn connect_from(
     if uri.scheme_str() == Some("wss") {
         return Err("a local address needs a ws:// URL".into());
     }
-    let host = uri.host().ok_or(Failure::from("no host in the URL"))?;
+    let host = uri.host().ok_or(Failure::config("no host in the URL"))?;
     let port = uri.port_u16().unwrap_or(80);
     let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
         .await
@@ -254,31 +246,5 @@ fn refused(e: tokio_tungstenite::tungstenite::Error) -> Failure {
             }
         }
         other => format!("connect failed: {other}").into(),
-    }
-}
-
-/// "edge draining; reconnect in 1234 ms" (the reason of close 1012) -> 1234 ms.
-fn parse_drain_delay(reason: &str) -> Option<Duration> {
-    let ms = reason
-        .split("reconnect in ")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drain_hints_parse() {
-        assert_eq!(
-            parse_drain_delay("edge draining; reconnect in 1234 ms"),
-            Some(Duration::from_millis(1234))
-        );
-        assert_eq!(parse_drain_delay("bye"), None);
     }
 }

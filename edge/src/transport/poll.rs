@@ -20,9 +20,9 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{Admit, Credentials, authenticate, refuse};
-use crate::AppState;
 use crate::delivery::{self, End, Inbound};
 use crate::hub::{Kind, Out};
+use crate::state::AppState;
 
 /// `wait_ms` when the request names none.
 pub const DEFAULT_WAIT: Duration = Duration::from_millis(25_000);

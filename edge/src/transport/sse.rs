@@ -26,9 +26,9 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Admit, Credentials, Refused, authenticate, event_id, parse_event_id, refuse};
-use crate::AppState;
 use crate::delivery::{self, End, Inbound, Resume};
 use crate::hub::{Closing, Conn, Kind, Out};
+use crate::state::AppState;
 
 /// Query of `GET /v1/sse`.
 #[derive(Debug, Deserialize)]

@@ -20,16 +20,15 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use gapless_shared::listener::Admission;
 use gapless_shared::protocol::{
-    ClientMessage, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD, ServerMessage,
+    ClientMessage, SUBPROTOCOL_JSON, SUBPROTOCOL_POSTCARD, ServerMessage, close,
 };
 use tokio::sync::mpsc;
 
 use super::{Admit, Credentials, authenticate, refuse};
-use crate::AppState;
 use crate::delivery::{self, End, Inbound, Resume};
-use crate::frame::{self, Codec, Violation};
+use crate::frame::{self, Codec, FrameCodec, Violation};
 use crate::hub::{CloseReason, Conn, Kind, Out};
-use crate::state::EdgeState;
+use crate::state::{AppState, EdgeState};
 
 /// Largest frame a client may send: clients send acks, pongs and one resume.
 pub(crate) const MAX_CLIENT_FRAME: usize = 4 << 10;
@@ -83,7 +82,7 @@ pub async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME);
-    let codec = Codec::from_protocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
+    let codec = Codec::from_subprotocol(ws.selected_protocol().and_then(|p| p.to_str().ok()));
     ws.on_upgrade(move |socket| {
         // The socket is split and the writer started here, not inside the session's future:
         // a value an async fn takes stays in its future for as long as the future lives, so
@@ -151,7 +150,7 @@ async fn handshake(
     let resume = match tokio::time::timeout(config.resume_timeout, inbound.next()).await {
         Err(_) => {
             return Err(End::Violation(Violation::new(
-                frame::CLOSE_POLICY,
+                close::POLICY,
                 "no resume within the resume timeout",
             )));
         }
@@ -159,7 +158,7 @@ async fn handshake(
         Ok(Ok(ClientMessage::Resume { epoch, after })) => Resume { epoch, after },
         Ok(Ok(_)) => {
             return Err(End::Violation(Violation::new(
-                frame::CLOSE_POLICY,
+                close::POLICY,
                 "the first message must be resume",
             )));
         }
@@ -182,7 +181,7 @@ async fn until_gone(inbound: &mut Frames) -> End {
             Ok(ClientMessage::Pong | ClientMessage::Ack { .. }) => {}
             Ok(ClientMessage::Resume { .. }) => {
                 return End::Violation(Violation::new(
-                    frame::CLOSE_POLICY,
+                    close::POLICY,
                     "resume may be sent once, right after welcome",
                 ));
             }
@@ -227,7 +226,7 @@ impl Inbound for Frames {
 fn read_failed(error: axum::Error) -> End {
     match error.into_inner().downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => End::Violation(Violation::new(
-            frame::CLOSE_TOO_BIG,
+            close::TOO_BIG,
             format!("frame larger than {MAX_CLIENT_FRAME} bytes; clients send acks and pongs"),
         )),
         _ => End::ClientGone,
@@ -249,7 +248,7 @@ async fn write_loop(
         while let Some(item) = next.take() {
             let (msg, closing) = match item {
                 Out::Message(m) => (codec.encode(&m), false),
-                Out::Close(c) => (frame::close(c.code, &c.reason), true),
+                Out::Close(c) => (frame::close_frame(c.code, &c.reason), true),
             };
             match tokio::time::timeout(slow, sink.feed(msg)).await {
                 Ok(Ok(())) => {}

@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use gapless_edge::auth::{JwtKey, mint_hs256};
+use gapless_edge::auth::JwtKey;
 use gapless_shared::config::Secret;
 use gapless_shared::protocol::{self, ClientMessage, Notification, ServerMessage};
 pub use gapless_shared::testing::{Backend, Kind};
+use gapless_shared::token::mint_hs256;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -412,21 +413,7 @@ impl System {
     }
 }
 
-/// Polls `check` until it holds; panics with `what` after `within`.
-pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+pub use gapless_shared::testing::eventually;
 
 impl System {
     /// True when `edge` holds a registry lease for `user`: from then on every append wakes it.

@@ -25,7 +25,7 @@ impl EdgeProcess {
     /// the process exit; it is then started again on another port.
     pub async fn start(sys: &System, edge_id: &str, extra: &[(&str, &str)]) -> Self {
         for _ in 0..3 {
-            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port().expect("a free port")).into();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_gapless-edge"));
             cmd.env("GAPLESS_LISTEN", addr.to_string())
                 .env("GAPLESS_REDIS_URL", sys.redis.url())

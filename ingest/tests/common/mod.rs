@@ -7,7 +7,6 @@
 //! Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use gapless_ingest::Config;
@@ -320,17 +319,4 @@ pub fn error_code(body: &Value) -> &str {
     body["error"]["code"]
         .as_str()
         .unwrap_or_else(|| panic!("error body without a code: {body}"))
-}
-
-/// Polls `condition` until it holds, failing the test after [`DEADLINE`].
-pub async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

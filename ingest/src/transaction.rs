@@ -156,7 +156,7 @@ pub async fn append(
         .permits
         .acquire()
         .await
-        .map_err(|_| StoreError::Unavailable("transaction pool closed".into()))?;
+        .map_err(|_| StoreError::stopped("the transaction pool"))?;
     let mut conn = pool.take().await?;
     // Each user's key names, built once for every read and write of every attempt.
     let keys: Vec<UserKeys> = users.iter().map(|u| UserKeys::new(u.user)).collect();
@@ -214,7 +214,7 @@ async fn attempt(
         with_timeout(timeout, read.query_async(&mut *conn)).await?;
     let expected = 2 + 3 * users.len();
     if replies.len() != expected {
-        return Err(StoreError::Redis(format!(
+        return Err(StoreError::reply(format!(
             "read pipeline answered {} replies for {expected} commands",
             replies.len()
         )));
@@ -300,7 +300,7 @@ async fn attempt(
     let replies: Vec<RedisResult<Value>> =
         with_timeout(timeout, tx.query_async(&mut *conn)).await?;
     if replies.len() != total + 2 {
-        return Err(StoreError::Redis(format!(
+        return Err(StoreError::reply(format!(
             "transaction answered {} replies for {} commands",
             replies.len(),
             total + 2
@@ -310,11 +310,11 @@ async fn attempt(
         Some(Ok(Value::Nil)) => return Ok(None),
         Some(Ok(Value::Array(results))) if results.len() == total => results,
         Some(Ok(other)) => {
-            return Err(StoreError::Redis(format!(
+            return Err(StoreError::reply(format!(
                 "EXEC answered {other:?} for {total} commands"
             )));
         }
-        None => return Err(StoreError::Redis("EXEC answered nothing".into())),
+        None => return Err(StoreError::reply("EXEC answered nothing")),
         // EXECABORT (a command refused while queueing, e.g. out of memory): nothing ran.
         Some(Err(e)) => {
             let error = e.to_string();
@@ -370,7 +370,7 @@ async fn attempt(
 /// `TIME` -> ms.
 fn parse_time(v: Value) -> Result<u64, StoreError> {
     let (s, us): (u64, u64) = redis::from_redis_value(v)
-        .map_err(|e| StoreError::Redis(format!("TIME answered something else: {e}")))?;
+        .map_err(|e| StoreError::reply(format!("TIME answered something else: {e}")))?;
     Ok(s * 1000 + us / 1000)
 }
 
