@@ -3,17 +3,21 @@
 //! and producers against it while a fault schedule attacks it, and checks the guarantees of
 //! DESIGN.md §2 from what every device received.
 //!
-//! [`device`] simulates devices on the `gapless-client` crate (over the WebSocket, SSE and
-//! long-polling: `--transport`, a third of the devices on each by default), [`producer`]
-//! appends with
-//! idempotency keys and retries, [`proxy`] blackholes connections, and the checker here turns
-//! the logs into a table per fault kind.
+//! In the order of a run: [`schedule`] says which faults come when; [`device`] simulates
+//! devices on the `gapless-client` crate (over the WebSocket, SSE and long-polling:
+//! `--transport`, a third of the devices on each by default); [`ledger`]'s producers append
+//! with idempotency keys and retries and record what was acknowledged; [`faults`] injects
+//! each fault ([`proxy`] blackholes connections); [`check`] turns the logs and the ledger
+//! into a table per fault kind.
 
+mod check;
 mod device;
-mod producer;
+mod faults;
+mod ledger;
 mod proxy;
+mod schedule;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -21,22 +25,21 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use gapless_client::ClientConfig;
-use serde::Serialize;
+use gapless_shared::config::RedisConfig;
+use gapless_shared::store;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::{Fleet, FleetOptions, FleetRedis};
-use crate::producer::{notification, payload};
-use crate::stats::{median, rss_kib};
+use check::{Evidence, MEMORY_BOUND_KIB, Setting, check, print};
+use device::{DeviceShared, DeviceSpec};
+use faults::inject;
+use ledger::{Ledger, Mode, Producer};
+use proxy::Proxy;
+use schedule::{Fault, Injection, schedule};
+
+use crate::fleet::{Fleet, FleetOptions};
 use crate::target::Target;
 use crate::transports::TransportMix;
-use device::{DeviceLog, DeviceShared, DeviceSpec};
-use gapless_shared::config::RedisConfig;
-use gapless_shared::ids::UserId;
-use gapless_shared::process::RedisCluster;
-use gapless_shared::store::{self, Store};
-use producer::{Ledger, Mode, Producer};
-use proxy::Proxy;
 
 /// Settings of the drill.
 #[derive(Debug, Args)]
@@ -87,14 +90,6 @@ pub struct DrillArgs {
     target: crate::fleet::DeploymentArgs,
 }
 
-/// The fleet's cluster, or an error saying the fault needs one.
-fn cluster(target: &mut Target, kind: Fault) -> anyhow::Result<&mut RedisCluster> {
-    match &mut target.fleet(kind)?.redis {
-        FleetRedis::Cluster(cluster) => Ok(cluster),
-        FleetRedis::Single(_) => bail!("{kind:?} needs a Redis Cluster (--cluster)"),
-    }
-}
-
 /// "90s", "2m", "30m", "1h" or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s
@@ -109,124 +104,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => Err(format!("bad duration unit in {s:?}")),
     }
 }
-
-/// The kinds of fault, in schedule order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-enum Fault {
-    EdgeKill,
-    EdgeDrain,
-    RedisKill,
-    PubsubKill,
-    SlowConsumer,
-    Blackhole,
-    SlotMigration,
-    PrimaryFailover,
-}
-
-impl Fault {
-    /// It needs the processes the drill started (to kill, restart or reconfigure them).
-    fn needs_fleet(self) -> bool {
-        matches!(
-            self,
-            Fault::EdgeKill
-                | Fault::EdgeDrain
-                | Fault::RedisKill
-                | Fault::SlotMigration
-                | Fault::PrimaryFailover
-        )
-    }
-}
-
-/// The fault kinds in schedule order: on a cluster, with a slot migration and a failover.
-fn schedule(cluster: bool) -> Vec<Fault> {
-    let mut faults = vec![
-        Fault::EdgeKill,
-        Fault::PubsubKill,
-        Fault::EdgeDrain,
-        Fault::Blackhole,
-        Fault::RedisKill,
-        Fault::SlowConsumer,
-    ];
-    if cluster {
-        faults.insert(2, Fault::SlotMigration);
-        faults.insert(5, Fault::PrimaryFailover);
-    }
-    faults
-}
-
-/// One injected fault.
-#[derive(Debug, Clone, Serialize)]
-struct Injection {
-    kind: Fault,
-    at_ms: u64,
-    /// Until every device held everything acknowledged before the injection; `None` if that
-    /// never happened before the next fault.
-    recovered_ms: Option<u64>,
-    note: String,
-}
-
-/// A table row.
-#[derive(Debug, Serialize)]
-struct Row {
-    fault: Fault,
-    injected: usize,
-    survived: usize,
-    lost: usize,
-    out_of_order: usize,
-    bad_duplicates: usize,
-    recover_ms_median: f64,
-    recover_ms_max: u64,
-}
-
-/// What the devices of one transport saw.
-#[derive(Debug, Default, Serialize)]
-struct TransportRow {
-    /// `websocket`, `sse` or `poll`.
-    transport: &'static str,
-    devices: usize,
-    connects: u64,
-    delivered: u64,
-    lost: usize,
-    out_of_order: usize,
-    bad_duplicates: usize,
-    wire_duplicates: u64,
-    client_gaps: u64,
-    resets: usize,
-}
-
-/// The drill's result.
-#[derive(Debug, Serialize)]
-struct Report {
-    duration_s: u64,
-    devices: usize,
-    users: usize,
-    edges: usize,
-    rate_per_s: f64,
-    acknowledged: u64,
-    delivered: u64,
-    producer_retries: u64,
-    producer_deduplicated: u64,
-    lost: usize,
-    out_of_order: usize,
-    non_contiguous: usize,
-    bad_duplicates: usize,
-    allowed_duplicates: usize,
-    wire_duplicates: u64,
-    client_gaps: u64,
-    resets: usize,
-    slow_consumer_edge_rss_growth_kib: u64,
-    memory_bound_kib: u64,
-    /// Lost, out of order and disallowed duplicates before any fault was injected.
-    before_first_fault: [usize; 3],
-    rows: Vec<Row>,
-    /// The same counts per transport of the devices.
-    transports: Vec<TransportRow>,
-    injections: Vec<Injection>,
-}
-
-/// Edge RSS growth during the slow-consumer fault above which the drill fails.
-const MEMORY_BOUND_KIB: u64 = 256 << 10;
 
 /// Runs the drill; fails (non-zero exit) on any lost, out-of-order or unexplained duplicate
 /// notification, or an edge memory growth past the bound.
@@ -475,14 +352,21 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .filter(|k| target.fleet.is_some() || !k.needs_fleet())
         .collect();
     let report = check(
-        &args,
-        edges.len(),
-        &applicable,
-        &ledger,
-        &logs,
-        injections,
-        slow_growth,
-        &producer_stats,
+        Setting {
+            duration_s: args.duration.as_secs(),
+            devices: args.devices,
+            users: args.users,
+            edges: edges.len(),
+            rate_per_s: args.rate,
+        },
+        Evidence {
+            applicable: &applicable,
+            ledger: &ledger,
+            logs: &logs,
+            injections,
+            slow_growth,
+            producers: &producer_stats,
+        },
     );
     print(&report);
     if let Some(path) = &args.json {
@@ -533,167 +417,6 @@ async fn wait_recovered(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn inject(
-    kind: Fault,
-    edge: usize,
-    target: &mut Target,
-    store: &Store,
-    proxies: &[Proxy],
-    shared: &[Arc<DeviceShared>],
-    users: &[String],
-    slow_user: &str,
-    hb: u64,
-    slow_growth: &mut u64,
-    start: &Instant,
-    ledger: &Ledger,
-) -> anyhow::Result<String> {
-    match kind {
-        Fault::EdgeKill => {
-            let fleet = target.fleet(kind)?;
-            fleet.kill_edge(edge);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            fleet.restart_edge(edge).await?;
-            Ok(format!("SIGKILL edge-{edge}, restarted after 500 ms"))
-        }
-        Fault::EdgeDrain => {
-            let fleet = target.fleet(kind)?;
-            let (took, ok) = fleet.term_edge(edge).await?;
-            fleet.restart_edge(edge).await?;
-            if !ok {
-                bail!("edge-{edge} did not exit cleanly on SIGTERM");
-            }
-            Ok(format!(
-                "SIGTERM edge-{edge}: exited in {} ms, restarted",
-                took.as_millis()
-            ))
-        }
-        Fault::RedisKill => {
-            let user = &users[edge % users.len()];
-            match &mut target.fleet(kind)?.redis {
-                FleetRedis::Single(redis) => {
-                    redis.kill();
-                    tokio::time::sleep(Duration::from_millis(1000)).await;
-                    redis.restart()?;
-                    Ok("SIGKILL redis, restarted after 1 s (AOF, fsync always)".into())
-                }
-                FleetRedis::Cluster(cluster) => tokio::task::block_in_place(|| {
-                    let owner = cluster.owner_of(cluster.slot_of_user(&UserId::parse(user)?)?)?;
-                    let promoted = cluster.kill_primary(owner)?;
-                    cluster.node_mut(owner).restart()?;
-                    cluster.wait_stable()?;
-                    Ok(format!(
-                        "SIGKILL of node {owner}, the primary of {user}'s slot; node {promoted} promoted, node {owner} restarted as its replica"
-                    ))
-                }),
-            }
-        }
-        Fault::SlotMigration => {
-            let user = &users[edge % users.len()];
-            let cluster = cluster(target, kind)?;
-            tokio::task::block_in_place(|| {
-                let slot = cluster.slot_of_user(&UserId::parse(user)?)?;
-                let from = cluster.owner_of(slot)?;
-                let to = cluster.other_primary(from).context("another primary")?;
-                cluster.move_slot(slot, to)?;
-                Ok(format!(
-                    "moved slot {slot} ({user}) from node {from} to node {to}"
-                ))
-            })
-        }
-        Fault::PrimaryFailover => {
-            let user = &users[edge % users.len()];
-            let cluster = cluster(target, kind)?;
-            tokio::task::block_in_place(|| {
-                let owner = cluster.owner_of(cluster.slot_of_user(&UserId::parse(user)?)?)?;
-                let promoted = cluster.failover(owner)?;
-                Ok(format!(
-                    "CLUSTER FAILOVER: node {promoted} took over {user}'s slot from node {owner}"
-                ))
-            })
-        }
-        Fault::PubsubKill => {
-            // Every primary: on a cluster each edge's subscription is at its channel's shard.
-            let timeout = Duration::from_secs(2);
-            let mut killed = 0u64;
-            for primary in store.clone().primaries(timeout).await? {
-                killed += store
-                    .clone()
-                    .on_node::<u64>(
-                        &primary,
-                        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
-                        timeout,
-                    )
-                    .await?;
-            }
-            Ok(format!("CLIENT KILL TYPE pubsub: {killed} connections"))
-        }
-        Fault::Blackhole => {
-            let n = proxies[edge % proxies.len()]
-                .blackhole(Duration::from_millis(3 * hb))
-                .await;
-            Ok(format!(
-                "blackholed {n} connections behind proxy {edge} for {} ms",
-                3 * hb
-            ))
-        }
-        Fault::SlowConsumer => {
-            // Freeze the slow user's devices and flood the user with large notifications.
-            let freeze_ms = 6 * hb;
-            let until = start.elapsed().as_millis() as u64 + freeze_ms;
-            for (i, s) in shared.iter().enumerate() {
-                if users[i % users.len()] == slow_user {
-                    s.freeze_until_ms.store(until, Ordering::Relaxed);
-                }
-            }
-            // Edge memory can only be sampled for edges this drill started.
-            let edge_pids = target.edge_pids();
-            let before: Vec<u64> = edge_pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
-            let ingest = target.ingest(Duration::from_secs(10))?;
-            let pad = payload(&serde_json::json!({"pad": "x".repeat(16 << 10)}));
-            let items: Vec<_> = (0..300)
-                .map(|_| notification(slow_user, &pad, None))
-                .collect();
-            // What the ingest acknowledges goes to the ledger: the frozen devices must get
-            // all of it once they resume.
-            let mut flooded = 0;
-            for _ in 0..4 {
-                let Ok(results) = ingest.append_batch(&items).await else {
-                    continue;
-                };
-                let at = start.elapsed().as_millis() as u64;
-                let mut ledger = ledger.lock().expect("ledger lock is never poisoned");
-                for appended in results.into_iter().flatten() {
-                    flooded += 1;
-                    ledger.entry(slow_user.to_owned()).or_default().push((
-                        appended.seq,
-                        appended.epoch,
-                        at,
-                    ));
-                }
-            }
-            let sample_until = Instant::now() + Duration::from_millis(freeze_ms);
-            let mut peak = before.clone();
-            while Instant::now() < sample_until {
-                for (p, pid) in peak.iter_mut().zip(&edge_pids) {
-                    *p = (*p).max(rss_kib(*pid).unwrap_or(0));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let growth = peak
-                .iter()
-                .zip(&before)
-                .map(|(p, b)| p.saturating_sub(*b))
-                .max()
-                .unwrap_or(0);
-            *slow_growth = (*slow_growth).max(growth);
-            Ok(format!(
-                "froze {slow_user}'s devices {freeze_ms} ms, flooded {flooded} x 16 KiB; edge RSS +{growth} KiB"
-            ))
-        }
-    }
-}
-
 /// A progress line: rewritten in place on a terminal, one line every 10 s in a log.
 fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faults: usize) {
     use std::io::IsTerminal;
@@ -721,260 +444,4 @@ fn progress(start: &Instant, shared: &[Arc<DeviceShared>], ledger: &Ledger, faul
     } else {
         eprintln!("{line}");
     }
-}
-
-/// Checks every device's log against the ledger.
-#[allow(clippy::too_many_arguments)]
-fn check(
-    args: &DrillArgs,
-    edges: usize,
-    applicable: &[Fault],
-    ledger: &HashMap<String, Vec<(u64, String, u64)>>,
-    logs: &[DeviceLog],
-    injections: Vec<Injection>,
-    slow_growth: u64,
-    producers: &[producer::ProducerStats],
-) -> Report {
-    // Violations, each with the time it is attributed to.
-    let mut lost_at: Vec<u64> = Vec::new();
-    let mut disorder_at: Vec<u64> = Vec::new();
-    let mut bad_dup_at: Vec<u64> = Vec::new();
-    let mut non_contiguous = 0usize;
-    let mut allowed_duplicates = 0usize;
-    let mut delivered = 0u64;
-    let mut transports: Vec<TransportRow> = Vec::new();
-    for log in logs {
-        let before = (lost_at.len(), disorder_at.len(), bad_dup_at.len());
-        delivered += log.received.len() as u64;
-        // Per connection: strictly increasing within an epoch, and contiguous.
-        let mut last: Option<(u32, Arc<str>, u64)> = None;
-        for r in &log.received {
-            if let Some((conn, epoch, seq)) = &last
-                && *conn == r.conn
-                && **epoch == *r.epoch
-            {
-                if r.seq <= *seq {
-                    disorder_at.push(r.at_ms);
-                } else if r.seq != seq + 1 {
-                    non_contiguous += 1;
-                    disorder_at.push(r.at_ms);
-                }
-            }
-            last = Some((r.conn, r.epoch.clone(), r.seq));
-        }
-        // Duplicates: only after an app restart, and only of what was not stored as acked.
-        let floors: BTreeMap<u32, u64> = log.forgets.iter().copied().collect();
-        let mut seen: HashSet<(Arc<str>, u64)> = HashSet::new();
-        for r in &log.received {
-            if !seen.insert((r.epoch.clone(), r.seq)) {
-                let floor = floors.range(..=r.conn).next_back().map(|(_, f)| *f);
-                match floor {
-                    Some(f) if r.seq > f => allowed_duplicates += 1,
-                    _ => bad_dup_at.push(r.at_ms),
-                }
-            }
-        }
-        // No loss: every acknowledged seq of the user, in the epoch the device is in.
-        if let Some(acked) = ledger.get(&log.user) {
-            let got: HashSet<(&str, u64)> =
-                log.received.iter().map(|r| (&*r.epoch, r.seq)).collect();
-            for (seq, epoch, at) in acked {
-                if !got.contains(&(epoch.as_str(), *seq)) {
-                    lost_at.push(*at);
-                }
-            }
-        }
-        let name = log.transport.name();
-        let row = match transports.iter().position(|t| t.transport == name) {
-            Some(k) => &mut transports[k],
-            None => {
-                transports.push(TransportRow {
-                    transport: name,
-                    ..TransportRow::default()
-                });
-                transports.last_mut().expect("just pushed")
-            }
-        };
-        row.devices += 1;
-        row.connects += u64::from(log.connects);
-        row.delivered += log.received.len() as u64;
-        row.lost += lost_at.len() - before.0;
-        row.out_of_order += disorder_at.len() - before.1;
-        row.bad_duplicates += bad_dup_at.len() - before.2;
-        row.wire_duplicates += log.wire_duplicates;
-        row.client_gaps += log.client_gaps;
-        row.resets += log.resets.len();
-    }
-    transports.sort_by_key(|t| t.transport);
-    // Attribute each violation to the last fault injected before it.
-    // Violations before the first fault count under `None`.
-    let attribute = |times: &[u64]| -> HashMap<Option<Fault>, usize> {
-        let mut by = HashMap::new();
-        for t in times {
-            let kind = injections
-                .iter()
-                .rev()
-                .find(|i| i.at_ms <= *t)
-                .map(|i| i.kind);
-            *by.entry(kind).or_insert(0) += 1;
-        }
-        by
-    };
-    let (lost_by, disorder_by, dup_by) = (
-        attribute(&lost_at),
-        attribute(&disorder_at),
-        attribute(&bad_dup_at),
-    );
-    let rows = applicable
-        .iter()
-        .map(|kind| {
-            let of_kind: Vec<&Injection> = injections.iter().filter(|i| i.kind == *kind).collect();
-            let times: Vec<f64> = of_kind
-                .iter()
-                .filter_map(|i| i.recovered_ms.map(|m| m as f64))
-                .collect();
-            let lost = lost_by.get(&Some(*kind)).copied().unwrap_or(0);
-            let out_of_order = disorder_by.get(&Some(*kind)).copied().unwrap_or(0);
-            let bad_duplicates = dup_by.get(&Some(*kind)).copied().unwrap_or(0);
-            Row {
-                fault: *kind,
-                injected: of_kind.len(),
-                survived: if lost + out_of_order + bad_duplicates == 0 {
-                    times.len()
-                } else {
-                    0
-                },
-                lost,
-                out_of_order,
-                bad_duplicates,
-                recover_ms_median: median(&times),
-                recover_ms_max: of_kind
-                    .iter()
-                    .filter_map(|i| i.recovered_ms)
-                    .max()
-                    .unwrap_or(0),
-            }
-        })
-        .collect();
-    let before_first_fault = [
-        lost_by.get(&None).copied().unwrap_or(0),
-        disorder_by.get(&None).copied().unwrap_or(0),
-        dup_by.get(&None).copied().unwrap_or(0),
-    ];
-    Report {
-        before_first_fault,
-        duration_s: args.duration.as_secs(),
-        devices: args.devices,
-        users: args.users,
-        edges,
-        rate_per_s: args.rate,
-        acknowledged: producers.iter().map(|p| p.acknowledged).sum(),
-        delivered,
-        producer_retries: producers.iter().map(|p| p.retries).sum(),
-        producer_deduplicated: producers.iter().map(|p| p.deduplicated).sum(),
-        lost: lost_at.len(),
-        out_of_order: disorder_at.len(),
-        non_contiguous,
-        bad_duplicates: bad_dup_at.len(),
-        allowed_duplicates,
-        wire_duplicates: logs.iter().map(|l| l.wire_duplicates).sum(),
-        client_gaps: logs.iter().map(|l| l.client_gaps).sum(),
-        resets: logs.iter().map(|l| l.resets.len()).sum(),
-        slow_consumer_edge_rss_growth_kib: slow_growth,
-        memory_bound_kib: MEMORY_BOUND_KIB,
-        rows,
-        transports,
-        injections,
-    }
-}
-
-fn print(r: &Report) {
-    println!(
-        "drill: {} s of faults, {} devices of {} users on {} edges, {} notifications/s",
-        r.duration_s, r.devices, r.users, r.edges, r.rate_per_s
-    );
-    println!(
-        "acknowledged {} notifications, delivered {} (to all devices), producer retries {}, retried writes recognised by idempotency key {}",
-        r.acknowledged, r.delivered, r.producer_retries, r.producer_deduplicated
-    );
-    println!();
-    println!(
-        "| fault | injected | survived | lost | out of order | duplicates (not allowed) | recovery p50 ms | recovery max ms |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for row in &r.rows {
-        println!(
-            "| {:?} | {} | {} | {} | {} | {} | {:.0} | {} |",
-            row.fault,
-            row.injected,
-            row.survived,
-            row.lost,
-            row.out_of_order,
-            row.bad_duplicates,
-            row.recover_ms_median,
-            row.recover_ms_max
-        );
-    }
-    let [lost, disorder, dups] = r.before_first_fault;
-    println!("| (before the first fault) | - | - | {lost} | {disorder} | {dups} | - | - |");
-    println!();
-    println!(
-        "lost {}, out of order {} (of which gaps within a connection {}), duplicates not allowed {}, duplicates allowed (unacked, after an app restart) {}, wire duplicates dropped by the client {}, gaps the client caught {}, resets {}",
-        r.lost,
-        r.out_of_order,
-        r.non_contiguous,
-        r.bad_duplicates,
-        r.allowed_duplicates,
-        r.wire_duplicates,
-        r.client_gaps,
-        r.resets
-    );
-    println!();
-    println!(
-        "| transport | devices | connects | delivered | lost | out of order | duplicates (not allowed) | wire duplicates | client gaps | resets |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for t in &r.transports {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            t.transport,
-            t.devices,
-            t.connects,
-            t.delivered,
-            t.lost,
-            t.out_of_order,
-            t.bad_duplicates,
-            t.wire_duplicates,
-            t.client_gaps,
-            t.resets
-        );
-    }
-    println!();
-    println!(
-        "edge memory during the slow-consumer fault: +{} KiB (bound {} KiB)",
-        r.slow_consumer_edge_rss_growth_kib, r.memory_bound_kib
-    );
-    let failed = r
-        .rows
-        .iter()
-        .filter(|row| row.lost + row.out_of_order + row.bad_duplicates > 0 || row.injected == 0)
-        .count()
-        + usize::from(r.before_first_fault.iter().sum::<usize>() > 0);
-    for i in &r.injections {
-        println!(
-            "  {:>7} ms {:?}: {} (recovered in {})",
-            i.at_ms,
-            i.kind,
-            i.note,
-            i.recovered_ms
-                .map_or_else(|| "never".to_owned(), |m| format!("{m} ms"))
-        );
-    }
-    // Over the fault kinds and the time before the first fault: passed when nothing was
-    // lost, reordered or duplicated (and, for a kind, when it was injected).
-    println!(
-        "drill: {} passed, {} failed",
-        (r.rows.len() + 1).saturating_sub(failed),
-        failed
-    );
 }
