@@ -37,6 +37,9 @@ enum Scenario {
     /// storm (every edge killed: time to resume everyone exactly), ingest (batch throughput
     /// beside redis-benchmark's pipelined XADD).
     Load(Box<load::LoadArgs>),
+    /// Renders a load run's JSON (`load --json`) as its HTML report again, without
+    /// re-running it.
+    Report(load::RenderArgs),
     /// A load-generator process (started by `load`).
     #[command(hide = true)]
     LoadWorker(load::worker::WorkerArgs),
@@ -57,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let scenario = async {
         match Cli::parse().command {
             Scenario::Load(args) => load::run(*args).await,
+            Scenario::Report(args) => load::render(&args),
             Scenario::LoadWorker(args) => load::worker::run(args).await,
             Scenario::Drill(args) => drill::run(args).await,
             Scenario::Flood(args) => flood::run(args).await,

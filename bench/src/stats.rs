@@ -3,17 +3,22 @@
 use serde::Serialize;
 
 /// Summary of a set of durations, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     /// Median.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub p50: f64,
     /// 90th percentile.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub p90: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub p99: f64,
     /// 99.9th percentile.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub p999: f64,
     /// Largest.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub max: f64,
 }
 
@@ -73,6 +78,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// An f64 as written by serde_json, which writes NaN and infinities as `null`: read back as
+/// NaN.
+pub fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[cfg(test)]

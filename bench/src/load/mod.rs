@@ -14,6 +14,7 @@
 //! beside `redis-benchmark`'s pipelined XADD, in the same run).
 
 mod args;
+mod charts;
 mod html;
 mod live;
 mod report;
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use args::LoadArgs;
 use args::{PER_PROCESS, Scenario};
 use live::{Live, Shared, distribution, hist_percentiles, lock};
-use report::{Pid1, Report, Tick};
+use report::{Meta, Pid1, Report, Tick};
 use samplers::{PID1_BUSY_PCT, pid1_busy, process_list, sample_rtt, sample_timeline};
 use scrape::{command_stats, stages};
 use storm::run_storm;
@@ -47,12 +48,33 @@ use crate::fleet::{Fleet, FleetOptions};
 use crate::stats::{percentiles, rss_kib};
 use crate::target::Target;
 
+/// Settings of `gapless-bench report`.
+#[derive(Debug, clap::Args)]
+pub struct RenderArgs {
+    /// The run's JSON, as `load --json` wrote it.
+    #[arg(long)]
+    json: std::path::PathBuf,
+    /// Where to write the HTML report.
+    #[arg(long)]
+    html: std::path::PathBuf,
+}
+
+/// Renders a run's JSON as its HTML report.
+pub fn render(args: &RenderArgs) -> anyhow::Result<()> {
+    let text = std::fs::read(&args.json)
+        .with_context(|| format!("cannot read {}", args.json.display()))?;
+    let report: Report = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a load run's JSON", args.json.display()))?;
+    write_outputs(&None, &Some(args.html.clone()), &report)
+}
+
 /// Runs a load scenario.
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let meta = Meta::now();
     if args.scenario == Scenario::Ingest {
         let result = crate::ingest::run(args.ingest, &args.appendfsync, args.cluster).await?;
-        let report = ingest_report(command, result);
+        let report = ingest_report(meta, command, result);
         return write_outputs(&args.json, &args.html, &report);
     }
     if args.connections == 0 {
@@ -238,6 +260,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         .expect("timeline lock is never poisoned")
         .clone();
     let report = Report {
+        meta,
         scenario: args.scenario.name().into(),
         transport: args.transport.arg().into(),
         command,
@@ -333,8 +356,9 @@ async fn start_target(args: &LoadArgs, edges: usize) -> anyhow::Result<Target> {
 }
 
 /// The ingest scenario's result in the common report shape.
-fn ingest_report(command: String, ingest: serde_json::Value) -> Report {
+fn ingest_report(meta: Meta, command: String, ingest: serde_json::Value) -> Report {
     Report {
+        meta,
         scenario: "ingest".into(),
         transport: String::new(),
         command,
