@@ -126,31 +126,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     }
     let mut target = match Target::given(&args.target) {
         Some(target) => target,
-        None => {
-            // On a cluster, an append is answered only once a replica holds it: what a
-            // SIGKILLed primary's replica takes over is then everything acknowledged.
-            let ingest_env = if args.cluster {
-                vec![("GAPLESS_MIN_REPLICAS_ACK".into(), "1".into())]
-            } else {
-                Vec::new()
-            };
-            let fleet = Fleet::start_full(FleetOptions {
-                appendfsync: "always".into(),
-                edges: args.edges,
-                cluster: args.cluster,
-                edge_env: vec![
-                    ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
-                    ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
-                    ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
-                    ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
-                    ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
-                ],
-                ingest_env,
-                ..FleetOptions::default()
-            })
-            .await?;
-            Target::started(fleet)
-        }
+        None => Target::started(start_fleet(&args).await?),
     };
     // The deployment's Redis, to read stored acks and kill pub/sub connections.
     let store = match &target.fleet {
@@ -179,45 +155,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     // The last user is the slow consumer's, with one device the slow-consumer fault freezes.
     let users: Vec<String> = (0..args.users).map(|u| format!("drill-{u}")).collect();
     let slow_user = users[args.users - 1].clone();
-    let mut shared = Vec::new();
-    let mut devices = Vec::new();
-    for i in 0..args.devices {
-        let user = users[i % args.users].clone();
-        let device = format!("dev-{i}");
-        let token = gapless_shared::token::mint_hs256(
-            &target.jwt_secret,
-            &user,
-            Some(&device),
-            Duration::from_secs(24 * 3600),
-        );
-        let urls = if i % 5 == 4 {
-            proxied.clone()
-        } else {
-            direct.clone()
-        };
-        let mut config = ClientConfig::new(urls, token);
-        config.transport = args.transport.of_device(i);
-        config.backoff_min = Duration::from_millis(100);
-        config.backoff_max = Duration::from_secs(3);
-        config.heartbeat_grace = Duration::from_millis(hb);
-        config.connect_timeout = Duration::from_secs(3);
-        let spec = DeviceSpec {
-            user,
-            device,
-            config,
-            flappy: i % 4 != 0,
-            freeze_for: Duration::from_millis(3 * hb),
-            store: store.clone(),
-        };
-        let s = Arc::new(DeviceShared::default());
-        shared.push(s.clone());
-        devices.push(tokio::spawn(device::run(
-            spec,
-            s,
-            start,
-            stop_devices.clone(),
-        )));
-    }
+    let urls = [direct, proxied];
+    let (shared, devices) =
+        spawn_devices(&args, &target, &store, &users, &urls, start, &stop_devices);
     // Devices connect before anything is appended, so each must receive every notification.
     let deadline = Instant::now() + Duration::from_secs(60);
     while shared.iter().any(|s| !s.connected.load(Ordering::Relaxed)) {
@@ -231,27 +171,14 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
 
     let ledger: Ledger = Arc::default();
     let stop_producers = CancellationToken::new();
-    let producer_users: Vec<String> = users[..args.users - 1].to_vec();
-    let mut producers = Vec::new();
-    for (name, mode, share) in [
-        ("batch", Mode::Batch, 0.6),
-        ("bulk", Mode::Bulk, 0.2),
-        ("single", Mode::Single, 0.2),
-    ] {
-        let p = Producer {
-            name: format!("{name}-{}", std::process::id()),
-            ingest_url: target.ingest_url.clone(),
-            api_key: target.api_key.clone(),
-            users: producer_users.clone(),
-            rate: args.rate * share,
-            mode,
-        };
-        producers.push(tokio::spawn(p.run(
-            ledger.clone(),
-            start,
-            stop_producers.clone(),
-        )));
-    }
+    let producers = spawn_producers(
+        &args,
+        &target,
+        &users[..args.users - 1],
+        &ledger,
+        start,
+        &stop_producers,
+    );
 
     // The fault schedule: one fault every `every`, cycling through the kinds.
     let every = args.fault_every.unwrap_or_else(|| {
@@ -320,21 +247,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     .await;
     eprintln!();
     if caught_up.is_none() {
-        eprintln!("devices did not all catch up within 60 s; behind:");
-        for (i, s) in shared.iter().enumerate() {
-            let want = final_snapshot
-                .get(&users[i % users.len()])
-                .copied()
-                .unwrap_or(0);
-            let have = s.max_seq.load(Ordering::Relaxed);
-            if have < want {
-                eprintln!(
-                    "  dev-{i} of {}: has {have} of {want}, connected {}",
-                    users[i % users.len()],
-                    s.connected.load(Ordering::Relaxed)
-                );
-            }
-        }
+        print_behind(&final_snapshot, &shared, &users);
     }
     stop_devices.cancel();
     let mut logs = Vec::new();
@@ -381,6 +294,127 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("the drill found violations: see the table");
     }
     Ok(())
+}
+
+/// Starts the system the drill attacks: Redis with `appendfsync always`, one ingest (on a
+/// cluster, answering appends only once a replica holds them), `--edges` edges with short
+/// timings so faults are noticed within seconds.
+async fn start_fleet(args: &DrillArgs) -> anyhow::Result<Fleet> {
+    let hb = args.heartbeat_ms;
+    // On a cluster, an append is answered only once a replica holds it: what a SIGKILLed
+    // primary's replica takes over is then everything acknowledged.
+    let ingest_env = if args.cluster {
+        vec![("GAPLESS_MIN_REPLICAS_ACK".into(), "1".into())]
+    } else {
+        Vec::new()
+    };
+    Fleet::start_full(FleetOptions {
+        appendfsync: "always".into(),
+        edges: args.edges,
+        cluster: args.cluster,
+        edge_env: vec![
+            ("GAPLESS_HEARTBEAT_MS".into(), hb.to_string()),
+            ("GAPLESS_SLOW_CONSUMER_MS".into(), (2 * hb).to_string()),
+            ("GAPLESS_DRAIN_WINDOW_MS".into(), "1000".into()),
+            ("GAPLESS_ACK_FLUSH_MS".into(), "500".into()),
+            ("GAPLESS_OUTBOUND_QUEUE".into(), "32".into()),
+        ],
+        ingest_env,
+        ..FleetOptions::default()
+    })
+    .await
+}
+
+/// Starts the devices, spread over `users`: every fifth through `urls[1]` (the blackhole
+/// proxies), the others direct (`urls[0]`); three in four flappy.
+fn spawn_devices(
+    args: &DrillArgs,
+    target: &Target,
+    store: &store::Store,
+    users: &[String],
+    urls: &[Vec<String>; 2],
+    start: Instant,
+    stop: &CancellationToken,
+) -> (
+    Vec<Arc<DeviceShared>>,
+    Vec<tokio::task::JoinHandle<device::DeviceLog>>,
+) {
+    let hb = args.heartbeat_ms;
+    let mut shared = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..args.devices {
+        let user = users[i % users.len()].clone();
+        let device = format!("dev-{i}");
+        let token = gapless_shared::token::mint_hs256(
+            &target.jwt_secret,
+            &user,
+            Some(&device),
+            Duration::from_secs(24 * 3600),
+        );
+        let mut config = ClientConfig::new(urls[usize::from(i % 5 == 4)].clone(), token);
+        config.transport = args.transport.of_device(i);
+        config.backoff_min = Duration::from_millis(100);
+        config.backoff_max = Duration::from_secs(3);
+        config.heartbeat_grace = Duration::from_millis(hb);
+        config.connect_timeout = Duration::from_secs(3);
+        let spec = DeviceSpec {
+            user,
+            device,
+            config,
+            flappy: i % 4 != 0,
+            freeze_for: Duration::from_millis(3 * hb),
+            store: store.clone(),
+        };
+        let s = Arc::new(DeviceShared::default());
+        shared.push(s.clone());
+        devices.push(tokio::spawn(device::run(spec, s, start, stop.clone())));
+    }
+    (shared, devices)
+}
+
+/// Starts the producers: 60% of the rate in batches, 20% in bulk runs, 20% one at a time.
+fn spawn_producers(
+    args: &DrillArgs,
+    target: &Target,
+    users: &[String],
+    ledger: &Ledger,
+    start: Instant,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<ledger::ProducerStats>> {
+    [
+        ("batch", Mode::Batch, 0.6),
+        ("bulk", Mode::Bulk, 0.2),
+        ("single", Mode::Single, 0.2),
+    ]
+    .into_iter()
+    .map(|(name, mode, share)| {
+        let p = Producer {
+            name: format!("{name}-{}", std::process::id()),
+            ingest_url: target.ingest_url.clone(),
+            api_key: target.api_key.clone(),
+            users: users.to_vec(),
+            rate: args.rate * share,
+            mode,
+        };
+        tokio::spawn(p.run(ledger.clone(), start, stop.clone()))
+    })
+    .collect()
+}
+
+/// Names each device that holds less than its user's last acknowledged seq.
+fn print_behind(snapshot: &HashMap<String, u64>, shared: &[Arc<DeviceShared>], users: &[String]) {
+    eprintln!("devices did not all catch up within 60 s; behind:");
+    for (i, s) in shared.iter().enumerate() {
+        let user = &users[i % users.len()];
+        let want = snapshot.get(user).copied().unwrap_or(0);
+        let have = s.max_seq.load(Ordering::Relaxed);
+        if have < want {
+            eprintln!(
+                "  dev-{i} of {user}: has {have} of {want}, connected {}",
+                s.connected.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 /// Per user, the highest acknowledged seq so far.

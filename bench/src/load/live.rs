@@ -35,6 +35,23 @@ pub(super) struct Live {
 }
 
 impl Live {
+    /// Nothing merged yet from `procs` workers.
+    pub(super) fn new(procs: usize) -> Self {
+        Self {
+            workers: (0..procs).map(|_| TickReport::default()).collect(),
+            interval: super::worker::histogram(),
+            phase: super::worker::histogram(),
+            all: super::worker::histogram(),
+            quiet: super::worker::histogram(),
+            measured_ticks: 0,
+            quiet_ticks: 0,
+            measuring: false,
+            rtt_interval: Vec::new(),
+            rtt_all: Vec::new(),
+            event: None,
+        }
+    }
+
     pub(super) fn sum(&self, f: impl Fn(&TickReport) -> u64) -> u64 {
         self.workers.iter().map(f).sum()
     }

@@ -36,13 +36,12 @@ use tokio_util::sync::CancellationToken;
 pub use args::LoadArgs;
 use args::{PER_PROCESS, Scenario};
 use live::{Live, Shared, distribution, hist_percentiles, lock};
-use report::{Meta, Pid1, Report, Tick};
+use report::{Meta, Pid1, Report, Storm, Tick};
 use samplers::{PID1_BUSY_PCT, pid1_busy, process_list, sample_rtt, sample_timeline};
 use scrape::{command_stats, stages};
 use storm::run_storm;
 use traffic::{Producer, ProducerMeters, produce};
-use worker::TickReport;
-use workers::{Worker, ramp_steps, share, sleep_checking};
+use workers::{Worker, ramp, sleep_checking};
 
 use crate::fleet::{Fleet, FleetOptions};
 use crate::stats::{percentiles, rss_kib};
@@ -91,19 +90,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         bail!("the storm kills and restarts edges: it needs the fleet this bench starts");
     }
     let started = Instant::now();
-    let live: Shared = Arc::new(Mutex::new(Live {
-        workers: (0..procs).map(|_| TickReport::default()).collect(),
-        interval: worker::histogram(),
-        phase: worker::histogram(),
-        all: worker::histogram(),
-        quiet: worker::histogram(),
-        measured_ticks: 0,
-        quiet_ticks: 0,
-        measuring: false,
-        rtt_interval: Vec::new(),
-        rtt_all: Vec::new(),
-        event: None,
-    }));
+    let live: Shared = Arc::new(Mutex::new(Live::new(procs)));
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
     tokio::spawn(sample_rtt(
@@ -112,22 +99,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
-    // The load processes.
-    let device = format!("bench-{}", std::process::id());
-    let mut workers = Vec::new();
-    for k in 0..procs {
-        let (from, to) = (n * k / procs, n * (k + 1) / procs);
-        workers.push(Worker::start(
-            k,
-            &target,
-            from,
-            to - from,
-            &args,
-            procs,
-            &device,
-            &live,
-        )?);
-    }
+    let mut workers = Worker::start_all(&target, &args, procs, &live)?;
 
     let timeline = Arc::new(Mutex::new(Vec::<Tick>::new()));
     let processes = process_list(&target, &workers);
@@ -165,38 +137,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         None
     };
 
-    // The ramp.
     let ramp_started = Instant::now();
-    for step in ramp_steps(&args, n) {
-        for w in &mut workers {
-            w.open(step).await?;
-        }
-        let deadline =
-            Instant::now() + Duration::from_secs(60 + (step / args.ramp_rate.max(1)) as u64);
-        loop {
-            let open = lock(&live).sum(|w| w.open);
-            if open >= step as u64 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("only {open} of {step} connections open after the ramp deadline");
-            }
-            for w in &mut workers {
-                w.check()?;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        lock(&live).mark(format!("{step} open"));
-        tokio::time::sleep(Duration::from_secs(args.step_hold.max(1))).await;
-        let mut a = addressable
-            .lock()
-            .expect("addressable lock is never poisoned");
-        a.clear();
-        for k in 0..procs {
-            let (from, to) = (n * k / procs, n * (k + 1) / procs);
-            a.push(from..from + share(step, n, from, to));
-        }
-    }
+    ramp(&args, procs, &mut workers, &live, &addressable).await?;
     let ramp_s = ramp_started.elapsed().as_secs_f64();
     if args.scenario == Scenario::Idle {
         // Let allocations settle before measuring.
@@ -215,24 +157,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         sleep_checking(Duration::from_secs(args.warmup), &mut workers).await?;
     }
 
-    // The measured phase.
-    lock(&live).measuring = true;
-    lock(&live).mark("measuring".into());
-    let phase_started = Instant::now();
-    let mut storm = None;
-    match args.scenario {
-        Scenario::Idle | Scenario::Steady => {
-            sleep_checking(Duration::from_secs(args.duration), &mut workers).await?;
-        }
-        Scenario::Storm => {
-            sleep_checking(Duration::from_secs(args.duration / 2), &mut workers).await?;
-            storm = Some(run_storm(&mut target, &live, &meters.sent, &fleet_pids, n as u64).await?);
-            sleep_checking(Duration::from_secs(args.duration / 2), &mut workers).await?;
-        }
-        Scenario::Ingest => unreachable!("handled above"),
-    }
-    let duration_s = phase_started.elapsed().as_secs_f64();
-    lock(&live).measuring = false;
+    let (duration_s, storm) = measure(
+        &args,
+        &mut target,
+        &mut workers,
+        &live,
+        &meters,
+        &fleet_pids,
+    )
+    .await?;
 
     // Stop producing and let what is in flight arrive.
     producing.cancel();
@@ -241,12 +174,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     lock(&live).mark("producers stopped".into());
     let total = meters.sent.load(Ordering::Relaxed);
-    let drain = Instant::now() + Duration::from_secs(30);
-    while lock(&live).sum(|w| w.delivered) < total && Instant::now() < drain {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // One more tick so the last counters and latencies are in.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    settle(&live, total).await;
     stop.cancel();
     let processes = sampler.await?;
     drop(workers);
@@ -313,6 +241,46 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The measured phase: the scenario's load held for `--duration` (the storm in its middle);
+/// returns its length, s, and the storm's figures.
+async fn measure(
+    args: &LoadArgs,
+    target: &mut Target,
+    workers: &mut [Worker],
+    live: &Shared,
+    meters: &ProducerMeters,
+    fleet_pids: &Mutex<Vec<(String, u32)>>,
+) -> anyhow::Result<(f64, Option<Storm>)> {
+    lock(live).measuring = true;
+    lock(live).mark("measuring".into());
+    let phase_started = Instant::now();
+    let mut storm = None;
+    match args.scenario {
+        Scenario::Idle | Scenario::Steady => {
+            sleep_checking(Duration::from_secs(args.duration), workers).await?;
+        }
+        Scenario::Storm => {
+            let n = args.connections as u64;
+            sleep_checking(Duration::from_secs(args.duration / 2), workers).await?;
+            storm = Some(run_storm(target, live, &meters.sent, fleet_pids, n).await?);
+            sleep_checking(Duration::from_secs(args.duration / 2), workers).await?;
+        }
+        Scenario::Ingest => bail!("the ingest scenario has no measured phase of its own"),
+    }
+    lock(live).measuring = false;
+    Ok((phase_started.elapsed().as_secs_f64(), storm))
+}
+
+/// Waits (up to 30 s) until the devices hold all `sent` notifications, then one more tick
+/// so the last counters and latencies are in.
+async fn settle(live: &Shared, sent: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lock(live).sum(|w| w.delivered) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
 }
 
 /// Starts the fleet, or describes the targeted deployment.

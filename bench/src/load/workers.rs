@@ -3,6 +3,7 @@
 //! hold at each ramp step, their `tick` lines merged into [`super::live::Live`], and
 //! watched so a dead one fails the run.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -56,6 +57,23 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// Starts the `procs` load processes, each with its share of the devices.
+    pub(super) fn start_all(
+        target: &Target,
+        args: &LoadArgs,
+        procs: usize,
+        live: &Shared,
+    ) -> anyhow::Result<Vec<Self>> {
+        let n = args.connections;
+        let device = format!("bench-{}", std::process::id());
+        (0..procs)
+            .map(|k| {
+                let (from, to) = (n * k / procs, n * (k + 1) / procs);
+                Self::start(k, target, from, to - from, args, procs, &device, live)
+            })
+            .collect()
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         k: usize,
@@ -162,6 +180,50 @@ pub(super) async fn sleep_checking(d: Duration, workers: &mut [Worker]) -> anyho
             w.check()?;
         }
         tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
+    }
+    Ok(())
+}
+
+/// Opens the connections step by step: each step asks every worker for its share, waits
+/// until all are open (failing past a deadline or if a worker dies), holds the step, then
+/// makes the step's devices `addressable` by the producers.
+pub(super) async fn ramp(
+    args: &LoadArgs,
+    procs: usize,
+    workers: &mut [Worker],
+    live: &Shared,
+    addressable: &Mutex<Vec<std::ops::Range<usize>>>,
+) -> anyhow::Result<()> {
+    let n = args.connections;
+    for step in ramp_steps(args, n) {
+        for w in workers.iter_mut() {
+            w.open(step).await?;
+        }
+        let deadline =
+            Instant::now() + Duration::from_secs(60 + (step / args.ramp_rate.max(1)) as u64);
+        loop {
+            let open = lock(live).sum(|w| w.open);
+            if open >= step as u64 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("only {open} of {step} connections open after the ramp deadline");
+            }
+            for w in workers.iter_mut() {
+                w.check()?;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        lock(live).mark(format!("{step} open"));
+        tokio::time::sleep(Duration::from_secs(args.step_hold.max(1))).await;
+        let mut a = addressable
+            .lock()
+            .expect("addressable lock is never poisoned");
+        a.clear();
+        for k in 0..procs {
+            let (from, to) = (n * k / procs, n * (k + 1) / procs);
+            a.push(from..from + share(step, n, from, to));
+        }
     }
     Ok(())
 }
