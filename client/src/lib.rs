@@ -6,9 +6,10 @@
 //! exponential backoff and full jitter; and surfaces `reset` to the application.
 //!
 //! It speaks every transport of the edge ([`Transport`]): the WebSocket, Server-Sent Events
-//! and long-polling. `connection` holds one module per transport behind one `Connection`
-//! the state machine here drives; the state machine (position, duplicates, gaps, resets,
-//! backoff) is the same for all three.
+//! and long-polling. `config` holds how it connects ([`ClientConfig`]); `connection` one
+//! module per transport behind one `Connection` the state machine here drives; the state
+//! machine (position, duplicates, gaps, resets, backoff) is the same for all three, and
+//! every disconnect says why ([`Disconnect`], in `disconnect`).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -31,93 +32,20 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod config;
 mod connection;
+mod disconnect;
 
 use std::time::Duration;
 
 use gapless_shared::protocol::{Notification, ResetReason};
 use rand::Rng;
 
-pub use connection::Codec;
+pub use config::{ClientConfig, Transport};
+pub use disconnect::Disconnect;
+pub use gapless_shared::protocol::Codec;
+
 use connection::{Connection, Failure, Incoming, Resume};
-
-/// How a client reaches its edge (DESIGN.md §5, §5.1). The configured URLs are WebSocket
-/// URLs (`ws://host:port/v1/ws`) whatever the transport: the HTTP transports swap the scheme
-/// (`ws` -> `http`, `wss` -> `https`) and the path (`/v1/ws` -> `/v1/sse` or `/v1/poll`; a
-/// bare base URL gets the path appended).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// `GET /v1/ws`: frames both ways (the default).
-    #[default]
-    WebSocket,
-    /// `GET /v1/sse`: a Server-Sent Events stream; acks are `POST /v1/ack`.
-    Sse,
-    /// `GET /v1/poll`: a loop of long polls; each poll's position acknowledges.
-    Poll,
-}
-
-impl Transport {
-    /// Every transport.
-    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::Poll];
-
-    /// `websocket`, `sse` or `poll` (as presence names them).
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::WebSocket => "websocket",
-            Transport::Sse => "sse",
-            Transport::Poll => "poll",
-        }
-    }
-}
-
-/// How a client connects and behaves.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// Edge URLs (`ws://host:port/v1/ws`, whatever the transport); each (re)connect picks
-    /// one at random.
-    pub urls: Vec<String>,
-    /// The device token (JWT), sent as `Authorization: Bearer`.
-    pub token: String,
-    /// The transport.
-    pub transport: Transport,
-    /// Wire encoding of the WebSocket (SSE and poll are JSON).
-    pub codec: Codec,
-    /// First reconnect delay bound; doubles per failed attempt up to `backoff_max`, and the
-    /// actual delay is uniform in [0, bound] (full jitter).
-    pub backoff_min: Duration,
-    /// Largest reconnect delay bound.
-    pub backoff_max: Duration,
-    /// Silence tolerated past the server's heartbeat interval before reconnecting.
-    pub heartbeat_grace: Duration,
-    /// Time to establish a connection and get `welcome`.
-    pub connect_timeout: Duration,
-    /// Local address to connect from (`None`: the system picks). Port 0 lets the system
-    /// pick the port; a fixed port is bound with `SO_REUSEADDR`, so reconnects can reuse it.
-    /// Load generators spread over many loopback addresses and ports this way: the kernel's
-    /// own search for a free port to bind gets slow when thousands are taken.
-    ///
-    /// SSE and poll use the address only, never the port (their HTTP client binds port 0),
-    /// and share one HTTP client, with its connection pool, per address.
-    pub local_addr: Option<std::net::SocketAddr>,
-}
-
-impl ClientConfig {
-    /// A JSON WebSocket client of `urls` with defaults: backoff 100 ms..10 s, heartbeat grace
-    /// 10 s.
-    pub fn new(urls: Vec<String>, token: String) -> Self {
-        Self {
-            urls,
-            token,
-            transport: Transport::WebSocket,
-            codec: Codec::Json,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
-            heartbeat_grace: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            local_addr: None,
-        }
-    }
-}
 
 /// Where the device stands: the epoch of its log and the last seq it processed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -156,67 +84,6 @@ pub enum Event {
         /// Delay before the next attempt.
         retry_in: Duration,
     },
-}
-
-/// Why a connection ended or could not be opened ([`Event::Disconnected`]). The client
-/// reconnects by itself after each, except that an application seeing
-/// [`Disconnect::Closed`] with code 4001 (replaced by a newer connection of the same
-/// device) or a [`Disconnect::Refused`] 401/403 should stop it or mint a new token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Disconnect {
-    /// The edge ended the connection with a close code (`gapless_shared::protocol::close`):
-    /// a WebSocket close frame, an SSE `close` or `reconnect` (as 1012) event.
-    #[error("closed by the edge: {code} {reason}")]
-    Closed {
-        /// The close code.
-        code: u16,
-        /// Its reason.
-        reason: String,
-    },
-    /// The edge refused to open it: the HTTP status of the handshake or request, with the
-    /// JSON error body's `code` and `message` when it sent one (`token expired`, `draining`).
-    #[error("refused: {status}{}", refusal_detail(.code.as_deref(), .message))]
-    Refused {
-        /// The HTTP status.
-        status: u16,
-        /// The error body's `code`.
-        code: Option<String>,
-        /// The error body's `message`, or the first line of a body that is not JSON.
-        message: String,
-    },
-    /// The connection could not be made, failed, or the edge went silent past the
-    /// heartbeat deadline.
-    #[error("connection lost: {0}")]
-    Lost(String),
-    /// The edge sent something the protocol does not allow.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// The edge skipped a seq; the client resumes from the last one it delivered.
-    #[error("gap: expected seq {expected}, got {got}")]
-    Gap {
-        /// The seq that should have come.
-        expected: u64,
-        /// The seq that came.
-        got: u64,
-    },
-    /// A notification of a new epoch came without a reset first; the client resumes.
-    #[error("epoch changed to {epoch} without a reset")]
-    EpochWithoutReset {
-        /// The new epoch.
-        epoch: String,
-    },
-    /// The configuration cannot work: no URL, a bad URL, a token that is not a header value.
-    #[error("configuration: {0}")]
-    Config(String),
-}
-
-/// `: <code>: <message>`, `: <message>` or nothing.
-fn refusal_detail(code: Option<&str>, message: &str) -> String {
-    match (code, message) {
-        (Some(code), message) => format!(": {code}: {message}"),
-        (None, "") => String::new(),
-        (None, message) => format!(": {message}"),
-    }
 }
 
 /// Counters of what the client absorbed.

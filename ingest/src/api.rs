@@ -20,31 +20,14 @@ use gapless_shared::store::StoreError;
 use serde::Deserialize;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::append::{Appender, NewNotification};
-use crate::auth::{self, Guard, KeyId};
-use crate::body::{self, BodyBudget};
-use crate::config::{Config, Limits};
+use crate::append::NewNotification;
+use crate::auth::{self, KeyId};
+use crate::body;
+use crate::config::Config;
 use crate::error::{ApiError, ErrorBody};
+pub use crate::state::AppState;
 use crate::{devices, history, openapi, status};
 use gapless_shared::api::{Appended, BatchAnswer, ItemResult, Notification};
-
-/// State shared by all handlers.
-pub struct AppState {
-    /// Appends and wakes.
-    pub appender: Appender,
-    /// Limits of requests.
-    pub limits: Limits,
-    /// Request body bytes all requests may hold at once.
-    pub body_budget: BodyBudget,
-    /// API keys and rate limits.
-    pub guard: Guard,
-    /// Bound of one Redis call (for history and readiness).
-    pub redis_timeout: std::time::Duration,
-    /// What the periodic Redis probe found last.
-    pub health: Arc<gapless_shared::health::RedisHealth>,
-    /// Notifications appended, for the status page.
-    pub appends: Arc<status::AppendRate>,
-}
 
 /// The ingest's router; with [`Config::demo`] on, also the demo page of [`crate::demo`].
 pub fn router(state: Arc<AppState>, config: &Config) -> Router {
@@ -57,7 +40,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
         .route("/v1/status", get(read_status))
         .route("/status", get(status_page))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.guard.clone(),
             auth::authenticate,
         ));
     // The demo page is public: it carries no secrets (see `crate::demo`).

@@ -20,7 +20,6 @@ use gapless_shared::listener::Admission;
 use gapless_shared::rate::{AuthFailures, KeyedLimit, Rate, retry_after_secs};
 use gapless_shared::telemetry::LogThrottle;
 
-use crate::api::AppState;
 use crate::error::ApiError;
 
 /// Rates of the ingest's limits.
@@ -123,11 +122,11 @@ impl Guard {
 }
 
 /// Runs [`Guard::forget_idle`] every minute.
-pub async fn forget_idle_loop(state: Arc<AppState>, stop: tokio_util::sync::CancellationToken) {
+pub async fn forget_idle_loop(guard: Arc<Guard>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
-            _ = tick.tick() => state.guard.forget_idle(),
+            _ = tick.tick() => guard.forget_idle(),
             () = stop.cancelled() => return,
         }
     }
@@ -161,11 +160,10 @@ fn too_many_failures(wait: Duration) -> ApiError {
 
 /// The middleware of every `/v1` route; see the module docs for the order of the checks.
 pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
+    State(guard): State<Arc<Guard>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let guard = &state.guard;
     let admission = request.extensions().get::<Admission>().cloned();
     let source = admission.as_ref().map(Admission::source);
     if let Some(ip) = source

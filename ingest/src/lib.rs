@@ -13,7 +13,7 @@
 //!
 //! Reading back: [`history`] (a user's log), [`devices`] (who is connected and how far each
 //! device acknowledged), [`status`] (the live status page), [`openapi`] (the API's document).
-//! [`config`] holds the settings; [`demo`] is the browser demo page `gapless dev` turns on.
+//! [`state`] is what every handler shares, [`config`] the settings; [`demo`] is the browser demo page `gapless dev` turns on.
 //! [`run`] serves it all until the shutdown token fires.
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ pub mod function;
 pub mod history;
 pub mod openapi;
 pub mod plan;
+pub mod state;
 pub mod status;
 pub mod transaction;
 pub mod wake;
@@ -98,11 +99,11 @@ pub async fn run(
         native_min_items,
     )
     .with_min_replicas(config.min_replicas_ack);
-    let state = Arc::new(api::AppState {
+    let state = Arc::new(state::AppState {
         appender,
         limits: config.limits,
         body_budget: body::BodyBudget::new(config.limits.inflight_body_bytes),
-        guard: auth::Guard::new(config.api_keys.clone(), config.rates),
+        guard: Arc::new(auth::Guard::new(config.api_keys.clone(), config.rates)),
         redis_timeout: config.redis.command_timeout,
         health,
         appends: Arc::default(),
@@ -112,7 +113,10 @@ pub async fn run(
     zero_counters();
     let router = api::router(state.clone(), &config);
     let upkeep = tokio::spawn(gapless_shared::telemetry::upkeep(shutdown.clone()));
-    let forget = tokio::spawn(auth::forget_idle_loop(state.clone(), shutdown.clone()));
+    let forget = tokio::spawn(auth::forget_idle_loop(
+        state.guard.clone(),
+        shutdown.clone(),
+    ));
     let sampler = tokio::spawn(status::sample_loop(state.appends.clone(), shutdown.clone()));
     tracing::info!(addr = %listener.local_addr()?, schema = version, "ingest listening");
 

@@ -13,8 +13,8 @@ use reqwest::{StatusCode, Url};
 use gapless_shared::api::ErrorEnvelope;
 
 use super::Failure;
-use crate::ClientConfig;
-use crate::Disconnect;
+use crate::config::ClientConfig;
+use crate::disconnect::Disconnect;
 
 /// The edge endpoint `path` (`/v1/sse`, `/v1/poll`, `/v1/ack`) of a configured URL:
 /// `ws://host:port/v1/ws` -> `http://host:port<path>`, `wss` -> `https`; a URL whose path

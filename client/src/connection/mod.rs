@@ -19,9 +19,8 @@ use std::time::Duration;
 
 use gapless_shared::protocol::{Notification, ResetReason};
 
-pub use ws::Codec;
-
-use crate::{ClientConfig, Disconnect, Transport};
+use crate::config::{ClientConfig, Transport};
+use crate::disconnect::Disconnect;
 
 /// What the application-facing client needs from the edge's messages.
 pub(crate) enum Incoming {

@@ -24,7 +24,7 @@ use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
 use super::{Failure, Incoming, Resume, http};
-use crate::ClientConfig;
+use crate::config::ClientConfig;
 
 /// Longest wait of one poll; shorter when the edge's heartbeat is (so a vanished edge is
 /// noticed within the same deadline as on the other transports).

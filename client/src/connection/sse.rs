@@ -22,7 +22,8 @@ use tokio::time::Instant;
 
 use super::event_stream::{EventStream, SseEvent};
 use super::{Failure, Incoming, Resume, http};
-use crate::{ClientConfig, Disconnect};
+use crate::config::ClientConfig;
+use crate::disconnect::Disconnect;
 
 /// An ack request in flight; resolves when the edge answered it.
 type AckFuture = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;

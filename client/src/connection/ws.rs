@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-pub use gapless_shared::protocol::Codec;
-use gapless_shared::protocol::{ClientMessage, DrainHint, Frame, ServerMessage, close};
+use gapless_shared::protocol::{ClientMessage, Codec, DrainHint, Frame, ServerMessage, close};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -13,7 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{Failure, Incoming, Resume, http};
-use crate::{ClientConfig, Disconnect};
+use crate::config::ClientConfig;
+use crate::disconnect::Disconnect;
 
 /// One WebSocket connection.
 pub(crate) struct WsConnection {
