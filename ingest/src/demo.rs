@@ -9,9 +9,7 @@
 //! carries them, and a fragment never reaches a server or its logs.
 
 use axum::Router;
-use axum::http::header::{
-    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
-};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
@@ -22,9 +20,7 @@ pub const PAGE: &str = include_str!("../../clients/js/demo/index.html");
 /// `node scripts/build.mjs` in `clients/js` and committed, so this build needs no Node).
 pub const BUNDLE: &str = include_str!("../../clients/js/dist/gapless.min.js");
 
-/// Where the page's `<style>` and `<script>` tags ask for the nonce of the answer's
-/// `Content-Security-Policy`.
-pub const NONCE_PLACEHOLDER: &str = "{{csp-nonce}}";
+pub use crate::page::NONCE_PLACEHOLDER;
 
 /// The demo's routes, for any router state.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
@@ -38,23 +34,13 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 /// reached over HTTP, SSE or WebSocket); nothing is cached, since the page is rendered per
 /// answer.
 async fn page() -> Response {
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    let policy = format!(
-        "default-src 'none'; script-src 'self' 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
-         connect-src 'self' http: https: ws: wss:; img-src data:; base-uri 'none'; \
-         form-action 'none'; frame-ancestors 'none'"
-    );
-    (
-        [
-            (CONTENT_TYPE, "text/html; charset=utf-8"),
-            (CACHE_CONTROL, "no-store"),
-            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (REFERRER_POLICY, "no-referrer"),
-        ],
-        [(CONTENT_SECURITY_POLICY, policy)],
-        PAGE.replace(NONCE_PLACEHOLDER, &nonce),
-    )
-        .into_response()
+    crate::page::with_nonce(PAGE, |nonce| {
+        format!(
+            "default-src 'none'; script-src 'self' 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
+             connect-src 'self' http: https: ws: wss:; img-src data:; base-uri 'none'; \
+             form-action 'none'; frame-ancestors 'none'"
+        )
+    })
 }
 
 /// `GET /demo/gapless.js`. Revalidated on every load (`no-cache`), so a rebuilt `gapless`

@@ -13,7 +13,7 @@
 //!
 //! Reading back: [`history`] (a user's log), [`devices`] (who is connected and how far each
 //! device acknowledged), [`status`] (the live status page), [`openapi`] (the API's document).
-//! [`state`] is what every handler shares, [`config`] the settings; [`demo`] is the browser demo page `gapless dev` turns on.
+//! [`state`] is what every handler shares, [`config`] the settings, [`page`] serves the HTML pages; [`demo`] is the browser demo page `gapless dev` turns on.
 //! [`run`] serves it all until the shutdown token fires.
 #![forbid(unsafe_code)]
 
@@ -28,6 +28,7 @@ pub mod error;
 pub mod function;
 pub mod history;
 pub mod openapi;
+pub mod page;
 pub mod plan;
 pub mod state;
 pub mod status;

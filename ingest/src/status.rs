@@ -15,10 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::header::{
-    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
-};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 pub use gapless_shared::api::{EdgeRow, IngestFigures, Status, Totals};
 use gapless_shared::health::HealthSnapshot;
 use gapless_shared::keys;
@@ -28,9 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The page: one HTML file with its CSS and script inline.
 const PAGE: &str = include_str!("status.html");
-
-/// Where the page's tags ask for the nonce of the answer's `Content-Security-Policy`.
-const NONCE_PLACEHOLDER: &str = "{{csp-nonce}}";
 
 /// Notifications this ingest appended, and their rate over the last second.
 #[derive(Debug, Default)]
@@ -180,20 +174,10 @@ pub async fn read(
 /// `GET /status`: the page. Its policy lets in only its own inline style and script (by a
 /// fresh nonce) and fetches of this origin.
 pub fn page() -> Response {
-    let nonce = format!("{:032x}", rand::random::<u128>());
-    let policy = format!(
-        "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
-         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    );
-    (
-        [
-            (CONTENT_TYPE, "text/html; charset=utf-8"),
-            (CACHE_CONTROL, "no-store"),
-            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (REFERRER_POLICY, "no-referrer"),
-        ],
-        [(CONTENT_SECURITY_POLICY, policy)],
-        PAGE.replace(NONCE_PLACEHOLDER, &nonce),
-    )
-        .into_response()
+    crate::page::with_nonce(PAGE, |nonce| {
+        format!(
+            "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    })
 }
