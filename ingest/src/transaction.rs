@@ -190,6 +190,65 @@ async fn attempt(
     users: &[UserItems<'_>],
     keys: &[UserKeys],
 ) -> Result<Option<Vec<Outcome>>, StoreError> {
+    let (plain, now) = read_states(conn, timeout, users, keys).await?;
+    if plain.iter().all(Option::is_none) {
+        with_timeout(timeout, redis::cmd("UNWATCH").query_async::<()>(&mut *conn)).await?;
+        return Ok(Some(users.iter().map(|_| Outcome::Function).collect()));
+    }
+    let (tx, queued) = queue_writes(retention, users, keys, &plain, now);
+    let total: usize = queued.iter().sum();
+    let replies: Vec<RedisResult<Value>> =
+        with_timeout(timeout, tx.query_async(&mut *conn)).await?;
+    if replies.len() != total + 2 {
+        return Err(StoreError::reply(format!(
+            "transaction answered {} replies for {} commands",
+            replies.len(),
+            total + 2
+        )));
+    }
+    let exec = match replies.into_iter().last() {
+        Some(Ok(Value::Nil)) => return Ok(None),
+        Some(Ok(Value::Array(results))) if results.len() == total => results,
+        Some(Ok(other)) => {
+            return Err(StoreError::reply(format!(
+                "EXEC answered {other:?} for {total} commands"
+            )));
+        }
+        None => return Err(StoreError::reply("EXEC answered nothing")),
+        // EXECABORT (a command refused while queueing, e.g. out of memory): nothing ran.
+        Some(Err(e)) => {
+            let error = e.to_string();
+            return Ok(Some(
+                users
+                    .iter()
+                    .zip(plain)
+                    .map(|(_, state)| match state {
+                        Some(state) => Outcome::Written(Written {
+                            epoch: state.epoch,
+                            last_seq: state.seq,
+                            ts: now,
+                            edges: state.live,
+                            failure: Some((0, error.clone())),
+                        }),
+                        None => Outcome::Function,
+                    })
+                    .collect(),
+            ));
+        }
+    };
+
+    Ok(Some(outcomes(users, plain, &queued, exec, now)))
+}
+
+/// `WATCH`es every user's state and registry and reads, in the same pipeline, each state,
+/// stream type and registry, and Redis's clock: per user its plain state (`None`: it goes
+/// through the Function), and now (ms).
+async fn read_states(
+    conn: &mut MultiplexedConnection,
+    timeout: Duration,
+    users: &[UserItems<'_>],
+    keys: &[UserKeys],
+) -> Result<(Vec<Option<Plain>>, u64), StoreError> {
     let mut read = redis::pipe();
     read.ignore_errors();
     let watch = read.cmd("WATCH");
@@ -230,11 +289,19 @@ async fn attempt(
         .map(|(meta, kind, leases)| plain_state(meta, kind, leases, now))
         .collect();
 
-    if plain.iter().all(Option::is_none) {
-        with_timeout(timeout, redis::cmd("UNWATCH").query_async::<()>(&mut *conn)).await?;
-        return Ok(Some(users.iter().map(|_| Outcome::Function).collect()));
-    }
+    Ok((plain, now))
+}
 
+/// The transaction for the plain users: their `XADD`s with ids `<seq>-<now>`, the trim, the
+/// state and expiry updates and the removal of expired leases, between `MULTI` and `EXEC`;
+/// with how many commands each user queued (0 for a user left to the Function).
+fn queue_writes(
+    retention: &Retention,
+    users: &[UserItems<'_>],
+    keys: &[UserKeys],
+    plain: &[Option<Plain>],
+    now: u64,
+) -> (redis::Pipeline, Vec<usize>) {
     let ttl = retention.ttl.as_millis() as u64;
     let now_s = now.to_string();
     let items: usize = users.iter().map(|u| u.payloads.len()).sum();
@@ -244,7 +311,7 @@ async fn attempt(
     // Per fast user: how many commands it queued, its XADDs first.
     let mut queued = Vec::with_capacity(users.len());
     let mut id = String::new();
-    for ((u, k), state) in users.iter().zip(keys).zip(&plain) {
+    for ((u, k), state) in users.iter().zip(keys).zip(plain) {
         let Some(state) = state else {
             queued.push(0);
             continue;
@@ -296,50 +363,20 @@ async fn attempt(
         queued.push(n);
     }
     tx.cmd("EXEC");
-    let total: usize = queued.iter().sum();
-    let replies: Vec<RedisResult<Value>> =
-        with_timeout(timeout, tx.query_async(&mut *conn)).await?;
-    if replies.len() != total + 2 {
-        return Err(StoreError::reply(format!(
-            "transaction answered {} replies for {} commands",
-            replies.len(),
-            total + 2
-        )));
-    }
-    let exec = match replies.into_iter().last() {
-        Some(Ok(Value::Nil)) => return Ok(None),
-        Some(Ok(Value::Array(results))) if results.len() == total => results,
-        Some(Ok(other)) => {
-            return Err(StoreError::reply(format!(
-                "EXEC answered {other:?} for {total} commands"
-            )));
-        }
-        None => return Err(StoreError::reply("EXEC answered nothing")),
-        // EXECABORT (a command refused while queueing, e.g. out of memory): nothing ran.
-        Some(Err(e)) => {
-            let error = e.to_string();
-            return Ok(Some(
-                users
-                    .iter()
-                    .zip(plain)
-                    .map(|(_, state)| match state {
-                        Some(state) => Outcome::Written(Written {
-                            epoch: state.epoch,
-                            last_seq: state.seq,
-                            ts: now,
-                            edges: state.live,
-                            failure: Some((0, error.clone())),
-                        }),
-                        None => Outcome::Function,
-                    })
-                    .collect(),
-            ));
-        }
-    };
+    (tx, queued)
+}
 
+/// Each user's outcome from `EXEC`'s results, `queued[i]` of them user i's.
+fn outcomes(
+    users: &[UserItems<'_>],
+    plain: Vec<Option<Plain>>,
+    queued: &[usize],
+    exec: Vec<Value>,
+    now: u64,
+) -> Vec<Outcome> {
     let mut results = exec.into_iter();
     let mut outcomes = Vec::with_capacity(users.len());
-    for ((u, state), n) in users.iter().zip(plain).zip(queued) {
+    for ((u, state), &n) in users.iter().zip(plain).zip(queued) {
         let Some(state) = state else {
             outcomes.push(Outcome::Function);
             continue;
@@ -364,7 +401,7 @@ async fn attempt(
             failure,
         }));
     }
-    Ok(Some(outcomes))
+    outcomes
 }
 
 /// `TIME` -> ms.
