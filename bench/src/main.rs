@@ -1,10 +1,12 @@
 //! `gapless-bench`: measures a real gapless system started as separate processes.
 //!
 //! `load` runs the load scenarios (`idle`, `steady`, `storm`, `ingest`) with up to 100,000+
-//! connections held by load-generator processes; `drill` checks the delivery guarantees
-//! under faults; `flood` checks that idle connections by the tens of thousands lock nobody
-//! out. Modules: [`fleet`] starts and stops the processes, [`stats`] summarises
-//! samples, [`transports`] says which transport each simulated device speaks.
+//! connections held by load-generator processes, and `report` draws a recorded run again;
+//! `drill` checks the delivery guarantees under faults; `flood` checks that idle connections
+//! by the tens of thousands lock nobody out. What they share: [`target`] (the deployment
+//! under test, started by [`fleet`] or given by URL), [`producer`] (the one typed client of
+//! the ingest), [`stats`] (summaries of samples), [`transports`] (which transport each
+//! simulated device speaks).
 #![forbid(unsafe_code)]
 
 mod drill;

@@ -9,7 +9,8 @@
 //! acknowledged. Around them: [`auth`] checks tokens, [`registry`] keeps this edge's leases
 //! in Redis, [`heartbeat`] pings and drops silent clients, [`report`] logs a line of connection
 //! counts per interval, [`state`] is what they all share,
-//! and [`run`] serves, then drains on shutdown. [`config`] holds the settings.
+//! and [`run`] serves, then [`drain`]s on shutdown (the closes spread over a window, the
+//! last acks written, the registry left). [`config`] holds the settings.
 #![forbid(unsafe_code)]
 
 pub mod acks;

@@ -123,21 +123,11 @@ async fn subscribe_classic_once(
     let mut pubsub = match client.get_async_pubsub().await {
         Ok(pubsub) => pubsub,
         Err(e) => {
-            gapless_shared::health::log_failure(
-                StoreError::is_outage(&e),
-                &e,
-                "cannot open the wakeup connection",
-            );
-            return Ended::Failed;
+            return failed(&e, "cannot open the wakeup connection");
         }
     };
     if let Err(e) = pubsub.subscribe(channel).await {
-        gapless_shared::health::log_failure(
-            StoreError::is_outage(&e),
-            &e,
-            "cannot subscribe to wakeups",
-        );
-        return Ended::Failed;
+        return failed(&e, "cannot subscribe to wakeups");
     }
     subscribed(channel, sweep_now, "classic");
     let mut messages = pubsub.on_message();
@@ -150,6 +140,12 @@ async fn subscribe_classic_once(
             () = shutdown.cancelled() => return Ended::Stop,
         }
     }
+}
+
+/// A subscription that could not be made: logged (once per outage when Redis is away).
+fn failed(e: &redis::RedisError, what: &str) -> Ended {
+    gapless_shared::health::log_failure(StoreError::is_outage(e), e, what);
+    Ended::Failed
 }
 
 /// Pushes a sharded subscription may hold before it drops them (and sweeps instead).
@@ -207,21 +203,11 @@ async fn subscribe_sharded_once(
     let mut conn = match conn {
         Ok(conn) => conn,
         Err(e) => {
-            gapless_shared::health::log_failure(
-                StoreError::is_outage(&e),
-                &e,
-                "cannot open the wakeup connection",
-            );
-            return Ended::Failed;
+            return failed(&e, "cannot open the wakeup connection");
         }
     };
     if let Err(e) = conn.ssubscribe(channel).await {
-        gapless_shared::health::log_failure(
-            StoreError::is_outage(&e),
-            &e,
-            "cannot subscribe to wakeups",
-        );
-        return Ended::Failed;
+        return failed(&e, "cannot subscribe to wakeups");
     }
     subscribed(channel, sweep_now, "sharded");
     loop {

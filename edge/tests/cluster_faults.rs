@@ -169,11 +169,10 @@ async fn fill(sys: &System, user: &str, n: usize) {
         let items: Vec<serde_json::Value> = (start..n.min(start + 1000))
             .map(|i| json!({"user": user, "payload": i, "idempotency_key": format!("fill-{i}")}))
             .collect();
-        let answer = sys.post_batch(&items).await;
-        let results = answer["results"].as_array().expect("results");
+        let results = sys.post_batch(&items).await;
         assert!(
-            results.iter().all(|r| r["seq"].is_u64()),
-            "every filler item is appended: {answer}"
+            results.iter().all(Result::is_ok),
+            "every filler item is appended: {results:?}"
         );
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use gapless_edge::auth::JwtKey;
+use gapless_shared::api::{Appended, BatchAnswer, ErrorBody, ItemResult};
 use gapless_shared::config::Secret;
 use gapless_shared::protocol::{self, ClientMessage, Notification, ServerMessage};
 pub use gapless_shared::testing::{Backend, Kind};
@@ -126,7 +127,7 @@ impl System {
 
     /// Appends one notification; returns its seq.
     pub async fn send(&self, user: &str, payload: serde_json::Value) -> (String, u64) {
-        let r: serde_json::Value = self
+        let answer: Appended = self
             .http
             .post(format!("{}/v1/notifications", self.ingest_url))
             .bearer_auth(API_KEY)
@@ -138,11 +139,8 @@ impl System {
             .expect("200")
             .json()
             .await
-            .expect("json");
-        (
-            r["epoch"].as_str().expect("epoch").to_owned(),
-            r["seq"].as_u64().expect("seq"),
-        )
+            .expect("an append's answer");
+        (answer.epoch, answer.seq)
     }
 
     /// Appends `n` notifications in one batch; returns the last seq.
@@ -150,9 +148,14 @@ impl System {
         self.send_padded_batch(user, n, 0).await
     }
 
-    /// Posts `items` as one batch and expects 200; returns the answer.
-    pub async fn post_batch(&self, items: &[serde_json::Value]) -> serde_json::Value {
-        self.http
+    /// Posts `items` as one batch and expects 200; returns each item's result, in order
+    /// (one per item, or it panics).
+    pub async fn post_batch(
+        &self,
+        items: &[serde_json::Value],
+    ) -> Vec<Result<Appended, ErrorBody>> {
+        let answer: BatchAnswer = self
+            .http
             .post(format!("{}/v1/notifications/batch", self.ingest_url))
             .bearer_auth(API_KEY)
             .json(items)
@@ -163,7 +166,13 @@ impl System {
             .expect("200")
             .json()
             .await
-            .expect("json")
+            .expect("a batch answer");
+        assert_eq!(answer.results.len(), items.len(), "one result per item");
+        answer
+            .results
+            .into_iter()
+            .map(ItemResult::into_result)
+            .collect()
     }
 
     /// Appends `n` notifications with `pad` bytes of padding each (none when 0), in one batch;
@@ -176,13 +185,11 @@ impl System {
                 _ => serde_json::json!({"user": user, "payload": {"i": i, "pad": padding}}),
             })
             .collect();
-        let r = self.post_batch(&items).await;
-        let results = r["results"].as_array().expect("results");
-        assert_eq!(results.len(), n);
-        results
-            .last()
-            .and_then(|x| x["seq"].as_u64())
-            .expect("a seq")
+        let results = self.post_batch(&items).await;
+        match results.last() {
+            Some(Ok(appended)) => appended.seq,
+            other => panic!("the last item appended: {other:?}"),
+        }
     }
 
     /// A new connection to the system's Redis (the node, or the cluster).
@@ -401,15 +408,14 @@ impl System {
             .into_iter()
             .map(|payload| serde_json::json!({"user": user, "payload": payload}))
             .collect();
-        let r = self.post_batch(&items).await;
-        let results = r["results"].as_array().expect("results");
-        assert_eq!(results.len(), items.len(), "one result per item");
-        let epoch = results[0]["epoch"].as_str().expect("an epoch").to_owned();
-        let seqs = results
-            .iter()
-            .map(|x| x["seq"].as_u64().unwrap_or_else(|| panic!("a seq: {x}")))
+        let appended: Vec<Appended> = self
+            .post_batch(&items)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("an item refused: {e:?}")))
             .collect();
-        (epoch, seqs)
+        let epoch = appended[0].epoch.clone();
+        (epoch, appended.iter().map(|a| a.seq).collect())
     }
 }
 
