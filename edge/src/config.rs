@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
 use gapless_shared::runtime::RuntimeArgs;
@@ -33,17 +33,10 @@ pub struct Args {
     /// Address to listen on [default: 0.0.0.0:8080].
     #[arg(long, env = "GAPLESS_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Redis URL, `redis://[user:password@]host:port[/db]`.
-    #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
-    #[serde(rename = "redis")]
-    pub redis_url: Option<String>,
-    /// `--redis` names seed nodes of a Redis Cluster (comma-separated).
-    #[arg(long, env = "GAPLESS_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new())]
-    pub cluster: Option<bool>,
-    /// Timeout of one Redis call, ms [default: 2000].
-    #[arg(long, env = "GAPLESS_REDIS_TIMEOUT_MS")]
-    pub redis_timeout_ms: Option<u64>,
+    /// How to reach Redis.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub redis: RedisArgs,
     /// This edge's id in the registry [default: host name + random suffix].
     #[arg(long, env = "GAPLESS_EDGE_ID")]
     pub edge_id: Option<String>,
@@ -144,9 +137,7 @@ impl Args {
         Ok(Args {
             config: self.config,
             listen: self.listen.or(file.listen),
-            redis_url: self.redis_url.or(file.redis_url),
-            cluster: self.cluster.or(file.cluster),
-            redis_timeout_ms: self.redis_timeout_ms.or(file.redis_timeout_ms),
+            redis: self.redis.or(file.redis),
             edge_id: self.edge_id.or(file.edge_id),
             jwt_secret: self.jwt_secret.or(file.jwt_secret),
             jwt_public_key: self.jwt_public_key.or(file.jwt_public_key),
@@ -274,13 +265,7 @@ impl Config {
             setting,
             reason: reason.to_owned(),
         };
-        let redis_url = args
-            .redis_url
-            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        let mut redis = RedisConfig::from_args(&redis_url, args.cluster.unwrap_or(false))?;
-        if let Some(ms) = args.redis_timeout_ms.filter(|ms| *ms > 0) {
-            redis.command_timeout = Duration::from_millis(ms);
-        }
+        let redis = args.redis.into_config()?;
         let jwt = match (args.jwt_secret, args.jwt_public_key) {
             (Some(secret), None) => JwtKey::Hs256(secret),
             (None, Some(path)) => {

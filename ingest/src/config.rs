@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use gapless_shared::config::{ConfigError, RedisConfig, Secret, read_file};
+use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
 use gapless_shared::runtime::RuntimeArgs;
@@ -33,20 +33,13 @@ pub struct Args {
     /// Address to listen on [default: 0.0.0.0:8081].
     #[arg(long, env = "GAPLESS_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Redis URL, `redis://[user:password@]host:port[/db]`.
-    #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
-    #[serde(rename = "redis")]
-    pub redis_url: Option<String>,
+    /// How to reach Redis.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub redis: RedisArgs,
     /// Answer an append only once this many replicas hold it (`WAIT`), else 503 [default: 0].
     #[arg(long, env = "GAPLESS_MIN_REPLICAS_ACK")]
     pub min_replicas_ack: Option<u32>,
-    /// `--redis` names seed nodes of a Redis Cluster (comma-separated).
-    #[arg(long, env = "GAPLESS_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new())]
-    pub cluster: Option<bool>,
-    /// Timeout of one Redis call, ms [default: 2000].
-    #[arg(long, env = "GAPLESS_REDIS_TIMEOUT_MS")]
-    pub redis_timeout_ms: Option<u64>,
     /// API keys producers authenticate with (comma-separated). Required.
     #[arg(long, env = "GAPLESS_API_KEYS", value_delimiter = ',')]
     pub api_keys: Option<Vec<Secret>>,
@@ -128,10 +121,8 @@ impl Args {
         Args {
             config: self.config,
             listen: self.listen.or(other.listen),
-            redis_url: self.redis_url.or(other.redis_url),
-            cluster: self.cluster.or(other.cluster),
+            redis: self.redis.or(other.redis),
             min_replicas_ack: self.min_replicas_ack.or(other.min_replicas_ack),
-            redis_timeout_ms: self.redis_timeout_ms.or(other.redis_timeout_ms),
             api_keys: self.api_keys.or(other.api_keys),
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
             max_batch_bytes: self.max_batch_bytes.or(other.max_batch_bytes),
@@ -261,13 +252,7 @@ impl Config {
 
     /// Validates merged flags, environment and file.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let redis_url = args
-            .redis_url
-            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        let mut redis = RedisConfig::from_args(&redis_url, args.cluster.unwrap_or(false))?;
-        if let Some(ms) = args.redis_timeout_ms {
-            redis.command_timeout = Duration::from_millis(positive("--redis-timeout-ms", ms)?);
-        }
+        let redis = args.redis.into_config()?;
         let api_keys: Vec<Secret> = args
             .api_keys
             .unwrap_or_default()

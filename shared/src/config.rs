@@ -202,6 +202,55 @@ impl RedisConfig {
     }
 }
 
+/// The Redis settings as flags, `GAPLESS_*` variables and config file keys; flattened into
+/// each server's arguments.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisArgs {
+    /// Redis URL, `redis://[user:password@]host:port[/db]` [default: redis://127.0.0.1:6379].
+    #[arg(long = "redis", env = "GAPLESS_REDIS_URL")]
+    #[serde(rename = "redis")]
+    pub redis_url: Option<String>,
+    /// `--redis` names seed nodes of a Redis Cluster (comma-separated).
+    #[arg(long, env = "GAPLESS_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new())]
+    pub cluster: Option<bool>,
+    /// Timeout of one Redis call, ms [default: 2000].
+    #[arg(long, env = "GAPLESS_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+}
+
+impl RedisArgs {
+    /// Each setting from `self`, else from `other` (the config file).
+    pub fn or(self, other: RedisArgs) -> RedisArgs {
+        RedisArgs {
+            redis_url: self.redis_url.or(other.redis_url),
+            cluster: self.cluster.or(other.cluster),
+            redis_timeout_ms: self.redis_timeout_ms.or(other.redis_timeout_ms),
+        }
+    }
+
+    /// Validates the settings; a timeout of 0 is refused (it would fail every call).
+    pub fn into_config(self) -> Result<RedisConfig, ConfigError> {
+        let url = self
+            .redis_url
+            .as_deref()
+            .unwrap_or("redis://127.0.0.1:6379");
+        let mut config = RedisConfig::from_args(url, self.cluster.unwrap_or(false))?;
+        match self.redis_timeout_ms {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    setting: "--redis-timeout-ms",
+                    reason: "must be greater than 0".into(),
+                });
+            }
+            Some(ms) => config.command_timeout = Duration::from_millis(ms),
+            None => {}
+        }
+        Ok(config)
+    }
+}
+
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let urls: Vec<String> = self.urls.iter().map(|u| mask_url_password(u)).collect();
@@ -263,6 +312,33 @@ mod tests {
         assert!(seeds.cluster);
         assert!(RedisConfig::from_args("redis://a:1,http://b", true).is_err());
         assert!(RedisConfig::from_args(" , ", true).is_err());
+    }
+
+    #[test]
+    fn redis_settings_take_the_flag_over_the_file_and_refuse_a_zero_timeout() {
+        let flags = RedisArgs {
+            redis_url: Some("redis://flag:1".into()),
+            ..RedisArgs::default()
+        };
+        let file = RedisArgs {
+            redis_url: Some("redis://file:2".into()),
+            cluster: Some(false),
+            redis_timeout_ms: Some(750),
+        };
+        let config = flags.or(file).into_config().expect("valid");
+        assert_eq!(config.urls, ["redis://flag:1"]);
+        assert_eq!(config.command_timeout, Duration::from_millis(750));
+        let defaults = RedisArgs::default().into_config().expect("defaults");
+        assert_eq!(defaults.urls, ["redis://127.0.0.1:6379"]);
+        let zero = RedisArgs {
+            redis_timeout_ms: Some(0),
+            ..RedisArgs::default()
+        };
+        let refused = zero.into_config().expect_err("0 ms fails every call");
+        assert!(
+            refused.to_string().contains("--redis-timeout-ms"),
+            "{refused}"
+        );
     }
 
     #[test]

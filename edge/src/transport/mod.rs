@@ -11,6 +11,7 @@ pub mod ws;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::Extension;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gapless_shared::ids::UserId;
@@ -126,6 +127,29 @@ pub struct Admit {
     pub device_required: bool,
 }
 
+impl Admit {
+    /// A new connection (WebSocket, SSE stream): counts against the user's connection rate
+    /// and takes a place in the cap; a device without an id is given one.
+    pub const CONNECTION: Self = Self {
+        connect_rate: true,
+        reserve: true,
+        device_required: false,
+    };
+    /// A long-poll: holds a place in the cap while it is held, but is not a new
+    /// connection; the device must be named to resume on its next poll.
+    pub const POLL: Self = Self {
+        connect_rate: false,
+        reserve: true,
+        device_required: true,
+    };
+    /// An ack over HTTP: holds nothing, names the device whose position it moves.
+    pub const ACK: Self = Self {
+        connect_rate: false,
+        reserve: false,
+        device_required: true,
+    };
+}
+
 /// An authenticated request.
 pub struct Authed {
     /// The token's user.
@@ -150,7 +174,7 @@ fn display_source(source: Option<std::net::IpAddr>) -> String {
 /// answer; refusals of credentials count against the source address.
 pub fn authenticate(
     state: &EdgeState,
-    admission: Option<Admission>,
+    admission: Option<Extension<Admission>>,
     headers: &HeaderMap,
     query: Option<Credentials>,
     admit: Admit,
@@ -162,6 +186,7 @@ pub fn authenticate(
             "this edge is draining; connect to another",
         ));
     }
+    let admission = admission.map(|Extension(a)| a);
     let source = admission.as_ref().map(Admission::source);
     // An address over its failure rate is refused before its token is looked at.
     if let Some(ip) = source

@@ -90,22 +90,11 @@ pub async fn poll(
         Ok(r) => r,
         Err(refused) => return refused.into_response(),
     };
-    let admit = Admit {
-        connect_rate: false,
-        reserve: true,
-        device_required: true,
-    };
     let credentials = Credentials {
         token: query.token,
         device: query.device,
     };
-    let authed = match authenticate(
-        &state,
-        admission.map(|Extension(a)| a),
-        &headers,
-        Some(credentials),
-        admit,
-    ) {
+    let authed = match authenticate(&state, admission, &headers, Some(credentials), Admit::POLL) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };

@@ -57,18 +57,7 @@ pub async fn stream(
         token: q.token.clone(),
         device: q.device.clone(),
     });
-    let admit = Admit {
-        connect_rate: true,
-        reserve: true,
-        device_required: false,
-    };
-    let authed = match authenticate(
-        &state,
-        admission.map(|Extension(a)| a),
-        &headers,
-        credentials,
-        admit,
-    ) {
+    let authed = match authenticate(&state, admission, &headers, credentials, Admit::CONNECTION) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };
@@ -281,18 +270,8 @@ pub async fn ack(
     query: Result<Query<Credentials>, QueryRejection>,
     body: Result<Json<AckBody>, JsonRejection>,
 ) -> Response {
-    let admit = Admit {
-        connect_rate: false,
-        reserve: false,
-        device_required: true,
-    };
-    let authed = match authenticate(
-        &state,
-        admission.map(|Extension(a)| a),
-        &headers,
-        query.ok().map(|Query(q)| q),
-        admit,
-    ) {
+    let credentials = query.ok().map(|Query(q)| q);
+    let authed = match authenticate(&state, admission, &headers, credentials, Admit::ACK) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };

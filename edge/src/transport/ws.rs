@@ -50,18 +50,8 @@ pub async fn upgrade(
     query: Result<Query<Credentials>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let admit = Admit {
-        connect_rate: true,
-        reserve: true,
-        device_required: false,
-    };
-    let authed = match authenticate(
-        &state,
-        admission.map(|Extension(a)| a),
-        &headers,
-        query.ok().map(|Query(q)| q),
-        admit,
-    ) {
+    let credentials = query.ok().map(|Query(q)| q);
+    let authed = match authenticate(&state, admission, &headers, credentials, Admit::CONNECTION) {
         Ok(a) => a,
         Err(refused) => return refused.into_response(),
     };

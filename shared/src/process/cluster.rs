@@ -290,14 +290,7 @@ impl RedisCluster {
     pub fn kill_primary(&mut self, primary: usize) -> Result<usize, ProcessError> {
         let replica = self.wait_replica_of(primary)?;
         self.nodes[primary].kill();
-        self.wait_until(
-            |c| c.role(replica).as_deref() == Some("master"),
-            "the replica to be promoted",
-        )?;
-        self.wait_until(
-            |c| c.cluster_ok(replica),
-            "the cluster to be ok after the promotion",
-        )?;
+        self.wait_promoted(replica)?;
         self.wait_stable()?;
         Ok(replica)
     }
@@ -309,6 +302,12 @@ impl RedisCluster {
         let replica = self.wait_replica_of(primary)?;
         self.signal(primary, "STOP")?;
         self.paused.insert(primary);
+        self.wait_promoted(replica)?;
+        Ok(replica)
+    }
+
+    /// Waits until `replica` is a primary and the cluster, seen from it, is ok.
+    fn wait_promoted(&self, replica: usize) -> Result<(), ProcessError> {
         self.wait_until(
             |c| c.role(replica).as_deref() == Some("master"),
             "the replica to be promoted",
@@ -316,8 +315,7 @@ impl RedisCluster {
         self.wait_until(
             |c| c.cluster_ok(replica),
             "the cluster to be ok after the promotion",
-        )?;
-        Ok(replica)
+        )
     }
 
     /// SIGCONTs a node [`pause_primary`](Self::pause_primary) stopped and waits until the
