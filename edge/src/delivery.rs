@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gapless_shared::ids::UserId;
@@ -35,7 +36,7 @@ use tokio::time::Instant;
 use crate::frame::Violation;
 use crate::hub::{CloseReason, Closing, Conn, Kind, Out};
 use crate::reader::{Page, ReadOp};
-use crate::state::EdgeState;
+use crate::state::{EdgeState, TransportMetrics};
 
 /// How a session ended, for logs and metrics.
 #[derive(Debug)]
@@ -264,6 +265,51 @@ impl Delivery {
 
     /// Applies wakeup hints. `reading` says a stream read is in flight, whose result may
     /// already hold what a hint carries: then hints only move the target.
+    /// Books a message the transport has just taken: the position it moves to, and the
+    /// delivery or reset metrics.
+    fn handed(
+        &mut self,
+        msg: &ServerMessage,
+        state: &EdgeState,
+        conn: &Conn,
+        metrics: &TransportMetrics,
+    ) {
+        match msg {
+            ServerMessage::Notification(n) => {
+                self.sent = n.seq;
+                state.tally.delivered.fetch_add(1, Ordering::Relaxed);
+                if n.seq <= self.replay_through {
+                    metrics.delivered_replay.increment(1);
+                } else {
+                    // Live only: a replay's age is how long the device was away.
+                    metrics.delivered_live.increment(1);
+                    let latency = gapless_shared::now_ms().saturating_sub(n.ts) as f64 / 1000.0;
+                    state.hot.delivery_latency.record(latency);
+                    state.tally.latency.record(latency);
+                }
+            }
+            ServerMessage::Reset {
+                first_seq, reason, ..
+            } => {
+                // Nothing before first_seq can be acked in the numbering that follows.
+                self.sent = first_seq.saturating_sub(1);
+                self.acked = self.sent;
+                self.tolerate_stale_ack = true;
+                let label = match reason {
+                    ResetReason::GapTrimmed => "gap_trimmed",
+                    ResetReason::EpochChanged => "epoch_changed",
+                };
+                metrics::counter!(
+                    "gapless_edge_resets_total",
+                    "reason" => label,
+                    "transport" => conn.kind.label()
+                )
+                .increment(1);
+            }
+            _ => {}
+        }
+    }
+
     fn apply_hints(&mut self, items: VecDeque<WakeItem>, overflowed: bool, reading: bool) {
         let asked = self.must_read;
         self.apply_hints_inner(items, overflowed, reading);
@@ -405,48 +451,7 @@ pub async fn deliver<I: Inbound>(
 ) -> End {
     let config = &state.config;
     let metrics = state.hot.of(conn.kind);
-    let mut d = Delivery::new();
-    // Every session waits for its user's lease, not only the user's first here: a second
-    // device whose first read ran while the first device's lease was still being written
-    // would miss a wakeup for an append made in between, and wait for the sweep.
-    state.hub.add(conn.clone());
-    join_presence(state, conn);
-    state.registry.add(conn.user.clone()).await;
-    match resume_start(resume.epoch, resume.after, &position) {
-        Some((epoch, after)) => {
-            d.epoch = Some(epoch);
-            d.sent = after;
-            d.acked = after;
-            d.target = after;
-            d.must_read = true;
-        }
-        None => {
-            // A new device starts at the live end as of the position read; what was appended
-            // since (before the registration took effect) is read right away. The start is
-            // stored as the device's ack position, so a reconnect before its first
-            // notification resumes from here rather than from a later live end.
-            d.epoch = position.epoch.clone();
-            d.sent = position.last_seq;
-            d.acked = position.last_seq;
-            d.target = position.last_seq;
-            d.must_read = true;
-            d.replaying = false;
-            match &d.epoch {
-                _ if assigned => {}
-                Some(epoch) => state.acks.record(&conn.user, &conn.device, epoch, d.sent),
-                None => state.acks.record_start(&conn.user, &conn.device),
-            }
-        }
-    }
-    conn.set_position(d.epoch.as_deref(), d.sent);
-    // A device starting before its user has a log adopts the log's first epoch from seq 0
-    // when it appears; that start is stored like any ack, so an app that restarts before
-    // acking anything (and so resumes without a position) gets the log from its first entry
-    // rather than from a later live end.
-    let mut start_stored = d.epoch.is_some() || assigned;
-    // Hints that arrived while the position was read.
-    let hints = conn.take_hints();
-    d.apply_hints(hints.items, hints.overflowed, false);
+    let (mut d, mut start_stored) = start(state, conn, &position, resume, assigned).await;
 
     let mut reading: Option<oneshot::Receiver<Result<Page, StoreError>>> = None;
     // Last time the transport took a message, or the queue was empty.
@@ -515,38 +520,7 @@ pub async fn deliver<I: Inbound>(
             permit = tx.reserve(), if !d.queue.is_empty() => {
                 let Ok(permit) = permit else { return End::WriterGone };
                 let msg = d.queue.pop_front().expect("guarded by !is_empty");
-                match &msg {
-                    ServerMessage::Notification(n) => {
-                        d.sent = n.seq;
-                        state.tally.delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if n.seq <= d.replay_through {
-                            metrics.delivered_replay.increment(1);
-                        } else {
-                            // Live only: a replay's age is how long the device was away.
-                            metrics.delivered_live.increment(1);
-                            let latency = gapless_shared::now_ms().saturating_sub(n.ts) as f64 / 1000.0;
-                            state.hot.delivery_latency.record(latency);
-                            state.tally.latency.record(latency);
-                        }
-                    }
-                    ServerMessage::Reset { first_seq, reason, .. } => {
-                        // Nothing before first_seq can be acked in the numbering that follows.
-                        d.sent = first_seq - 1;
-                        d.acked = d.sent;
-                        d.tolerate_stale_ack = true;
-                        let label = match reason {
-                            ResetReason::GapTrimmed => "gap_trimmed",
-                            ResetReason::EpochChanged => "epoch_changed",
-                        };
-                        metrics::counter!(
-                            "gapless_edge_resets_total",
-                            "reason" => label,
-                            "transport" => conn.kind.label()
-                        )
-                        .increment(1);
-                    }
-                    _ => {}
-                }
+                d.handed(&msg, state, conn, metrics);
                 permit.send(Out::message(msg));
                 progress_at = Instant::now();
                 conn.set_position(d.epoch.as_deref(), d.sent);
@@ -559,6 +533,61 @@ pub async fn deliver<I: Inbound>(
             }
         }
     }
+}
+
+/// Registers the session (hub, presence, then the registry lease) and sets where its
+/// delivery starts: after the client's position where [`resume_start`] accepts it, else at
+/// the live end as of `position`. Also says whether that start is stored already: a device
+/// starting before its user has a log adopts the log's first epoch from seq 0 when it
+/// appears (perhaps from the hints taken here), and that start is stored like any ack once
+/// it is known, so an app that restarts before acking anything (and so resumes without a
+/// position) gets the log from its first entry rather than from a later live end.
+async fn start(
+    state: &EdgeState,
+    conn: &Arc<Conn>,
+    position: &Page,
+    resume: Resume,
+    assigned: bool,
+) -> (Delivery, bool) {
+    let mut d = Delivery::new();
+    // Every session waits for its user's lease, not only the user's first here: a second
+    // device whose first read ran while the first device's lease was still being written
+    // would miss a wakeup for an append made in between, and wait for the sweep.
+    state.hub.add(conn.clone());
+    join_presence(state, conn);
+    state.registry.add(conn.user.clone()).await;
+    match resume_start(resume.epoch, resume.after, position) {
+        Some((epoch, after)) => {
+            d.epoch = Some(epoch);
+            d.sent = after;
+            d.acked = after;
+            d.target = after;
+            d.must_read = true;
+        }
+        None => {
+            // A new device starts at the live end as of the position read; what was appended
+            // since (before the registration took effect) is read right away. The start is
+            // stored as the device's ack position, so a reconnect before its first
+            // notification resumes from here rather than from a later live end.
+            d.epoch = position.epoch.clone();
+            d.sent = position.last_seq;
+            d.acked = position.last_seq;
+            d.target = position.last_seq;
+            d.must_read = true;
+            d.replaying = false;
+            match &d.epoch {
+                _ if assigned => {}
+                Some(epoch) => state.acks.record(&conn.user, &conn.device, epoch, d.sent),
+                None => state.acks.record_start(&conn.user, &conn.device),
+            }
+        }
+    }
+    conn.set_position(d.epoch.as_deref(), d.sent);
+    let start_stored = d.epoch.is_some() || assigned;
+    // Hints that arrived while the position was read.
+    let hints = conn.take_hints();
+    d.apply_hints(hints.items, hints.overflowed, false);
+    (d, start_stored)
 }
 
 /// Reads the log's state and the device's stored ack, retrying while Redis is unavailable

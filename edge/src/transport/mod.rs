@@ -264,8 +264,26 @@ pub fn authenticate(
         }
         None => format!("d-{:016x}", rand::random::<u64>()),
     };
+    let place = take_places(state, &user, admit, admission.as_ref())?;
+    Ok(Authed {
+        user,
+        device,
+        assigned,
+        places: (place, admission),
+    })
+}
+
+/// What a verified client takes before it is served: a connect under its user's rate, a
+/// place under its user's cap (as `admit` asks), and its connection's move from the
+/// listener's unauthenticated budget to the established one, held until the connection ends.
+fn take_places(
+    state: &EdgeState,
+    user: &UserId,
+    admit: Admit,
+    admission: Option<&Admission>,
+) -> Result<Option<Reservation>, Refused> {
     if admit.connect_rate
-        && let Err(wait) = state.user_connects.check(&user)
+        && let Err(wait) = state.user_connects.check(user)
     {
         metrics::counter!("gapless_edge_refused_total", "reason" => "user_connect_rate")
             .increment(1);
@@ -278,7 +296,7 @@ pub fn authenticate(
     let place = if admit.reserve {
         let Some(place) = state
             .hub
-            .reserve(&user, state.config.max_connections_per_user)
+            .reserve(user, state.config.max_connections_per_user)
         else {
             metrics::counter!("gapless_edge_refused_total", "reason" => "user_cap").increment(1);
             return Err(too_many(
@@ -294,9 +312,7 @@ pub fn authenticate(
     } else {
         None
     };
-    // A verified client: its connection leaves the unauthenticated budget for the
-    // established one, and holds its place there until it ends.
-    if let Some(a) = &admission
+    if let Some(a) = admission
         && a.establish().is_err()
     {
         return Err(Refused {
@@ -308,12 +324,7 @@ pub fn authenticate(
             )
         });
     }
-    Ok(Authed {
-        user,
-        device,
-        assigned,
-        places: (place, admission),
-    })
+    Ok(place)
 }
 
 /// Parses a position `<epoch>:<seq>` (an SSE event id).
