@@ -8,7 +8,7 @@
 //! opened before). Every check is timed; the scenario fails if one takes longer than
 //! `--within` or a notification does not arrive.
 //!
-//! Some 520 lines, over the bench's ~500: the scenario and its `flood-worker` process side by
+//! Some 590 lines, over the bench's ~500: the scenario and its `flood-worker` process side by
 //! side, as the two ends of one line protocol are best read together.
 
 use std::net::{IpAddr, SocketAddr};
@@ -289,56 +289,26 @@ async fn refused(http: &reqwest::Client, base: &str) -> String {
         .join(" ")
 }
 
-/// Runs the scenario.
-pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
-    let within = Duration::from_millis(args.within);
-    // The servers' own defaults: the fleet otherwise widens the per-address budget for load
-    // processes, which is what the flood must not get.
-    let fleet = Fleet::start_with(
-        "everysec",
-        1,
-        vec![("GAPLESS_MAX_PENDING_PER_SOURCE".into(), "256".into())],
-    )
-    .await?;
-    let ws_url = fleet.edges[0].ws_url.clone();
-    let edge_http = fleet.edges[0].http_url.clone();
-    let ingest_addr: SocketAddr = fleet.ingest_url.trim_start_matches("http://").parse()?;
-    let edge_addr: SocketAddr = edge_http.trim_start_matches("http://").parse()?;
-    let checker: IpAddr = [127, 0, 0, 2].into();
-    let edge_id = fleet.edges[0].id.clone();
-    let mut redis = redis::Client::open(fleet.redis.url())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let http = http_from(checker)?;
-    let ingest = Ingest::with_client(http.clone(), &fleet.ingest_url, &fleet.api_key);
-    let append = |user: String, value: serde_json::Value| {
-        let ingest = ingest.clone();
-        async move {
-            let body = payload(&value);
-            ingest.append(&notification(&user, &body, None)).await?;
-            anyhow::Ok(())
-        }
-    };
+/// A flood worker process and the counters it last reported.
+type FloodWorker = (tokio::process::Child, Arc<FloodCounters>);
 
-    // Sessions opened before the flood.
-    let mut before = Vec::new();
-    for i in 0..args.sessions {
-        let mut c = client(&ws_url, &format!("before-{i}"), [127, 0, 0, 3].into());
-        connected(&mut c, Duration::from_secs(10)).await?;
-        before.push(c);
-    }
-    println!("{} sessions open; starting the flood", before.len());
-
+/// Starts `procs` flood-worker processes, each holding `per_target` connections to every
+/// target, with a task per worker reading its `open opened closed` lines into its counters.
+fn start_workers(
+    procs: usize,
+    targets: &[SocketAddr],
+    per_target: usize,
+) -> anyhow::Result<Vec<FloodWorker>> {
     let exe = std::env::current_exe()?;
-    let per_proc = args.connections.div_ceil(args.procs.max(1));
+    let targets: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
     let mut workers = Vec::new();
-    for _ in 0..args.procs.max(1) {
+    for _ in 0..procs {
         let mut child = tokio::process::Command::new(&exe)
             .arg("flood-worker")
             .arg("--targets")
-            .arg(format!("{ingest_addr},{edge_addr}"))
+            .arg(targets.join(","))
             .arg("--per-target")
-            .arg(per_proc.to_string())
+            .arg(per_target.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -363,41 +333,60 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         });
         workers.push((child, slot));
     }
-    let totals = |workers: &[(tokio::process::Child, Arc<FloodCounters>)]| {
-        workers.iter().fold((0, 0, 0), |(a, b, c), (_, s)| {
-            (
-                a + s.open.load(Ordering::Relaxed),
-                b + s.opened.load(Ordering::Relaxed),
-                c + s.closed.load(Ordering::Relaxed),
-            )
-        })
-    };
-    for s in 0..args.ramp {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (open, opened, closed) = totals(&workers);
-        println!(
-            "[{:>3} s] flood: open {open}, opened {opened}, closed by the servers {closed}",
-            s + 1
-        );
+    Ok(workers)
+}
+
+/// The workers' connections: open now, opened and closed by the servers in all.
+fn totals(workers: &[FloodWorker]) -> (u64, u64, u64) {
+    workers.iter().fold((0, 0, 0), |(a, b, c), (_, s)| {
+        (
+            a + s.open.load(Ordering::Relaxed),
+            b + s.opened.load(Ordering::Relaxed),
+            c + s.closed.load(Ordering::Relaxed),
+        )
+    })
+}
+
+/// The client with valid credentials that checks the servers during the flood, from its own
+/// source address.
+struct Probe<'a> {
+    http: &'a reqwest::Client,
+    ingest: &'a Ingest,
+    ingest_url: &'a str,
+    edge_http: &'a str,
+    ws_url: &'a str,
+    edge_id: &'a str,
+    checker: IpAddr,
+    within: Duration,
+}
+
+impl Probe<'_> {
+    async fn append(&self, user: &str, round: usize) -> anyhow::Result<()> {
+        let body = payload(&serde_json::json!({ "round": round }));
+        self.ingest.append(&notification(user, &body, None)).await?;
+        Ok(())
     }
 
-    let sockets_to_ingest = sockets_to(ingest_addr.port());
-    let sockets_to_edge = sockets_to(edge_addr.port());
-    println!(
-        "flood sockets to the ingest: {sockets_to_ingest:?}; to the edge: {sockets_to_edge:?}"
-    );
-    let mut rounds = Vec::new();
-    let mut failures = Vec::new();
-    for round in 0..args.rounds {
+    /// One round of checks: both health endpoints, a fresh device that connects, registers
+    /// and receives an append, and one notification to every session opened before the
+    /// flood. What failed is pushed to `failures`.
+    async fn round(
+        &self,
+        round: usize,
+        redis: &mut redis::aio::MultiplexedConnection,
+        before: &mut [Client],
+        failures: &mut Vec<String>,
+    ) -> anyhow::Result<Round> {
+        let (http, within) = (self.http, self.within);
         let started = Instant::now();
         let t = Instant::now();
         let ingest_health = http
-            .get(format!("{}/healthz", fleet.ingest_url))
+            .get(format!("{}/healthz", self.ingest_url))
             .send()
             .await;
         let ingest_health_ms = ms(t.elapsed());
         let t = Instant::now();
-        let edge_health = http.get(format!("{edge_http}/healthz")).send().await;
+        let edge_health = http.get(format!("{}/healthz", self.edge_http)).send().await;
         let edge_health_ms = ms(t.elapsed());
         if !ingest_health.is_ok_and(|r| r.status().is_success())
             || !edge_health.is_ok_and(|r| r.status().is_success())
@@ -405,19 +394,19 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             failures.push(format!("round {round}: a health check failed"));
         }
         let user = format!("during-{round}");
-        let mut fresh = client(&ws_url, &user, checker);
+        let mut fresh = client(self.ws_url, &user, self.checker);
         let t = Instant::now();
         if let Err(e) = connected(&mut fresh, within).await {
             failures.push(format!("round {round}: connect: {e}"));
         }
         // Connected, and registered: a new device starts at the live end as of its resume,
         // so what is appended before the edge registered it is not part of its stream.
-        if let Err(e) = registered(&mut redis, &user, &edge_id, within).await {
+        if let Err(e) = registered(redis, &user, self.edge_id, within).await {
             failures.push(format!("round {round}: registration: {e}"));
         }
         let connect_ms = ms(t.elapsed());
         let t = Instant::now();
-        if let Err(e) = append(user.clone(), serde_json::json!({"round": round})).await {
+        if let Err(e) = self.append(&user, round).await {
             failures.push(format!("round {round}: append: {e}"));
         }
         let append_ms = ms(t.elapsed());
@@ -428,10 +417,10 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         let total_ms = ms(started.elapsed());
         // Every session opened before the flood gets one too.
         for i in 0..before.len() {
-            append(format!("before-{i}"), serde_json::json!({"round": round})).await?;
+            self.append(&format!("before-{i}"), round).await?;
         }
         let mut preflood_received = 0;
-        for c in &mut before {
+        for c in before.iter_mut() {
             if received(c, within).await.is_ok() {
                 preflood_received += 1;
             }
@@ -452,7 +441,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
              after the append; total {total_ms:.1} ms; before-flood sessions {preflood_received}/{}",
             before.len()
         );
-        rounds.push(Round {
+        fresh.close().await;
+        Ok(Round {
             ingest_health_ms,
             edge_health_ms,
             connect_ms,
@@ -460,8 +450,115 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             receive_ms,
             total_ms,
             preflood_received,
-        });
-        fresh.close().await;
+        })
+    }
+}
+
+impl FloodReport {
+    /// The summary lines; `within` is the bound of one round's checks, ms.
+    fn print(&self, within: u64) {
+        let report = self;
+        let worst = |f: fn(&Round) -> f64| report.rounds.iter().map(f).fold(0.0, f64::max);
+        println!(
+            "flood of {} idle connections per server from 127.0.0.1 ({} processes): {} open at the \
+             end, {} opened and {} closed by the servers in all",
+            report.connections_per_server,
+            report.procs,
+            report.flood_open,
+            report.flood_opened,
+            report.flood_closed
+        );
+        println!(
+            "  the flood's sockets after the ramp: to the ingest {:?}, to the edge {:?}",
+            report.sockets_to_ingest, report.sockets_to_edge
+        );
+        println!(
+            "  servers hold {} (ingest) and {} (edge) descriptors",
+            report.ingest_fds, report.edge_fds
+        );
+        println!("  ingest refusals: {}", report.ingest_refused);
+        println!("  edge refusals:   {}", report.edge_refused);
+        println!(
+            "  worst of {} rounds: health {:.1} / {:.1} ms, connect {:.1} ms, append {:.1} ms, \
+             receive {:.1} ms, total {:.1} ms (bound {} ms)",
+            report.rounds.len(),
+            worst(|r| r.ingest_health_ms),
+            worst(|r| r.edge_health_ms),
+            worst(|r| r.connect_ms),
+            worst(|r| r.append_ms),
+            worst(|r| r.receive_ms),
+            worst(|r| r.total_ms),
+            within
+        );
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
+    let within = Duration::from_millis(args.within);
+    // The servers' own defaults: the fleet otherwise widens the per-address budget for load
+    // processes, which is what the flood must not get.
+    let fleet = Fleet::start_with(
+        "everysec",
+        1,
+        vec![("GAPLESS_MAX_PENDING_PER_SOURCE".into(), "256".into())],
+    )
+    .await?;
+    let ws_url = fleet.edges[0].ws_url.clone();
+    let edge_http = fleet.edges[0].http_url.clone();
+    let ingest_addr: SocketAddr = fleet.ingest_url.trim_start_matches("http://").parse()?;
+    let edge_addr: SocketAddr = edge_http.trim_start_matches("http://").parse()?;
+    let checker: IpAddr = [127, 0, 0, 2].into();
+    let edge_id = fleet.edges[0].id.clone();
+    let mut redis = redis::Client::open(fleet.redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let http = http_from(checker)?;
+    let ingest = Ingest::with_client(http.clone(), &fleet.ingest_url, &fleet.api_key);
+
+    // Sessions opened before the flood.
+    let mut before = Vec::new();
+    for i in 0..args.sessions {
+        let mut c = client(&ws_url, &format!("before-{i}"), [127, 0, 0, 3].into());
+        connected(&mut c, Duration::from_secs(10)).await?;
+        before.push(c);
+    }
+    println!("{} sessions open; starting the flood", before.len());
+
+    let per_proc = args.connections.div_ceil(args.procs.max(1));
+    let workers = start_workers(args.procs.max(1), &[ingest_addr, edge_addr], per_proc)?;
+    for s in 0..args.ramp {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (open, opened, closed) = totals(&workers);
+        println!(
+            "[{:>3} s] flood: open {open}, opened {opened}, closed by the servers {closed}",
+            s + 1
+        );
+    }
+
+    let sockets_to_ingest = sockets_to(ingest_addr.port());
+    let sockets_to_edge = sockets_to(edge_addr.port());
+    println!(
+        "flood sockets to the ingest: {sockets_to_ingest:?}; to the edge: {sockets_to_edge:?}"
+    );
+    let mut rounds = Vec::new();
+    let mut failures = Vec::new();
+    let probe = Probe {
+        http: &http,
+        ingest: &ingest,
+        ingest_url: &fleet.ingest_url,
+        edge_http: &edge_http,
+        ws_url: &ws_url,
+        edge_id: &edge_id,
+        checker,
+        within,
+    };
+    for round in 0..args.rounds {
+        rounds.push(
+            probe
+                .round(round, &mut redis, &mut before, &mut failures)
+                .await?,
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let (flood_open, flood_opened, flood_closed) = totals(&workers);
@@ -483,38 +580,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         sockets_to_edge,
     };
     drop(workers);
-    let worst = |f: fn(&Round) -> f64| report.rounds.iter().map(f).fold(0.0, f64::max);
-    println!(
-        "flood of {} idle connections per server from 127.0.0.1 ({} processes): {} open at the \
-         end, {} opened and {} closed by the servers in all",
-        report.connections_per_server,
-        report.procs,
-        report.flood_open,
-        report.flood_opened,
-        report.flood_closed
-    );
-    println!(
-        "  the flood's sockets after the ramp: to the ingest {:?}, to the edge {:?}",
-        report.sockets_to_ingest, report.sockets_to_edge
-    );
-    println!(
-        "  servers hold {} (ingest) and {} (edge) descriptors",
-        report.ingest_fds, report.edge_fds
-    );
-    println!("  ingest refusals: {}", report.ingest_refused);
-    println!("  edge refusals:   {}", report.edge_refused);
-    println!(
-        "  worst of {} rounds: health {:.1} / {:.1} ms, connect {:.1} ms, append {:.1} ms, \
-         receive {:.1} ms, total {:.1} ms (bound {} ms)",
-        report.rounds.len(),
-        worst(|r| r.ingest_health_ms),
-        worst(|r| r.edge_health_ms),
-        worst(|r| r.connect_ms),
-        worst(|r| r.append_ms),
-        worst(|r| r.receive_ms),
-        worst(|r| r.total_ms),
-        args.within
-    );
+    report.print(args.within);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
