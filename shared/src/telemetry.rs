@@ -88,7 +88,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub fn trace_requests<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
 ) -> axum::Router<S> {
-    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     use tower_http::trace::{DefaultOnFailure, DefaultOnRequest, DefaultOnResponse, TraceLayer};
     use tracing::Level;
     let name = http::HeaderName::from_static(REQUEST_ID);
@@ -116,7 +116,41 @@ pub fn trace_requests<S: Clone + Send + Sync + 'static>(
     router
         .layer(PropagateRequestIdLayer::new(name.clone()))
         .layer(trace)
-        .layer(SetRequestIdLayer::new(name, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(name, FreshRequestId))
+}
+
+/// Makes a request's id where the client sent none: a random UUID v4 from the thread's
+/// generator (ChaCha, seeded once from the OS). tower-http's `MakeRequestUuid` asks the
+/// kernel for its 16 bytes on every request: one `getrandom` syscall per request, ~1.5% of
+/// the ingest's CPU under one-item POSTs (`perf record`, BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FreshRequestId;
+
+impl tower_http::request_id::MakeRequestId for FreshRequestId {
+    fn make_request_id<B>(
+        &mut self,
+        _request: &http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        let id = uuid_v4(rand::random());
+        http::HeaderValue::from_str(&id)
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
+    }
+}
+
+/// The UUID v4 text of 16 random bytes (version and variant bits set, RFC 9562).
+fn uuid_v4(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let v = u128::from_be_bytes(bytes);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        v >> 96,
+        (v >> 80) & 0xffff,
+        (v >> 64) & 0xffff,
+        (v >> 48) & 0xffff,
+        v & 0xffff_ffff_ffff
+    )
 }
 
 /// Content type of the Prometheus text format, for `/metrics` answers.
@@ -177,6 +211,27 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_uuid_v4_text_and_differ() {
+        assert_eq!(uuid_v4([0; 16]), "00000000-0000-4000-8000-000000000000");
+        assert_eq!(uuid_v4([0xff; 16]), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        let mut make = FreshRequestId;
+        let request = http::Request::new(());
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| {
+                let id =
+                    tower_http::request_id::MakeRequestId::make_request_id(&mut make, &request)
+                        .expect("an id");
+                id.header_value().to_str().expect("ASCII").to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 36 && id.as_bytes()[14] == b'4')
+        );
+    }
 
     #[test]
     fn a_throttle_writes_one_line_per_interval_and_counts_the_rest() {
