@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, read_file};
+use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, positive, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
 use gapless_shared::runtime::RuntimeArgs;
@@ -325,10 +325,7 @@ impl Config {
         if let Some(n) = args.user_connects_per_s {
             config.user_connects = Rate::new(n, 3);
         }
-        let count = |v: Option<usize>, setting: &'static str| match v {
-            Some(0) => Err(invalid(setting, "must be greater than 0")),
-            other => Ok(other),
-        };
+        let count = |v: Option<usize>, setting| v.map(|n| positive(setting, n)).transpose();
         if let Some(n) = count(args.max_connections_per_user, "--max-connections-per-user")? {
             config.max_connections_per_user = n;
         }
@@ -341,12 +338,9 @@ impl Config {
         if let Some(listen) = args.listen {
             config.listen = listen;
         }
-        let ms = |v: Option<u64>, setting: &'static str| -> Result<Option<Duration>, ConfigError> {
-            match v {
-                Some(0) => Err(invalid(setting, "must be greater than 0")),
-                Some(n) => Ok(Some(Duration::from_millis(n))),
-                None => Ok(None),
-            }
+        let ms = |v: Option<u64>, setting| {
+            v.map(|n| positive(setting, n).map(Duration::from_millis))
+                .transpose()
         };
         if let Some(d) = ms(args.heartbeat_ms, "--heartbeat-ms")? {
             config = config.with_heartbeat(d);
@@ -449,6 +443,12 @@ mod tests {
             Config::from_args(parse(&["--jwt-secret", SECRET, "--heartbeat-ms", "0"])).is_err()
         );
         assert!(Config::from_args(parse(&["--jwt-secret", SECRET, "--edge-id", "a b"])).is_err());
+        let zero_cap = ["--jwt-secret", SECRET, "--max-connections-per-user", "0"];
+        let refused = Config::from_args(parse(&zero_cap)).expect_err("a cap of 0 admits no one");
+        assert!(
+            refused.to_string().contains("--max-connections-per-user"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, read_file};
+use gapless_shared::config::{ConfigError, RedisArgs, RedisConfig, Secret, positive, read_file};
 use gapless_shared::listener::{ListenerArgs, ListenerConfig};
 use gapless_shared::rate::Rate;
 use gapless_shared::runtime::RuntimeArgs;
@@ -275,22 +275,22 @@ impl Config {
         config.min_replicas_ack = args.min_replicas_ack.unwrap_or(0);
         let l = &mut config.limits;
         if let Some(n) = args.max_body_bytes {
-            l.body_bytes = positive_usize("--max-body-bytes", n)?;
+            l.body_bytes = positive("--max-body-bytes", n)?;
         }
         if let Some(n) = args.max_batch_bytes {
-            l.batch_bytes = positive_usize("--max-batch-bytes", n)?;
+            l.batch_bytes = positive("--max-batch-bytes", n)?;
         }
         if let Some(n) = args.max_batch_items {
-            l.batch_items = positive_usize("--max-batch-items", n)?;
+            l.batch_items = positive("--max-batch-items", n)?;
         }
         if let Some(n) = args.max_payload_bytes {
-            l.payload_bytes = positive_usize("--max-payload-bytes", n)?;
+            l.payload_bytes = positive("--max-payload-bytes", n)?;
         }
         if let Some(n) = args.max_payload_depth {
-            l.payload_depth = positive_usize("--max-payload-depth", n)?;
+            l.payload_depth = positive("--max-payload-depth", n)?;
         }
         if let Some(n) = args.max_inflight_body_bytes {
-            l.inflight_body_bytes = positive_usize("--max-inflight-body-bytes", n)?;
+            l.inflight_body_bytes = positive("--max-inflight-body-bytes", n)?;
         }
         if l.inflight_body_bytes < l.batch_bytes.max(l.body_bytes) {
             return Err(ConfigError::Invalid {
@@ -336,24 +336,10 @@ impl Config {
             config.shutdown_grace = Duration::from_millis(ms);
         }
         if let Some(n) = args.native_min_items {
-            config.native_min_items = positive_usize("--native-min-items", n)?;
+            config.native_min_items = positive("--native-min-items", n)?;
         }
         Ok(config)
     }
-}
-
-fn positive(setting: &'static str, n: u64) -> Result<u64, ConfigError> {
-    if n == 0 {
-        return Err(ConfigError::Invalid {
-            setting,
-            reason: "must be greater than 0".into(),
-        });
-    }
-    Ok(n)
-}
-
-fn positive_usize(setting: &'static str, n: usize) -> Result<usize, ConfigError> {
-    positive(setting, n as u64).map(|_| n)
 }
 
 #[cfg(test)]

@@ -202,6 +202,18 @@ impl RedisConfig {
     }
 }
 
+/// `n` where it is above 0 (a count, a size, a duration in ms); 0 is refused naming
+/// `setting`. Every server setting that 0 would break goes through here.
+pub fn positive<T: PartialEq + Default>(setting: &'static str, n: T) -> Result<T, ConfigError> {
+    if n == T::default() {
+        return Err(ConfigError::Invalid {
+            setting,
+            reason: "must be greater than 0".into(),
+        });
+    }
+    Ok(n)
+}
+
 /// The Redis settings as flags, `GAPLESS_*` variables and config file keys; flattened into
 /// each server's arguments.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
@@ -237,15 +249,8 @@ impl RedisArgs {
             .as_deref()
             .unwrap_or("redis://127.0.0.1:6379");
         let mut config = RedisConfig::from_args(url, self.cluster.unwrap_or(false))?;
-        match self.redis_timeout_ms {
-            Some(0) => {
-                return Err(ConfigError::Invalid {
-                    setting: "--redis-timeout-ms",
-                    reason: "must be greater than 0".into(),
-                });
-            }
-            Some(ms) => config.command_timeout = Duration::from_millis(ms),
-            None => {}
+        if let Some(ms) = self.redis_timeout_ms {
+            config.command_timeout = Duration::from_millis(positive("--redis-timeout-ms", ms)?);
         }
         Ok(config)
     }

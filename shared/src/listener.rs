@@ -145,17 +145,12 @@ impl ListenerArgs {
 
     /// Validates the settings over the defaults.
     pub fn into_config(self) -> Result<ListenerConfig, crate::config::ConfigError> {
-        let positive = |setting: &'static str, v: Option<u64>| match v {
-            Some(0) => Err(crate::config::ConfigError::Invalid {
-                setting,
-                reason: "must be greater than 0".into(),
-            }),
-            other => Ok(other),
+        use crate::config::positive;
+        let ms = |setting, v: Option<u64>| {
+            v.map(|n| positive(setting, n).map(Duration::from_millis))
+                .transpose()
         };
-        let ms = |setting, v| positive(setting, v).map(|v| v.map(Duration::from_millis));
-        let count = |setting, v: Option<usize>| {
-            positive(setting, v.map(|n| n as u64)).map(|v| v.map(|n| n as usize))
-        };
+        let count = |setting, v: Option<usize>| v.map(|n| positive(setting, n)).transpose();
         let mut c = ListenerConfig::new();
         if let Some(d) = ms("--header-timeout-ms", self.header_timeout_ms)? {
             c.header_timeout = d;
