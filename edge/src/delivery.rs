@@ -263,8 +263,6 @@ impl Delivery {
             .unwrap_or(self.sent)
     }
 
-    /// Applies wakeup hints. `reading` says a stream read is in flight, whose result may
-    /// already hold what a hint carries: then hints only move the target.
     /// Books a message the transport has just taken: the position it moves to, and the
     /// delivery or reset metrics.
     fn handed(
@@ -310,6 +308,8 @@ impl Delivery {
         }
     }
 
+    /// Applies wakeup hints. `reading` says a stream read is in flight, whose result may
+    /// already hold what a hint carries: then hints only move the target.
     fn apply_hints(&mut self, items: VecDeque<WakeItem>, overflowed: bool, reading: bool) {
         let asked = self.must_read;
         self.apply_hints_inner(items, overflowed, reading);
