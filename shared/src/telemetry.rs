@@ -138,19 +138,12 @@ impl tower_http::request_id::MakeRequestId for FreshRequestId {
     }
 }
 
-/// The UUID v4 text of 16 random bytes (version and variant bits set, RFC 9562).
-fn uuid_v4(mut bytes: [u8; 16]) -> String {
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let v = u128::from_be_bytes(bytes);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        v >> 96,
-        (v >> 80) & 0xffff,
-        (v >> 64) & 0xffff,
-        (v >> 48) & 0xffff,
-        v & 0xffff_ffff_ffff
-    )
+/// The UUID v4 text of 16 random bytes (uuid's builder sets the version and variant bits).
+fn uuid_v4(bytes: [u8; 16]) -> String {
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// Content type of the Prometheus text format, for `/metrics` answers.
