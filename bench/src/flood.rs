@@ -457,31 +457,30 @@ impl Probe<'_> {
 impl FloodReport {
     /// The summary lines; `within` is the bound of one round's checks, ms.
     fn print(&self, within: u64) {
-        let report = self;
-        let worst = |f: fn(&Round) -> f64| report.rounds.iter().map(f).fold(0.0, f64::max);
+        let worst = |f: fn(&Round) -> f64| self.rounds.iter().map(f).fold(0.0, f64::max);
         println!(
             "flood of {} idle connections per server from 127.0.0.1 ({} processes): {} open at the \
              end, {} opened and {} closed by the servers in all",
-            report.connections_per_server,
-            report.procs,
-            report.flood_open,
-            report.flood_opened,
-            report.flood_closed
+            self.connections_per_server,
+            self.procs,
+            self.flood_open,
+            self.flood_opened,
+            self.flood_closed
         );
         println!(
             "  the flood's sockets after the ramp: to the ingest {:?}, to the edge {:?}",
-            report.sockets_to_ingest, report.sockets_to_edge
+            self.sockets_to_ingest, self.sockets_to_edge
         );
         println!(
             "  servers hold {} (ingest) and {} (edge) descriptors",
-            report.ingest_fds, report.edge_fds
+            self.ingest_fds, self.edge_fds
         );
-        println!("  ingest refusals: {}", report.ingest_refused);
-        println!("  edge refusals:   {}", report.edge_refused);
+        println!("  ingest refusals: {}", self.ingest_refused);
+        println!("  edge refusals:   {}", self.edge_refused);
         println!(
             "  worst of {} rounds: health {:.1} / {:.1} ms, connect {:.1} ms, append {:.1} ms, \
              receive {:.1} ms, total {:.1} ms (bound {} ms)",
-            report.rounds.len(),
+            self.rounds.len(),
             worst(|r| r.ingest_health_ms),
             worst(|r| r.edge_health_ms),
             worst(|r| r.connect_ms),
@@ -525,8 +524,12 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     }
     println!("{} sessions open; starting the flood", before.len());
 
-    let per_proc = args.connections.div_ceil(args.procs.max(1));
-    let workers = start_workers(args.procs.max(1), &[ingest_addr, edge_addr], per_proc)?;
+    let procs = args.procs.max(1);
+    let workers = start_workers(
+        procs,
+        &[ingest_addr, edge_addr],
+        args.connections.div_ceil(procs),
+    )?;
     for s in 0..args.ramp {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (open, opened, closed) = totals(&workers);
